@@ -1,0 +1,94 @@
+"""The batch contract shared by every DataModule and the LightningModule.
+
+A DataModule yields dictionaries with these keys (collated by ``collate_batch``). Either
+``video`` or ``latents`` is present; tokenization happens in the LightningModule, not here.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+from torch import Tensor
+
+try:  # Python 3.11+
+    from typing import NotRequired
+except ImportError:  # pragma: no cover - Python 3.10
+    from typing_extensions import NotRequired
+
+
+class Batch(TypedDict):
+    """One batch of paired videos and texts.
+
+    Attributes:
+        video: ``(B, C, T, H, W)`` float in ``[-1, 1]`` (raw pixels), or absent.
+        latents: ``(B, c, t, h, w)`` latents of a codec (from the latent cache), or absent.
+        prompt: ``B`` short generation prompts (what a user would type).
+        caption: ``B`` detailed captions (equal to ``prompt`` when the data has only one text).
+        prompt_emb: optional ``(B, L, D)`` precomputed prompt-encoder embeddings.
+        key: optional ``B`` sample keys (WebDataset ``__key__``), for logging.
+        meta: optional ``B`` json records (the synthetic world's ground truth).
+    """
+
+    prompt: list[str]
+    caption: list[str]
+    video: NotRequired[Tensor]
+    latents: NotRequired[Tensor]
+    prompt_emb: NotRequired[Tensor]
+    key: NotRequired[list[str]]
+    meta: NotRequired[list[dict]]
+
+
+_TENSOR_KEYS = ("video", "latents", "prompt_emb")
+_LIST_KEYS = ("prompt", "caption", "key", "meta")
+
+
+def collate_batch(samples: list[dict]) -> Batch:
+    """Collate per-sample dicts (each holding the keys of :class:`Batch`, unbatched) into a Batch.
+
+    Tensors are stacked along a new batch dimension; strings and records become lists.
+
+    Raises:
+        ValueError: when samples disagree on which keys they carry, or tensors differ in shape.
+    """
+    if not samples:
+        raise ValueError("collate_batch got an empty list of samples")
+    keys = set(samples[0])
+    for s in samples[1:]:
+        if set(s) != keys:
+            raise ValueError(
+                f"samples in one batch carry different keys: {sorted(keys)} vs {sorted(s)}; "
+                "every sample of a DataModule must yield the same Batch keys"
+            )
+    out: dict = {}
+    for k in keys:
+        values = [s[k] for s in samples]
+        if k in _TENSOR_KEYS:
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"batch key '{k}' has samples of different shapes {sorted(shapes)}"
+                )
+            out[k] = torch.stack(values)
+        else:
+            out[k] = values
+    return out  # type: ignore[return-value]
+
+
+def check_batch(batch: Batch) -> None:
+    """Validate a batch against the contract, with messages that name the key and the fix."""
+    if "video" not in batch and "latents" not in batch:
+        raise ValueError(
+            f"batch has neither 'video' nor 'latents' (keys: {sorted(batch)}); a DataModule must "
+            "yield one of them, see lightning_vigu.batch.Batch"
+        )
+    n = len(batch["prompt"])
+    if len(batch.get("caption", [])) != n:
+        raise ValueError(f"batch has {n} prompts but {len(batch.get('caption', []))} captions")
+    for k in ("video", "latents"):
+        if k in batch:
+            x = batch[k]
+            if x.ndim != 5 or x.shape[0] != n:
+                raise ValueError(
+                    f"batch['{k}'] must be (B, C, T, H, W) with B={n}, got {tuple(x.shape)}"
+                )

@@ -1,0 +1,6 @@
+"""Latent codecs: the pixel codec (default, no weights) and the Wan VAE (diffusers, local path)."""
+
+from lightning_vigu.codecs.base import LatentCodec
+from lightning_vigu.codecs.pixel import PixelCodec
+
+__all__ = ["LatentCodec", "PixelCodec"]

@@ -1,0 +1,19 @@
+"""Flows in flow time (0 = source, 1 = data): continuous (video), discrete (captions), samplers.
+
+Pure PyTorch, no Lightning. ``convention.FlowTimeModel`` is the single boundary to the
+transformer's generator-timestep convention.
+"""
+
+from lightning_vigu.flows import continuous, discrete
+from lightning_vigu.flows.convention import FlowPrediction, FlowTimeModel, flow_time_to_timestep
+from lightning_vigu.flows.sampling import SamplerConfig, UnifiedSampler
+
+__all__ = [
+    "FlowPrediction",
+    "FlowTimeModel",
+    "SamplerConfig",
+    "UnifiedSampler",
+    "continuous",
+    "discrete",
+    "flow_time_to_timestep",
+]

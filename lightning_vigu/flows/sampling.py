@@ -1,0 +1,191 @@
+"""Samplers for the three tasks of the unified model, in flow time.
+
+* text -> video: Euler on the shifted grid, CFG on the video velocity; the caption stream is
+  absent or holds a clean canvas (``t_text = 1``).
+* video -> text: the video is clean (``t_video = 1``); the caption canvas starts at the source
+  and follows the mixture-path jump sampler.
+* joint: both streams start from their sources and advance together, each on its own time grid.
+
+All randomness comes from one ``torch.Generator``; when it lives on another device than the
+model, a generator on the model's device is seeded from it once, so results are deterministic
+under a seed on a given device and no large tensor leaves the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_vigu.flows import continuous, discrete
+from lightning_vigu.flows.convention import FlowTimeModel
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling options.
+
+    Attributes:
+        video_steps: Euler steps for the video (Uni-ViGU: 50-100).
+        text_steps: jump-sampler steps for the caption.
+        shift: Wan's timestep shift for the video grid (3.0 in the reference).
+        guidance_scale: CFG scale on the video velocity (5.0 in the reference; 1 = off).
+        temperature: caption sampling temperature (0 = argmax draws).
+    """
+
+    video_steps: int = 50
+    text_steps: int = 50
+    shift: float = 3.0
+    guidance_scale: float = 5.0
+    temperature: float = 1.0
+
+
+def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` derived from ``generator`` (itself when already there)."""
+    if generator is None or generator.device.type == torch.device(device).type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device).manual_seed(seed)
+
+
+class UnifiedSampler:
+    """Runs the unified model's three sampling tasks.
+
+    Args:
+        model: a :class:`FlowTimeModel` (flow time in, ``dx/dt`` and logits out).
+        source: the caption source distribution.
+        scheduler: the caption path's scheduler.
+        config: step counts, shift, guidance, temperature.
+    """
+
+    def __init__(
+        self,
+        model: FlowTimeModel,
+        source: discrete.UniformSource | discrete.MaskSource,
+        scheduler: discrete.PolynomialScheduler,
+        config: SamplerConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.source = source
+        self.scheduler = scheduler
+        self.config = config or SamplerConfig()
+
+    def _velocity(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        uncond: Tensor | None,
+        text: Tensor | None,
+        t_text: Tensor | None,
+    ):
+        """Guided video velocity and the conditional caption logits."""
+        scale = self.config.guidance_scale
+        if uncond is None or scale == 1.0:
+            out = self.model(x, t, context, text, t_text)
+            return out.velocity, out.text_logits
+        both = self.model(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            torch.cat([context, uncond]),
+            None if text is None else torch.cat([text, text]),
+            None if t_text is None else torch.cat([t_text, t_text]),
+        )
+        v_cond, v_uncond = both.velocity.chunk(2)
+        logits = None if both.text_logits is None else both.text_logits.chunk(2)[0]
+        return continuous.guided_velocity(v_cond, v_uncond, scale), logits
+
+    @torch.no_grad()
+    def generate_video(
+        self,
+        context: Tensor,
+        latent_shape: tuple[int, int, int, int],
+        uncond_context: Tensor | None = None,
+        text: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Text -> video latents ``(B, *latent_shape)``.
+
+        Args:
+            context: ``(B, Lc, D)`` prompt condition.
+            latent_shape: ``(c, t, h, w)``.
+            uncond_context: the empty-prompt condition for CFG (``None`` = no guidance).
+            text: optional clean caption canvas ``(B, L)`` held at ``t_text = 1``.
+        """
+        b, device = context.shape[0], context.device
+        generator = on_device(generator, device)
+        x = torch.randn((b, *latent_shape), generator=generator, device=device)
+        grid = continuous.time_grid(self.config.video_steps, self.config.shift, device)
+        t_text = None if text is None else torch.ones(b, device=device)
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            v, _ = self._velocity(x, t.expand(b), context, uncond_context, text, t_text)
+            x = continuous.euler_step(x, v, t, t_next)
+        return x
+
+    @torch.no_grad()
+    def caption(
+        self,
+        latents: Tensor,
+        context: Tensor,
+        length: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Video -> caption tokens ``(B, length)`` from clean latents ``(B, c, t, h, w)``.
+
+        ``context`` is the condition the captioner sees: the empty prompt in Uni-ViGU.
+        """
+        b, device = latents.shape[0], latents.device
+        generator = on_device(generator, device)
+        x_t = self.source.sample_like(
+            torch.zeros(b, length, dtype=torch.long, device=device), generator
+        )
+        grid = torch.linspace(0, 1, self.config.text_steps + 1, device=device)
+        ones = torch.ones(b, device=device)
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            logits = self.model(latents, ones, context, x_t, t.expand(b)).text_logits
+            x_t = self._jump(x_t, logits, t.expand(b), t_next.expand(b), generator)
+        return x_t
+
+    @torch.no_grad()
+    def generate_joint(
+        self,
+        context: Tensor,
+        latent_shape: tuple[int, int, int, int],
+        length: int,
+        uncond_context: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Video latents and caption tokens generated together from noise.
+
+        Both streams take ``video_steps`` steps; the video follows the shifted grid and the
+        caption a uniform grid, each with its own time.
+        """
+        b, device = context.shape[0], context.device
+        generator = on_device(generator, device)
+        x = torch.randn((b, *latent_shape), generator=generator, device=device)
+        x_t = self.source.sample_like(
+            torch.zeros(b, length, dtype=torch.long, device=device), generator
+        )
+        n = self.config.video_steps
+        grid_v = continuous.time_grid(n, self.config.shift, device)
+        grid_x = torch.linspace(0, 1, n + 1, device=device)
+        for i in range(n):
+            tv, tx = grid_v[i].expand(b), grid_x[i].expand(b)
+            v, logits = self._velocity(x, tv, context, uncond_context, x_t, tx)
+            x = continuous.euler_step(x, v, grid_v[i], grid_v[i + 1])
+            x_t = self._jump(x_t, logits, tx, grid_x[i + 1].expand(b), generator)
+        return x, x_t
+
+    def _jump(
+        self,
+        x_t: Tensor,
+        logits: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        logits = discrete.posterior_logits(logits, self.source)
+        return discrete.jump_step(
+            x_t, logits, t, t_next, self.scheduler, self.config.temperature, generator
+        )

@@ -1,0 +1,104 @@
+"""Attention of the unified block: one call over ``[video | caption]`` tokens, no mask.
+
+Backends: PyTorch SDPA (default; on Hopper it dispatches to cuDNN / flash kernels) and xformers'
+``memory_efficient_attention`` when the package imports and its kernels load (optional; its
+0.0.35 wheels do not load against the CUDA 13 torch builds, so it is never required).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_vigu.model.embeddings import apply_rope_half, apply_rope_interleaved
+
+BACKENDS = ("sdpa", "xformers")
+
+
+def xformers_available() -> bool:
+    """True when xformers imports and its memory-efficient kernel runs on this machine."""
+    try:
+        import xformers.ops as xops
+    except Exception:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    try:
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        xops.memory_efficient_attention(q, q, q)
+    except Exception:
+        return False
+    return True
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
+    """Multi-head attention on ``(B, S, H, D)`` tensors, returns ``(B, S, H, D)``."""
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
+        return out.transpose(1, 2)  # (B, S, H, D)
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        return xops.memory_efficient_attention(q, k, v)
+    raise ValueError(f"unknown attention backend '{backend}'; choose one of {BACKENDS}")
+
+
+class WanAttention(nn.Module):
+    """Self- or cross-attention with RMS-normalised q/k (over all heads), Wan's layout.
+
+    Names (``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``norm_q``, ``norm_k``) match diffusers.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(inner, eps=eps)
+        self.norm_k = nn.RMSNorm(inner, eps=eps)
+        self.backend = "sdpa"
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        rope_video: tuple[Tensor, Tensor] | None = None,
+        rope_text: tuple[Tensor, Tensor] | None = None,
+        num_video: int | None = None,
+    ) -> Tensor:
+        """Attend ``x`` ``(B, S, dim)`` to itself (``context=None``) or to ``context``.
+
+        For self-attention over ``[video | caption]``, the first ``num_video`` tokens get the
+        3-D rope and the rest the 1-D caption rope.
+        """
+        kv = x if context is None else context
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, S, H, D)
+        k = self.norm_k(self.to_k(kv)).unflatten(2, (self.heads, -1))  # (B, S_kv, H, D)
+        v = self.to_v(kv).unflatten(2, (self.heads, -1))  # (B, S_kv, H, D)
+        if context is None and (rope_video is not None or rope_text is not None):
+            q, k = (self._rope(t, rope_video, rope_text, num_video) for t in (q, k))
+        out = attention(q, k, v, self.backend).flatten(2, 3)  # (B, S, H * D)
+        return self.to_out[1](self.to_out[0](out.type_as(x)))
+
+    @staticmethod
+    def _rope(
+        t: Tensor,
+        rope_video: tuple[Tensor, Tensor] | None,
+        rope_text: tuple[Tensor, Tensor] | None,
+        num_video: int | None,
+    ) -> Tensor:
+        n = t.shape[1] if num_video is None else num_video
+        if rope_text is None:
+            return apply_rope_interleaved(t, *rope_video) if rope_video is not None else t
+        if rope_video is None:
+            return apply_rope_half(t, *rope_text)
+        return torch.cat(
+            [apply_rope_interleaved(t[:, :n], *rope_video), apply_rope_half(t[:, n:], *rope_text)],
+            dim=1,
+        )

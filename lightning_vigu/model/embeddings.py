@@ -1,0 +1,166 @@
+"""Embeddings of the unified transformer: time, prompt projection, 3-D and 1-D rotary positions.
+
+Parameter names follow diffusers' ``WanTransformer3DModel`` (``condition_embedder.time_embedder
+.linear_1`` ...), so a diffusers state dict loads without conversion.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of generator timesteps, ``[cos | sin]`` order (Wan's convention).
+
+    Args:
+        timesteps: ``(B,)`` generator timesteps (0...1000), any float dtype.
+        dim: feature width (even).
+
+    Returns:
+        ``(B, dim)`` float32 features.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(
+        half, dtype=torch.float32, device=timesteps.device
+    )
+    freqs = torch.exp(exponent / half)  # (half,)
+    args = timesteps.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """``linear_1 -> SiLU -> linear_2`` over sinusoidal features."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class PromptProjection(nn.Module):
+    """Projects prompt-encoder features to the model width: ``linear_1 -> GELU(tanh) -> linear_2``."""
+
+    def __init__(self, in_features: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, dim)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(self.act_1(self.linear_1(x)))
+
+
+class TimeEmbedding(nn.Module):
+    """Generator timestep -> ``temb`` ``(B, D)`` and the 6-way block modulation ``(B, 6, D)``.
+
+    Runs in float32 (an fp32 island under autocast), like Wan's ``time_embedder``.
+    """
+
+    def __init__(self, dim: int, freq_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = TimestepEmbedding(freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, 6 * dim)
+
+    def forward(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.autocast(device_type=timestep.device.type, enabled=False):
+            feats = sinusoidal_embedding(timestep, self.freq_dim)  # (B, freq_dim)
+            w = self.time_embedder.linear_1.weight
+            temb = self.time_embedder(feats.to(w.dtype))  # (B, D)
+            proj = self.time_proj(self.act_fn(temb))  # (B, 6 * D)
+        return temb.float(), proj.float().unflatten(1, (6, -1))  # (B, D), (B, 6, D)
+
+
+class ConditionEmbedder(TimeEmbedding):
+    """Wan's ``condition_embedder``: the video time embedding plus the prompt projection."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int) -> None:
+        super().__init__(dim, freq_dim)
+        self.text_embedder = PromptProjection(text_dim, dim)
+
+
+def _rope_frequencies(dim: int, positions: int, theta: float) -> Tensor:
+    """``(positions, dim // 2)`` rotation angles ``p * theta^(-2i/dim)`` in float64."""
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    return torch.outer(torch.arange(positions, dtype=torch.float64), inv)  # (P, dim/2)
+
+
+class VideoRope3D(nn.Module):
+    """Wan's 3-D rotary embedding: head channels split into (frame, height, width) parts.
+
+    Channel pairs are interleaved (``(x0, x1), (x2, x3), ...``), as in Wan.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        patch_size: tuple[int, int, int],
+        max_seq_len: int = 1024,
+        theta: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        h_dim = w_dim = 2 * (head_dim // 6)
+        self.split = (head_dim - h_dim - w_dim, h_dim, w_dim)
+        self.max_seq_len = max_seq_len
+        angles = torch.cat([_rope_frequencies(d, max_seq_len, theta) for d in self.split], dim=1)
+        self.register_buffer("angles", angles, persistent=False)  # (P, head_dim / 2) float64
+
+    def forward(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        """cos/sin ``(1, f*h*w, 1, head_dim)`` for a post-patch grid ``(f, h, w)``."""
+        f, h, w = grid
+        if max(grid) > self.max_seq_len:
+            raise ValueError(f"video grid {grid} exceeds the rope table length {self.max_seq_len}")
+        a_t, a_h, a_w = self.angles.split([d // 2 for d in self.split], dim=1)
+        ang = torch.cat(
+            [
+                a_t[:f, None, None].expand(f, h, w, -1),
+                a_h[None, :h, None].expand(f, h, w, -1),
+                a_w[None, None, :w].expand(f, h, w, -1),
+            ],
+            dim=-1,
+        ).reshape(1, f * h * w, 1, -1)  # (1, S, 1, head_dim / 2)
+        ang = ang.repeat_interleave(2, dim=-1)  # (1, S, 1, head_dim), interleaved pairs
+        return ang.cos().float(), ang.sin().float()
+
+
+class TextRope1D(nn.Module):
+    """1-D rotary embedding over caption positions, rotate-half pairing (``i, i + d/2``).
+
+    Computed on the fly for the canvas length (no length limit, no state-dict entry).
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos/sin ``(1, length, 1, head_dim)``."""
+        ang = _rope_frequencies(self.head_dim, length, self.theta).to(device)  # (L, d/2)
+        ang = torch.cat([ang, ang], dim=-1)[None, :, None]  # (1, L, 1, head_dim)
+        return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs of ``x`` ``(B, S, H, D)``."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+    c, s = cos[..., 0::2], sin[..., 0::2]
+    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)  # (B, S, H, D/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, S, H, D)
+
+
+def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``(B, S, H, D)`` with rotate-half pairing."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)

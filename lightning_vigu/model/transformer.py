@@ -1,0 +1,345 @@
+"""The Uni-ViGU transformer: Wan2.1's video DiT plus a routed caption stream.
+
+Video path (names and maths of diffusers' ``WanTransformer3DModel``)::
+
+    patch_embedding -> [UnifiedBlock] x N -> norm_out/scale_shift_table -> proj_out -> unpatchify
+
+Caption stream (names of the Uni-ViGU release)::
+
+    vocab_embed -> (the same blocks: shared attention, ffn_t expert) -> text_head -> logits
+
+Time inputs are *generator timesteps* (noise level x 1000, Wan's convention); see the glossary
+in :mod:`lightning_vigu` and :class:`lightning_vigu.flows.convention.FlowTimeModel`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_vigu.model.attention import BACKENDS
+from lightning_vigu.model.blocks import FP32LayerNorm, ModalityRouter, UnifiedBlock
+from lightning_vigu.model.embeddings import (
+    ConditionEmbedder,
+    TextRope1D,
+    TimeEmbedding,
+    VideoRope3D,
+)
+
+
+@dataclass
+class UniViGUConfig:
+    """Sizes of the unified transformer (diffusers' Wan names + the caption stream's)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    # caption stream; vocab_size=None builds the video-only generator
+    vocab_size: int | None = 49408
+    text_ffn_dim: int | None = None
+    mask_token: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the token embedding / logits of the head (vocabulary + optional mask id)."""
+        assert self.vocab_size is not None
+        return self.vocab_size + int(self.mask_token)
+
+
+class UniViGUOutput(NamedTuple):
+    """``velocity`` ``(B, C, T, H, W)`` (Wan's ``eps - x``) and ``text_logits`` ``(B, Lt, V)``."""
+
+    velocity: Tensor | None
+    text_logits: Tensor | None
+
+
+class UniViGUTransformer(nn.Module):
+    """The unified video-generation / video-understanding transformer.
+
+    Args:
+        config: sizes; see :class:`UniViGUConfig` and ``sizes.yaml``.
+    """
+
+    def __init__(self, config: UniViGUConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        dim, head_dim = c.dim, c.attention_head_dim
+        text_ffn = (c.text_ffn_dim or c.ffn_dim) if c.vocab_size is not None else None
+        # video path (diffusers' names)
+        self.rope = VideoRope3D(head_dim, tuple(c.patch_size), c.rope_max_seq_len)
+        self.patch_embedding = nn.Conv3d(
+            c.in_channels, dim, kernel_size=c.patch_size, stride=c.patch_size
+        )
+        self.condition_embedder = ConditionEmbedder(dim, c.freq_dim, c.text_dim)
+        self.blocks = nn.ModuleList(
+            UnifiedBlock(
+                dim, c.ffn_dim, c.num_attention_heads, head_dim, text_ffn, c.cross_attn_norm, c.eps
+            )
+            for _ in range(c.num_layers)
+        )
+        self.norm_out = FP32LayerNorm(dim, c.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, c.out_channels * math.prod(c.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        # caption stream (Uni-ViGU's names)
+        if c.vocab_size is not None:
+            self.vocab_embed = nn.Embedding(c.num_embeddings, dim)
+            self.time_embedding_t = TimeEmbedding(dim, c.freq_dim)
+            self.rope_text = TextRope1D(head_dim)
+            self.scale_shift_table_t = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+            self.text_head = TextHead(dim, c.num_embeddings, c.eps)
+        self.gradient_checkpointing: int = 0
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def has_text(self) -> bool:
+        """Whether the model has a caption stream."""
+        return self.config.vocab_size is not None
+
+    def initialize_weights(self) -> None:
+        """Initialise for training from scratch (pretrained loaders overwrite the video path).
+
+        1. Linear / conv weights: Xavier-uniform, biases zero (conv treated as a flat linear).
+        2. ``time_proj`` of both time embeddings: zero, so every block's modulation starts at its
+           ``scale_shift_table`` (adaLN-Zero-like start with Wan's table parameterisation).
+        3. ``proj_out`` and the text head's linear: zero (outputs start at 0, as in DiT and the
+           Uni-ViGU release).
+        4. Token embedding: N(0, 1) like ``nn.Embedding``; modulation tables keep N(0, 1/dim).
+        5. Text experts: a copy of their block's video FFN when widths match (the reference
+           initialisation), else Xavier.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embedding.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for emb in (self.condition_embedder, getattr(self, "time_embedding_t", None)):
+            if emb is not None:
+                nn.init.zeros_(emb.time_proj.weight)
+                nn.init.zeros_(emb.time_proj.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        if self.has_text:
+            nn.init.normal_(self.vocab_embed.weight, std=1.0)
+            nn.init.zeros_(self.text_head.linear.weight)
+            nn.init.zeros_(self.text_head.linear.bias)
+            self.init_caption_from_video()
+
+    @torch.no_grad()
+    def init_caption_from_video(self) -> None:
+        """Initialise the caption stream from the video path, as the Uni-ViGU release does:
+        text experts = copies of each block's FFN (when widths match), text time embedding and
+        final modulation table = copies of the video ones. Call after loading generator weights."""
+        if not self.has_text:
+            return
+        for block in self.blocks:
+            if block.ffn_t.net[0].proj.weight.shape == block.ffn.net[0].proj.weight.shape:
+                block.ffn_t.load_state_dict(block.ffn.state_dict())
+        video_time = {
+            k: v
+            for k, v in self.condition_embedder.state_dict().items()
+            if not k.startswith("text_embedder")
+        }
+        self.time_embedding_t.load_state_dict(video_time)
+        self.scale_shift_table_t.copy_(self.scale_shift_table)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose ``sdpa`` (default) or ``xformers`` for every attention layer."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend '{backend}'; choose one of {BACKENDS}")
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+
+    def enable_gradient_checkpointing(self, num_blocks: int | bool = True) -> None:
+        """Recompute the first ``num_blocks`` blocks in backward (``True`` = all, ``0`` = none)."""
+        self.gradient_checkpointing = len(self.blocks) if num_blocks is True else int(num_blocks)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by trainable group: ``video`` (the generator), ``text_experts``
+        (``ffn_t`` of every block) and ``text_embed`` (token embedding, text time embedding,
+        text modulation table, text head)."""
+        groups: dict[str, list[nn.Parameter]] = {"video": [], "text_experts": [], "text_embed": []}
+        for name, p in self.named_parameters():
+            groups[parameter_group(name)].append(p)
+        return groups
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        video: Tensor | None,
+        t_video: Tensor | float | None,
+        context: Tensor,
+        text: Tensor | None = None,
+        t_text: Tensor | float | None = None,
+    ) -> Tensor | UniViGUOutput:
+        """Denoise video latents and/or caption tokens in one pass.
+
+        Args:
+            video: ``(B, in_channels, T, H, W)`` noisy latents, or ``None`` (caption only).
+            t_video: ``(B,)`` or scalar generator timestep of the video (noise level x 1000).
+            context: ``(B, Lc, text_dim)`` prompt-encoder features (zeros/empty prompt for none).
+            text: ``(B, Lt)`` long noisy caption tokens, or ``None`` (video only).
+            t_text: ``(B,)`` or scalar generator timestep of the caption.
+
+        Returns:
+            With ``text=None``: the video velocity ``(B, out_channels, T, H, W)`` (same as
+            diffusers' ``WanTransformer3DModel(...).sample``). Otherwise
+            :class:`UniViGUOutput` ``(velocity or None, text_logits (B, Lt, V) float32)``.
+        """
+        c = self.config
+        b = context.shape[0]
+        self._check_inputs(video, context, text)
+        # 1. embed the streams
+        tokens, mods, rope_video, rope_text, grid = [], [], None, None, None
+        temb_v = temb_t = None
+        if video is not None:
+            _, _, f, h, w = video.shape
+            p_t, p_h, p_w = c.patch_size
+            grid = (f // p_t, h // p_h, w // p_w)
+            rope_video = self.rope(grid)
+            x_v = self.patch_embedding(video)  # (B, D, f', h', w')
+            tokens.append(x_v.flatten(2).transpose(1, 2))  # (B, Lv, D)
+            temb_v, mod_v = self.condition_embedder(_as_batch(t_video, b, video.device))
+            mods.append(mod_v)
+        if text is not None:
+            tokens.append(
+                self.vocab_embed(text).to(
+                    tokens[0].dtype if tokens else self.vocab_embed.weight.dtype
+                )
+            )
+            rope_text = self.rope_text(text.shape[1], text.device)
+            temb_t, mod_t = self.time_embedding_t(_as_batch(t_text, b, text.device))
+            mods.append(mod_t)
+        router = ModalityRouter(
+            tokens[0].shape[1] if video is not None else 0, text.shape[1] if text is not None else 0
+        )
+        x = router.merge(tokens).contiguous()  # (B, Lv + Lt, D)
+        ctx = self.condition_embedder.text_embedder(context.to(x.dtype))  # (B, Lc, D)
+        # 2. blocks
+        for i, block in enumerate(self.blocks):
+            args = (x, ctx, mods, router, rope_video, rope_text)
+            if torch.is_grad_enabled() and i < self.gradient_checkpointing:
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        # 3. heads
+        parts = router.split(x)
+        velocity = logits = None
+        if video is not None:
+            velocity = self._video_head(parts[0], temb_v, grid)
+        if text is not None:
+            logits = self.text_head(
+                parts[-1], (self.scale_shift_table_t + temb_t.unsqueeze(1)).chunk(2, dim=1)
+            )
+        if text is None:
+            return velocity
+        return UniViGUOutput(velocity, logits)
+
+    def _video_head(self, x: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Final norm + modulation + ``proj_out``, then unpatchify to ``(B, C, T, H, W)``."""
+        b = x.shape[0]
+        f, h, w = grid
+        p_t, p_h, p_w = self.config.patch_size
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(
+            2, dim=1
+        )  # (B, 1, D) each
+        x = (self.norm_out(x) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)  # (B, f*h*w, C*pt*ph*pw)
+        x = x.reshape(b, f, h, w, p_t, p_h, p_w, -1)  # (B, f, h, w, pt, ph, pw, C)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()  # (B, C, T, H, W)
+
+    def _check_inputs(self, video: Tensor | None, context: Tensor, text: Tensor | None) -> None:
+        c = self.config
+        if video is None and text is None:
+            raise ValueError("forward needs a video, a caption canvas, or both")
+        if context.ndim != 3 or context.shape[-1] != c.text_dim:
+            raise ValueError(
+                f"context must be (B, Lc, text_dim={c.text_dim}), got {tuple(context.shape)}"
+            )
+        b = context.shape[0]
+        if video is not None:
+            if video.ndim != 5 or video.shape[1] != c.in_channels or video.shape[0] != b:
+                raise ValueError(
+                    f"video must be (B={b}, in_channels={c.in_channels}, T, H, W), got {tuple(video.shape)}"
+                )
+            for name, size, p in zip("THW", video.shape[2:], c.patch_size):
+                if size % p:
+                    raise ValueError(
+                        f"video {name}={size} is not divisible by the patch size {p} on that axis "
+                        f"(patch_size={tuple(c.patch_size)}); resize/crop the latents or change frames"
+                    )
+        if text is not None:
+            if not self.has_text:
+                raise ValueError("this model was built without a caption stream (vocab_size=None)")
+            if text.ndim != 2 or text.shape[0] != b or text.dtype != torch.long:
+                raise ValueError(
+                    f"text must be a long tensor (B={b}, Lt), got {tuple(text.shape)} {text.dtype}"
+                )
+
+
+class TextHead(nn.Module):
+    """Caption logits: LayerNorm (learned scale) + modulation + zero-initialised linear."""
+
+    def __init__(self, dim: int, vocab: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm_final = FP32LayerNorm(dim, eps, elementwise_affine=True, bias=False)
+        self.linear = nn.Linear(dim, vocab)
+
+    def forward(self, x: Tensor, shift_scale: tuple[Tensor, Tensor]) -> Tensor:
+        shift, scale = shift_scale
+        h = (self.norm_final(x) * (1 + scale) + shift).type_as(x)
+        return self.linear(h).float()  # (B, Lt, V)
+
+
+_TEXT_EXPERT = ("ffn_t.", "norm3_t.")
+_TEXT_EMBED = ("vocab_embed.", "time_embedding_t.", "scale_shift_table_t", "text_head.")
+
+
+def parameter_group(name: str) -> str:
+    """The trainable group of a parameter name of :class:`UniViGUTransformer`."""
+    if any(f".{k}" in name or name.startswith(k) for k in _TEXT_EXPERT):
+        return "text_experts"
+    if name.startswith(_TEXT_EMBED):
+        return "text_embed"
+    return "video"
+
+
+def _as_batch(t: Tensor | float | None, b: int, device: torch.device) -> Tensor:
+    """A timestep argument as a ``(B,)`` float tensor."""
+    if t is None:
+        raise ValueError("a stream was given without its timestep")
+    t = torch.as_tensor(t, device=device, dtype=torch.float32)
+    if t.ndim == 0:
+        t = t.expand(b)
+    if t.shape != (b,):
+        raise ValueError(f"timestep must be a scalar or (B={b},), got {tuple(t.shape)}")
+    return t
+
+
+def config_dict(config: UniViGUConfig) -> dict:
+    """A plain-dict copy of a config (for checkpoints and hparams)."""
+    return copy.deepcopy(asdict(config))

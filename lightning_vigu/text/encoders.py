@@ -1,0 +1,133 @@
+"""Prompt encoders: map prompts to the condition sequence the cross-attention reads.
+
+* :class:`LearnedPromptEncoder` -- a small trainable transformer over caption-tokenizer ids,
+  the default for the synthetic world (no weights to download).
+* :class:`UMT5PromptEncoder` -- Wan's frozen umT5-XXL encoder from a local folder.
+
+Both return ``(B, max_length, dim)``; padded positions are zeroed, as Wan does for umT5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_vigu.text.tokenizers import CaptionTokenizer
+
+
+class PromptEncoder(nn.Module):
+    """Interface: ``forward(prompts) -> (B, max_length, dim)``; ``trainable`` says whether
+    its parameters belong to the model's optimiser (frozen encoders can be cached)."""
+
+    dim: int
+    max_length: int
+    trainable: bool = False
+
+    def forward(self, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LearnedPromptEncoder(PromptEncoder):
+    """Token embedding + a few pre-norm transformer layers, trained with the generator.
+
+    Args:
+        tokenizer: the caption tokenizer (its EOS fills the canvas and is masked out).
+        dim: output width (the transformer's ``text_dim``).
+        num_layers: encoder layers.
+        num_heads: attention heads.
+        max_length: prompt tokens kept.
+    """
+
+    trainable = True
+
+    def __init__(
+        self,
+        tokenizer: CaptionTokenizer,
+        dim: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        max_length: int = 32,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.dim = dim
+        self.max_length = max_length
+        self.token_embedding = nn.Embedding(tokenizer.vocab_size, dim)
+        self.position_embedding = nn.Parameter(torch.zeros(1, max_length, dim))
+        layer = nn.TransformerEncoderLayer(
+            dim,
+            num_heads,
+            4 * dim,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.02)
+
+    def forward(self, prompts: Sequence[str]) -> Tensor:
+        device = self.token_embedding.weight.device
+        ids = self.tokenizer.encode(list(prompts), self.max_length).to(device)  # (B, L)
+        keep = ids != self.tokenizer.eos_id
+        keep[:, 0] = True  # the empty prompt still has one (EOS) token to attend to
+        x = self.token_embedding(ids) + self.position_embedding  # (B, L, dim)
+        x = self.layers(x, src_key_padding_mask=~keep)
+        return self.norm(x) * keep.unsqueeze(-1)  # (B, L, dim), padding zeroed
+
+
+class UMT5PromptEncoder(PromptEncoder):
+    """Wan's umT5 text encoder (frozen) from a local diffusers folder.
+
+    Args:
+        path: the Wan2.1 diffusers folder (holding ``text_encoder/`` and ``tokenizer/``), or a
+            folder that is itself a ``UMT5EncoderModel`` with a tokenizer.
+        max_length: tokens per prompt (Wan uses 512).
+        dtype: weights dtype (``bfloat16`` on GPU).
+    """
+
+    def __init__(self, path: str, max_length: int = 512, dtype: str = "float32") -> None:
+        super().__init__()
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        root = Path(path)
+        enc_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+        tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+        if not (enc_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no umT5 encoder at '{enc_dir}' (missing config.json); pass the Wan2.1 "
+                "diffusers folder that holds text_encoder/ and tokenizer/"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        self.encoder = UMT5EncoderModel.from_pretrained(
+            str(enc_dir), torch_dtype=getattr(torch, dtype), local_files_only=True
+        )
+        self.encoder.requires_grad_(False).eval()
+        self.dim = int(self.encoder.config.d_model)
+        self.max_length = max_length
+
+    def train(self, mode: bool = True) -> UMT5PromptEncoder:
+        super().train(mode)
+        self.encoder.eval()  # always frozen
+        return self
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> Tensor:
+        device = next(self.encoder.parameters()).device
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        hidden = self.encoder(ids, mask).last_hidden_state  # (B, L, d_model)
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype)  # zero the padding, as Wan does

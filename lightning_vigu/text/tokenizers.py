@@ -1,0 +1,108 @@
+"""Caption tokenizers with a fixed-length canvas: ``tokens..., EOS, EOS, ...``.
+
+The caption stream works on a fixed canvas of ``length`` tokens with no attention mask: the
+text is followed by EOS tokens up to the end, so the model learns where a caption stops and
+:meth:`CaptionTokenizer.decode` cuts at the first EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class CaptionTokenizer:
+    """Interface of a caption tokenizer.
+
+    Attributes:
+        vocab_size: number of token ids the tokenizer can produce (the model's vocabulary,
+            not counting the optional mask token of a mask source).
+        eos_id: the end-of-text id that fills the canvas after the text.
+    """
+
+    vocab_size: int
+    eos_id: int
+
+    def _encode_one(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def encode(self, texts: Sequence[str], length: int) -> Tensor:
+        """Tokenize ``texts`` into a ``(B, length)`` canvas; text longer than ``length - 1``
+        tokens is truncated so that at least one EOS always marks the end."""
+        if length < 2:
+            raise ValueError(f"caption canvas length must be >= 2, got {length}")
+        out = torch.full((len(texts), length), self.eos_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = self._encode_one(text)[: length - 1]
+            if ids:
+                out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, tokens: Tensor) -> list[str]:
+        """Decode a ``(B, L)`` canvas into strings, cutting each at its first EOS."""
+        texts = []
+        for row in tokens.tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            row = [i for i in row if 0 <= i < self.vocab_size]
+            texts.append(self._decode_ids(row).strip())
+        return texts
+
+
+class OpenCLIPTokenizer(CaptionTokenizer):
+    """open_clip's bundled BPE vocabulary (49,408 ids), available offline with the package.
+
+    The canvas holds the BPE ids of the lower-cased, cleaned text (no start token) followed by
+    ``<end_of_text>``.
+    """
+
+    def __init__(self) -> None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self._tok = SimpleTokenizer()
+        self.vocab_size = len(self._tok.encoder)
+        self.eos_id = self._tok.eot_token_id
+
+    def _encode_one(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+class HFTokenizer(CaptionTokenizer):
+    """A Hugging Face tokenizer from a local folder (e.g. Wan's umT5 ``tokenizer/``).
+
+    Args:
+        path: local folder holding the tokenizer files; nothing is downloaded.
+        vocab_size: the model's vocabulary size; defaults to ``len(tokenizer)``. Uni-ViGU's
+            released checkpoint uses umT5's full vocabulary.
+    """
+
+    def __init__(self, path: str, vocab_size: int | None = None) -> None:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"tokenizer folder '{path}' does not exist; pass the local folder holding "
+                "tokenizer.json / spiece.model (e.g. <Wan2.1 folder>/tokenizer)"
+            )
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.vocab_size = int(vocab_size or len(self._tok))
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise ValueError(f"tokenizer at '{path}' has no eos token; caption canvases need one")
+        self.eos_id = int(eos)
+
+    def _encode_one(self, text: str) -> list[int]:
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)

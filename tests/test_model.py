@@ -1,0 +1,180 @@
+"""The unified transformer: fidelity to diffusers' Wan, routing, groups, sizes, bad input."""
+
+import pytest
+import torch
+
+from lightning_vigu.model import SIZES, build_model, model_config
+from lightning_vigu.model.blocks import ModalityRouter
+
+WAN_TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=24,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=32,
+    ffn_dim=40,
+    num_layers=2,
+    rope_max_seq_len=64,
+)
+
+
+def _diffusers_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(patch_size=(1, 2, 2), **WAN_TINY).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(std=0.1)  # non-trivial weights everywhere (diffusers' defaults hide bugs)
+    return ref
+
+
+def test_video_path_matches_diffusers_wan():
+    ref = _diffusers_wan()
+    ours = build_model("tiny", vocab_size=None, **WAN_TINY).eval()
+    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=True), None
+    assert missing is not None and unexpected is None
+    x, t, ctx = torch.randn(2, 4, 3, 6, 8), torch.tensor([700.0, 20.0]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = ref(x, t, ctx).sample
+        got = ours(x, t, ctx)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_caption_stream_absent_computes_the_video_dit_exactly():
+    ref = _diffusers_wan()
+    unified = build_model("tiny", vocab_size=97, **WAN_TINY).eval()
+    missing, unexpected = unified.load_state_dict(ref.state_dict(), strict=False)
+    assert not unexpected
+    assert all(
+        k.startswith(("vocab_embed", "time_embedding_t", "scale_shift_table_t", "text_head"))
+        or ".ffn_t." in k
+        for k in missing
+    )
+    x, ctx = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        assert torch.equal(unified(x, 400.0, ctx), ref(x, torch.tensor([400.0]), ctx).sample)
+
+
+def test_unified_forward_shapes_and_text_only():
+    m = build_model("tiny", vocab_size=50).eval()
+    v, ctx = torch.randn(2, 48, 2, 4, 4), torch.randn(2, 3, 64)
+    tok = torch.randint(0, 50, (2, 7))
+    out = m(v, torch.tensor([1000.0, 0.0]), ctx, text=tok, t_text=torch.tensor([0.0, 1000.0]))
+    assert out.velocity.shape == v.shape and out.text_logits.shape == (2, 7, 50)
+    text_only = m(None, None, ctx, text=tok, t_text=500.0)
+    assert text_only.velocity is None and text_only.text_logits.shape == (2, 7, 50)
+
+
+def test_caption_tokens_change_video_only_through_shared_attention():
+    """Text tokens influence video tokens (shared attention) but the video expert never sees them."""
+    m = build_model("tiny", vocab_size=50)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.05)
+    v, ctx = torch.randn(1, 48, 2, 4, 4), torch.randn(1, 3, 64)
+    a = m(v, 500.0, ctx, text=torch.zeros(1, 5, dtype=torch.long), t_text=500.0).velocity
+    b = m(v, 500.0, ctx, text=torch.ones(1, 5, dtype=torch.long), t_text=500.0).velocity
+    assert not torch.allclose(a, b)
+
+
+def test_text_experts_initialised_as_ffn_copies_and_lighter_option():
+    m = build_model("tiny")
+    for blk in m.blocks:
+        assert torch.equal(blk.ffn_t.net[0].proj.weight, blk.ffn.net[0].proj.weight)
+        assert blk.ffn_t.net[0].proj.weight.data_ptr() != blk.ffn.net[0].proj.weight.data_ptr()
+    light = build_model("tiny", text_ffn_dim=32)
+    assert light.blocks[0].ffn_t.net[0].proj.weight.shape == (32, 64)
+    assert sum(p.numel() for p in light.parameter_groups()["text_experts"]) < sum(
+        p.numel() for p in m.parameter_groups()["text_experts"]
+    )
+
+
+def test_gradients_reach_only_trainable_groups_when_video_is_frozen():
+    m = build_model("tiny", vocab_size=40)
+    with torch.no_grad():
+        m.proj_out.weight.normal_(std=0.1)
+        m.text_head.linear.weight.normal_(std=0.1)
+    groups = m.parameter_groups()
+    for p in groups["video"]:
+        p.requires_grad_(False)
+    v, ctx = torch.randn(2, 48, 2, 4, 4), torch.randn(2, 3, 64)
+    out = m(v, 300.0, ctx, text=torch.randint(0, 40, (2, 6)), t_text=600.0)
+    (out.velocity.pow(2).mean() + out.text_logits.logsumexp(-1).mean()).backward()
+    assert all(p.grad is None for p in groups["video"])
+    got = [
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in groups["text_experts"] + groups["text_embed"]
+    ]
+    assert sum(got) >= len(got) - 2  # norm3_t has no parameters; every text weight gets a gradient
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = build_model("tiny", vocab_size=30)
+    with torch.no_grad():
+        m.proj_out.weight.normal_(std=0.1)
+    v, ctx, tok = torch.randn(1, 48, 2, 4, 4), torch.randn(1, 3, 64), torch.randint(0, 30, (1, 5))
+
+    def grads():
+        m.zero_grad()
+        out = m(v, 300.0, ctx, text=tok, t_text=600.0)
+        (out.velocity.sum() + out.text_logits.sum()).backward()
+        return [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    plain = grads()
+    m.enable_gradient_checkpointing(True)
+    ckpt = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
+
+
+def test_wan13b_builds_on_meta_with_the_documented_parameter_split():
+    with torch.device("meta"):
+        m = build_model("wan1.3b")
+    counts = {k: sum(p.numel() for p in v) for k, v in m.parameter_groups().items()}
+    assert counts["video"] == 1_418_996_800  # Wan2.1-T2V-1.3B's transformer
+    assert counts["text_experts"] == 30 * (2 * 1536 * 8960 + 8960 + 1536)
+    assert counts["text_embed"] == 804_793_216  # umT5 vocabulary embedding + head + text time/mod
+    cfg = model_config("wan1.3b")
+    assert (cfg.dim, cfg.num_layers, cfg.ffn_dim, cfg.text_dim, cfg.in_channels) == (
+        1536,
+        30,
+        8960,
+        4096,
+        16,
+    )
+
+
+def test_router_splits_by_position():
+    r = ModalityRouter(3, 2)
+    x = torch.arange(10.0).view(1, 5, 2)
+    v, t = r.split(x)
+    assert v.shape[1] == 3 and t.shape[1] == 2 and torch.equal(r.merge([v, t]), x)
+    assert ModalityRouter(3, 0).active == [0]
+    with pytest.raises(ValueError, match="needs video tokens"):
+        ModalityRouter(0, 0)
+
+
+@pytest.mark.parametrize(
+    "video, ctx, text, match",
+    [
+        (torch.randn(1, 3, 2, 4, 4), torch.randn(1, 3, 64), None, "in_channels=48"),
+        (torch.randn(1, 48, 2, 5, 4), torch.randn(1, 3, 64), None, "H=5 is not divisible"),
+        (torch.randn(1, 48, 2, 4, 4), torch.randn(1, 3, 32), None, "text_dim=64"),
+        (torch.randn(1, 48, 2, 4, 4), torch.randn(1, 3, 64), torch.zeros(1, 4), "long tensor"),
+    ],
+)
+def test_bad_inputs_say_what_was_expected(video, ctx, text, match):
+    m = build_model("tiny")
+    with pytest.raises(ValueError, match=match):
+        m(video, 10.0, ctx, text=text, t_text=None if text is None else 5.0)
+
+
+def test_unknown_size_and_option_are_named():
+    with pytest.raises(ValueError, match="unknown model size 'huge'.*tiny"):
+        build_model("huge")
+    with pytest.raises(ValueError, match="unknown model option.*'hidden'"):
+        build_model("tiny", hidden=3)
+    assert {"tiny", "small", "wan1.3b"} <= set(SIZES)
