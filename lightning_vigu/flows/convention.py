@@ -37,8 +37,11 @@ class FlowPrediction:
     text_logits: Tensor | None
 
 
-class FlowTimeModel(nn.Module):
+class FlowTimeModel:
     """Wraps the unified transformer so that callers speak flow time.
+
+    A plain callable (not an ``nn.Module``), so the wrapped model's weights are not registered
+    twice when a LightningModule holds both.
 
     Args:
         model: a :class:`~lightning_vigu.model.UniViGUTransformer` (generator timesteps in,
@@ -46,10 +49,9 @@ class FlowTimeModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
         self.model = model
 
-    def forward(
+    def __call__(
         self,
         x_video: Tensor | None,
         t_video: Tensor | None,

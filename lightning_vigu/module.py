@@ -1,0 +1,401 @@
+"""The UniViGU LightningModule: losses per phase, optimiser groups, sampling for users.
+
+Parts are injected through typed arguments (LightningCLI ``class_path``): the latent codec,
+the caption tokenizer and the prompt encoder; the transformer is a named size from
+``lightning_vigu/model/sizes.yaml`` with overrides. Side effects (phase switches, sample
+logging, evaluation, EMA) live in ``callbacks/``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from lightning_vigu.batch import Batch, check_batch
+from lightning_vigu.codecs import LatentCodec, PixelCodec
+from lightning_vigu.flows import FlowTimeModel, SamplerConfig, UnifiedSampler, discrete
+from lightning_vigu.model import build_model
+from lightning_vigu.objective import ObjectiveConfig, UnifiedObjective
+from lightning_vigu.phases import GROUPS, Phase, get_phase
+from lightning_vigu.text import (
+    CaptionTokenizer,
+    LearnedPromptEncoder,
+    OpenCLIPTokenizer,
+    PromptEncoder,
+)
+
+
+class UniViGU(L.LightningModule):
+    """Uni-ViGU: one transformer for text -> video, video -> text and joint generation.
+
+    Args:
+        size: model size preset (``tiny``, ``small``, ``base``, ``wan1.3b``).
+        model_overrides: fields of :class:`~lightning_vigu.model.UniViGUConfig` to override.
+        caption_stream: build the caption stream (False = the plain generator).
+        codec: latent codec (default: :class:`PixelCodec` with factors (1, 4, 4)).
+        tokenizer: caption tokenizer (default: open_clip's bundled BPE).
+        prompt_encoder: prompt encoder (default: a learned encoder over the tokenizer's ids).
+        prompt_length: prompt tokens of the default learned encoder.
+        prompt_layers: layers of the default learned encoder.
+        caption_length: caption canvas length (tokens, EOS-padded).
+        caption_source: ``uniform`` (Uni-ViGU's default) or ``mask``.
+        scheduler_exponent: ``kappa_t = t ** exponent``.
+        phase: phase preset name or dict (see ``lightning_vigu/phases.yaml``).
+        objective: loss options (time sampling, text loss, CFG dropout).
+        sampler: sampling options used by ``generate_video`` / ``caption`` / ``generate_joint``.
+        video_shape: ``(frames, height, width)`` of generated videos.
+        optimizer: optimiser factory called with per-group parameter dicts (default AdamW).
+        lr: base learning rate.
+        lr_groups: per-group lr multipliers, e.g. ``{"video": 0.1}``.
+        warmup_steps: linear warm-up steps.
+        decay_steps: cosine decay horizon (default: the trainer's ``max_steps``).
+        min_lr_ratio: final lr as a fraction of the peak.
+        init_from: a checkpoint whose weights initialise the model (e.g. the generator for
+            Knowledge Recall, a recall run for Capability Refinement). Optimiser state and step
+            are not taken from it.
+        gradient_checkpointing: recompute this many blocks in backward (True = all).
+        attention_backend: ``sdpa`` or ``xformers``.
+        max_nonfinite_steps: stop after this many consecutive non-finite losses (skipped).
+        seed: base seed of the per-step randomness (times, noise, tasks).
+    """
+
+    def __init__(
+        self,
+        size: str = "tiny",
+        model_overrides: dict | None = None,
+        caption_stream: bool = True,
+        codec: LatentCodec | None = None,
+        tokenizer: CaptionTokenizer | None = None,
+        prompt_encoder: PromptEncoder | None = None,
+        prompt_length: int = 32,
+        prompt_layers: int = 2,
+        caption_length: int = 32,
+        caption_source: str = "uniform",
+        scheduler_exponent: float = 1.0,
+        phase: str | dict = "recall",
+        objective: ObjectiveConfig | None = None,
+        sampler: SamplerConfig | None = None,
+        video_shape: tuple[int, int, int] = (16, 32, 32),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr: float = 3e-4,
+        lr_groups: dict[str, float] | None = None,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        init_from: str | None = None,
+        gradient_checkpointing: int | bool = False,
+        attention_backend: str = "sdpa",
+        max_nonfinite_steps: int = 5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["codec", "tokenizer", "prompt_encoder", "optimizer"])
+        self.codec = codec if codec is not None else PixelCodec((1, 4, 4))
+        self.codec.requires_grad_(False)
+        self.tokenizer = tokenizer if tokenizer is not None else OpenCLIPTokenizer()
+        overrides = dict(model_overrides or {})
+        overrides.setdefault("in_channels", self.codec.latent_channels)
+        overrides.setdefault("out_channels", self.codec.latent_channels)
+        overrides["vocab_size"] = self.tokenizer.vocab_size if caption_stream else None
+        overrides.setdefault("mask_token", caption_source == "mask")
+        self.model = build_model(size, **overrides)
+        text_dim = self.model.config.text_dim
+        if prompt_encoder is None:
+            prompt_encoder = LearnedPromptEncoder(
+                self.tokenizer, dim=text_dim, num_layers=prompt_layers, max_length=prompt_length
+            )
+        if prompt_encoder.dim != text_dim:
+            raise ValueError(
+                f"prompt encoder width {prompt_encoder.dim} != model text_dim {text_dim}; set "
+                f"model_overrides.text_dim={prompt_encoder.dim} or use a matching encoder"
+            )
+        self.prompt_encoder = prompt_encoder
+        self.flow = FlowTimeModel(self.model)
+        self.source = discrete.make_source(caption_source, self.tokenizer.vocab_size)
+        self.scheduler = discrete.PolynomialScheduler(scheduler_exponent)
+        self.objective = UnifiedObjective(
+            objective or ObjectiveConfig(), self.source, self.scheduler
+        )
+        self.sampler_config = sampler or SamplerConfig()
+        self._optimizer_factory = optimizer
+        self.model.set_attention_backend(attention_backend)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing(gradient_checkpointing)
+        self._nonfinite_in_a_row = 0
+        self.phase = get_phase(phase)
+        self.apply_phase(self.phase)
+        if init_from:
+            self.load_weights(init_from)
+
+    # ------------------------------------------------------------------ phases / params
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters by group: ``video``, ``text_experts``, ``text_embed``, ``prompt_encoder``."""
+        groups = self.model.parameter_groups()
+        groups["prompt_encoder"] = list(self.prompt_encoder.parameters())
+        return groups
+
+    def apply_phase(self, phase: Phase) -> None:
+        """Make ``phase`` current: set which groups train (the optimiser keeps every group, so
+        state of groups that stay trainable is kept; frozen ones get no gradient and no update)."""
+        if phase.uses_text and not self.model.has_text:
+            raise ValueError(
+                f"phase '{phase.name}' trains the caption stream but the model was built with caption_stream=False"
+            )
+        self.phase = phase
+        for name, params in self.parameter_groups().items():
+            train = name in phase.trainable and (
+                name != "prompt_encoder" or self.prompt_encoder.trainable
+            )
+            for p in params:
+                p.requires_grad_(train)
+
+    def load_weights(self, path: str) -> None:
+        """Initialise from a checkpoint's weights (Lightning ``.ckpt`` or a plain state dict).
+
+        Caption-stream weights missing from the file (a generator checkpoint) are initialised
+        from the video path, as Uni-ViGU does; any other mismatch is an error naming the keys.
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"init_from checkpoint '{path}' does not exist; train the previous phase first (e.g. conf/generator.yaml) or fix the path"
+            )
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", ckpt)
+        own = self.state_dict()
+        shape_errors = [
+            f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and own[k].shape != v.shape
+        ]
+        if shape_errors:
+            raise ValueError(
+                f"checkpoint '{path}' does not fit this model (other size or vocabulary?): "
+                + "; ".join(shape_errors[:5])
+            )
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint '{path}' has weights this model lacks: {unexpected[:8]}")
+        caption_missing = [
+            k for k in missing if k.startswith("model.") and self.model_group(k) != "video"
+        ]
+        other_missing = [k for k in missing if k not in caption_missing]
+        if other_missing:
+            raise ValueError(
+                f"checkpoint '{path}' lacks weights of this model: {other_missing[:8]}"
+            )
+        if caption_missing:
+            self.model.init_caption_from_video()
+
+    @staticmethod
+    def model_group(key: str) -> str:
+        from lightning_vigu.model import parameter_group
+
+        return parameter_group(key.removeprefix("model."))
+
+    def configure_optimizers(self):
+        scale = dict(self.hparams.lr_groups or {})
+        unknown = sorted(set(scale) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"lr_groups has unknown group(s) {unknown}; groups are {list(GROUPS)}")
+        groups = [
+            {"params": ps, "lr": self.hparams.lr * scale.get(name, 1.0), "name": name}
+            for name, ps in self.parameter_groups().items()
+            if ps
+        ]
+        opt = self._optimizer_factory(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """Warm-up, then cosine to ``min_lr_ratio``, times the phase's ``lr_scale``."""
+        hp = self.hparams
+        horizon = hp.decay_steps or (self.trainer.max_steps if self._trainer is not None else -1)
+        if step < hp.warmup_steps:
+            f = (step + 1) / hp.warmup_steps
+        elif horizon is None or horizon <= hp.warmup_steps:
+            f = 1.0
+        else:
+            progress = min(1.0, (step - hp.warmup_steps) / (horizon - hp.warmup_steps))
+            f = hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return f * self.phase.lr_scale
+
+    # ------------------------------------------------------------------ training
+    def step_generator(self, stage: str, index: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, stage, step, rank): a resumed run draws exactly what
+        the uninterrupted run would have drawn at the same step."""
+        key = f"{self.hparams.seed}/{stage}/{index}/{self.global_rank}".encode()
+        return torch.Generator().manual_seed(zlib.crc32(key))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Prompt condition ``(B, L, text_dim)``."""
+        return self.prompt_encoder(list(prompts))
+
+    def batch_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Latents, prompt condition and empty-prompt condition of a batch."""
+        check_batch(batch)
+        if "latents" in batch:
+            latents = batch["latents"].float()
+        else:
+            with torch.no_grad():
+                latents = self.codec.encode(batch["video"].float())
+        b = latents.shape[0]
+        if "prompt_emb" in batch and not self.prompt_encoder.trainable:
+            context = batch["prompt_emb"].float()
+            empty = self.encode_prompts([""]).expand(b, -1, -1)
+        else:
+            both = self.encode_prompts(list(batch["prompt"]) + [""])
+            context, empty = both[:b], both[b:].expand(b, -1, -1)
+        return latents, context, empty.to(context.dtype)
+
+    def compute_loss(self, batch: Batch, phase: Phase, generator: torch.Generator):
+        latents, context, empty = self.batch_inputs(batch)
+        target = prompt_tokens = None
+        if self.model.has_text and phase.uses_text:
+            length = self.hparams.caption_length
+            texts = batch["prompt"] if phase.caption_target == "prompt" else batch["caption"]
+            target = self.tokenizer.encode(texts, length).to(self.device)
+            prompt_tokens = self.tokenizer.encode(batch["prompt"], length).to(self.device)
+        return self.objective(
+            self.flow, latents, context, empty, target, prompt_tokens, phase, generator
+        )
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        out = self.compute_loss(batch, self.phase, self.step_generator("train", self.global_step))
+        if not torch.isfinite(out.loss):
+            self._nonfinite_in_a_row += 1
+            self.log("train/nonfinite_steps", float(self._nonfinite_in_a_row))
+            if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{self._nonfinite_in_a_row} consecutive non-finite losses at step {self.global_step} "
+                    f"(video={out.video.item()}, text={out.text.item()}); lower the lr, enable gradient "
+                    "clipping (trainer.gradient_clip_val) or check the data for NaNs"
+                )
+            return None  # skip this optimiser step
+        self._nonfinite_in_a_row = 0
+        b = len(batch["prompt"])
+        self.log_dict(
+            {
+                "train/loss": out.loss,
+                "train/loss_video": out.video,
+                "train/loss_text": out.text,
+                "train/text_accuracy": out.text_accuracy,
+            },
+            prog_bar=True,
+            batch_size=b,
+        )
+        return out.loss
+
+    def _eval_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
+        b = len(batch["prompt"])
+        logs = {}
+        for task, key in (("t2v", "video"), ("v2t", "text")):
+            if key == "text" and not self.model.has_text:
+                continue
+            phase = Phase(
+                name=f"{stage}-{task}",
+                caption_target=self.phase.caption_target,
+                task_mix={task: 1.0},
+                trainable=[],
+            )
+            gen = self.step_generator(f"{stage}-{task}", batch_idx)
+            out = self.compute_loss(batch, phase, gen)
+            logs[f"{stage}/loss_{key}"] = getattr(out, key)
+            if key == "text":
+                logs[f"{stage}/text_accuracy"] = out.text_accuracy
+        self.log_dict(logs, batch_size=b, sync_dist=True)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["phase"] = self.phase.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "phase" in checkpoint:
+            self.apply_phase(Phase(**checkpoint["phase"]))
+
+    # ------------------------------------------------------------------ sampling for users
+    def sampler(self, **overrides) -> UnifiedSampler:
+        cfg = SamplerConfig(
+            **{**vars(self.sampler_config), **{k: v for k, v in overrides.items() if v is not None}}
+        )
+        return UnifiedSampler(self.flow, self.source, self.scheduler, cfg)
+
+    def _latent_shape(self, video_shape: tuple[int, int, int] | None) -> tuple[int, int, int, int]:
+        f, h, w = video_shape or self.hparams.video_shape
+        return self.codec.latent_shape(f, h, w)
+
+    @torch.no_grad()
+    def generate_video(
+        self,
+        prompts: Sequence[str],
+        seed: int = 0,
+        video_shape: tuple[int, int, int] | None = None,
+        **sampler_overrides,
+    ) -> Tensor:
+        """Text -> videos ``(B, 3, T, H, W)`` in [-1, 1] (CFG against the empty prompt; the
+        caption stream, when the model has one, holds the clean prompt)."""
+        b = len(prompts)
+        both = self.encode_prompts(list(prompts) + [""])
+        context, uncond = both[:b], both[b:].expand(b, -1, -1)
+        text = (
+            self.tokenizer.encode(prompts, self.hparams.caption_length).to(self.device)
+            if self.model.has_text
+            else None
+        )
+        gen = torch.Generator().manual_seed(seed)
+        latents = self.sampler(**sampler_overrides).generate_video(
+            context, self._latent_shape(video_shape), uncond, text, gen
+        )
+        return self.codec.decode(latents)
+
+    @torch.no_grad()
+    def caption(self, videos: Tensor, seed: int = 0, **sampler_overrides) -> list[str]:
+        """Videos ``(B, 3, T, H, W)`` in [-1, 1] -> captions (cut at EOS)."""
+        if not self.model.has_text:
+            raise ValueError("this model has no caption stream (caption_stream=False)")
+        latents = self.codec.encode(videos.to(self.device).float())
+        empty = self.encode_prompts([""]).expand(latents.shape[0], -1, -1)
+        gen = torch.Generator().manual_seed(seed)
+        tokens = self.sampler(**sampler_overrides).caption(
+            latents, empty, self.hparams.caption_length, gen
+        )
+        return self.tokenizer.decode(tokens)
+
+    @torch.no_grad()
+    def generate_joint(
+        self,
+        prompts: Sequence[str],
+        seed: int = 0,
+        video_shape: tuple[int, int, int] | None = None,
+        **sampler_overrides,
+    ) -> tuple[Tensor, list[str]]:
+        """A video and its caption generated together. The prompt conditions the pair when the
+        phase's captions are detailed captions; in Knowledge Recall the pair is generated from
+        the empty prompt (the caption *is* a prompt, so it is never shown the prompt)."""
+        if not self.model.has_text:
+            raise ValueError("this model has no caption stream (caption_stream=False)")
+        b = len(prompts)
+        use_prompt = self.phase.caption_target == "caption"
+        both = self.encode_prompts((list(prompts) if use_prompt else [""] * b) + [""])
+        context, uncond = both[:b], both[b:].expand(b, -1, -1)
+        gen = torch.Generator().manual_seed(seed)
+        latents, tokens = self.sampler(**sampler_overrides).generate_joint(
+            context,
+            self._latent_shape(video_shape),
+            self.hparams.caption_length,
+            uncond if use_prompt else None,
+            gen,
+        )
+        return self.codec.decode(latents), self.tokenizer.decode(tokens)

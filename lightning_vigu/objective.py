@@ -1,0 +1,182 @@
+"""The unified training objective (pure PyTorch): one forward, both flow-matching losses.
+
+Per example a task is drawn from the phase's mix:
+
+* ``t2v``  -- video on the path at ``t_v``; caption stream holds the clean prompt (``t_x = 1``);
+  video loss only; the prompt condition is dropped with probability ``cfg_dropout``.
+* ``v2t``  -- clean video (``t_v = 1``); caption target on the mixture path at ``t_x``; text
+  loss only; the condition is **always** the empty prompt.
+* ``joint`` -- both streams on their paths at independent times; both losses; the condition is
+  the empty prompt when the caption target is the prompt, else the prompt (with CFG dropout).
+
+No copying: whenever the caption stream must reconstruct the prompt (``v2t`` always, ``joint``
+in Knowledge Recall) the cross-attention condition is the empty prompt, so the prompt can only
+reach the caption through the video. :func:`condition_mask` is the single place this is decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_vigu.flows import FlowTimeModel, continuous, discrete
+from lightning_vigu.phases import TASKS, Phase
+
+T2V, V2T, JOINT = (TASKS.index(t) for t in ("t2v", "v2t", "joint"))
+
+
+@dataclass
+class ObjectiveConfig:
+    """Options of the objective.
+
+    Attributes:
+        time_scheme: video training-time sampling, ``uniform`` or ``logit_normal``.
+        time_shift: Wan's shift applied to training times (1 = none).
+        loss_weighting: video loss weighting (``none`` or ``snr``).
+        text_loss: ``cross_entropy`` or ``generalized_kl``.
+        text_time_eps: caption times are drawn from ``[0, 1 - eps]`` (the KL weight diverges at 1).
+        cfg_dropout: probability of replacing the prompt condition by the empty prompt.
+    """
+
+    time_scheme: str = "logit_normal"
+    time_shift: float = 1.0
+    loss_weighting: str = "none"
+    text_loss: str = "cross_entropy"
+    text_time_eps: float = 1e-3
+    cfg_dropout: float = 0.1
+
+
+@dataclass
+class LossOutput:
+    """Losses of one batch (scalars) and how many examples fed each."""
+
+    loss: Tensor
+    video: Tensor
+    text: Tensor
+    text_accuracy: Tensor
+    num_video: int
+    num_text: int
+    tasks: Tensor
+
+
+def draw_tasks(b: int, phase: Phase, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``(B,)`` task ids (indices of :data:`TASKS`) drawn from the phase's mix."""
+    probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS])
+    return torch.multinomial(probs, b, replacement=True, generator=generator).to(device)
+
+
+def condition_mask(
+    tasks: Tensor, phase: Phase, cfg_dropout: float, generator: torch.Generator
+) -> Tensor:
+    """``(B,)`` bool: True where the example gets the empty-prompt condition.
+
+    The caption stream never sees the prompt it must reconstruct (see module docstring); the
+    remaining examples drop their prompt with probability ``cfg_dropout`` for CFG.
+    """
+    must_hide = tasks == V2T
+    if phase.caption_target == "prompt":
+        must_hide |= tasks == JOINT
+    dropout = torch.rand(tasks.shape, generator=generator).to(tasks.device) < cfg_dropout
+    return must_hide | dropout
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+class UnifiedObjective:
+    """Computes the phase-weighted unified loss.
+
+    Args:
+        config: objective options.
+        source: caption source distribution.
+        scheduler: caption path scheduler.
+    """
+
+    def __init__(
+        self,
+        config: ObjectiveConfig,
+        source: discrete.UniformSource | discrete.MaskSource,
+        scheduler: discrete.PolynomialScheduler,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.scheduler = scheduler
+
+    def __call__(
+        self,
+        model: FlowTimeModel,
+        latents: Tensor,
+        context: Tensor,
+        empty_context: Tensor,
+        target_tokens: Tensor | None,
+        prompt_tokens: Tensor | None,
+        phase: Phase,
+        generator: torch.Generator,
+    ) -> LossOutput:
+        """Args:
+        model: the flow-time model.
+        latents: ``(B, c, t, h, w)`` clean latents ``x_1``.
+        context: ``(B, Lc, D)`` prompt condition; ``empty_context`` the same for ``""``.
+        target_tokens: ``(B, L)`` caption canvas of the phase's target (``None``: no text).
+        prompt_tokens: ``(B, L)`` prompt canvas held clean in the caption stream for ``t2v``.
+        phase: the active phase.
+        generator: CPU generator for every random draw (deterministic per step).
+        """
+        c, b, dev = self.config, latents.shape[0], latents.device
+        use_text = target_tokens is not None and phase.uses_text
+        tasks = (
+            draw_tasks(b, phase, generator, dev) if use_text else torch.full((b,), T2V, device=dev)
+        )
+        # 1. video times: clean for v2t, else sampled (Wan-style logit-normal / shift)
+        t_v = continuous.sample_time(b, c.time_scheme, c.time_shift, generator=generator).to(dev)
+        t_v = torch.where(tasks == V2T, torch.ones_like(t_v), t_v)
+        noise = torch.randn(latents.shape, generator=generator).to(dev, latents.dtype)
+        path_v = continuous.sample_path(latents, t_v, x_0=noise)
+        # 2. caption stream: clean prompt for t2v, the target on the mixture path otherwise
+        x_text = t_x = path_x = None
+        if use_text:
+            t_x = torch.rand(b, generator=generator).to(dev) * (1 - c.text_time_eps)
+            path_x = discrete.sample_path(
+                target_tokens.cpu(), t_x.cpu(), self.source, self.scheduler, generator
+            )
+            clean = (tasks == T2V)[:, None]
+            x_text = torch.where(clean, prompt_tokens, path_x.x_t.to(dev))
+            t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
+        # 3. condition: empty prompt where the caption must not copy it, or for CFG dropout
+        hide = condition_mask(tasks, phase, c.cfg_dropout, generator)
+        cond = torch.where(hide[:, None, None], empty_context, context)
+        # 4. one forward over [video | caption]
+        out = model(path_v.x_t, t_v, cond, x_text, t_x)
+        # 5. losses, each over the examples whose task trains it
+        video_mask = (tasks != V2T).float()
+        per_v = continuous.velocity_loss(out.velocity, path_v.dx_t, t_v, c.loss_weighting)
+        video = _masked_mean(per_v, video_mask)
+        text = acc = torch.zeros((), device=dev)
+        text_mask = (tasks != T2V).float()
+        if use_text:
+            logits = discrete.posterior_logits(out.text_logits, self.source)
+            x_1 = target_tokens.to(dev)
+            if c.text_loss == "cross_entropy":
+                per_x = discrete.cross_entropy_loss(logits, x_1)
+            elif c.text_loss == "generalized_kl":
+                per_x = discrete.generalized_kl_loss(logits, x_1, x_text, t_x, self.scheduler)
+            else:
+                raise ValueError(
+                    f"unknown text_loss '{c.text_loss}'; choose 'cross_entropy' or 'generalized_kl'"
+                )
+            text = _masked_mean(per_x, text_mask)
+            acc = _masked_mean((logits.argmax(-1) == x_1).float().mean(1), text_mask)
+        w = phase.loss_weights
+        loss = w.get("video", 0.0) * video + w.get("text", 0.0) * text
+        return LossOutput(
+            loss=loss,
+            video=video.detach(),
+            text=text.detach(),
+            text_accuracy=acc.detach(),
+            num_video=int(video_mask.sum()),
+            num_text=int(text_mask.sum()) if use_text else 0,
+            tasks=tasks,
+        )

@@ -1,0 +1,318 @@
+"""Training: phases, resume, frozen groups, no-copying, a user DataModule through the CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from callbacks import PhaseSchedule
+from lightning_vigu.batch import collate_batch
+from lightning_vigu.module import UniViGU
+from lightning_vigu.objective import V2T, ObjectiveConfig, UnifiedObjective
+from lightning_vigu.phases import Phase, get_phase
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["red", "blue", "green", "circle", "square", "moves", "left", "right"]
+
+
+class RandomClips(Dataset):
+    """Deterministic tiny clips with short prompts and longer captions."""
+
+    def __init__(self, n: int = 12, frames: int = 2, size: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.videos = torch.rand(n, 3, frames, size, size, generator=g) * 2 - 1
+        self.prompts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(3)) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "video": self.videos[i],
+            "prompt": self.prompts[i],
+            "caption": self.prompts[i] + " on a black background",
+        }
+
+
+class RandomVideoDataModule(L.LightningDataModule):
+    """A user DataModule: anything yielding the Batch contract works."""
+
+    def __init__(
+        self, batch_size: int = 4, num_clips: int = 12, frames: int = 2, size: int = 8
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.num_clips, self.frames, self.size = (
+            batch_size,
+            num_clips,
+            frames,
+            size,
+        )
+
+    def train_dataloader(self):
+        return DataLoader(
+            RandomClips(self.num_clips, self.frames, self.size),
+            self.batch_size,
+            collate_fn=collate_batch,
+        )
+
+    def val_dataloader(self):
+        return DataLoader(
+            RandomClips(4, self.frames, self.size), self.batch_size, collate_fn=collate_batch
+        )
+
+
+def tiny_module(**kw) -> UniViGU:
+    args = dict(
+        size="tiny",
+        caption_length=8,
+        prompt_length=8,
+        video_shape=(2, 8, 8),
+        warmup_steps=2,
+        lr=1e-3,
+    )
+    args.update(kw)
+    return UniViGU(**args)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def _trainer(tmp_path, max_steps, callbacks, **kw):
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        deterministic=True,
+        **kw,
+    )
+
+
+def test_resume_mid_phase_gives_the_same_next_step_loss_and_phase(tmp_path):
+    """3 batches per epoch; a checkpoint after step 3 (in 'refine'), resumed to step 6."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    rec = LossRecorder()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
+    full = tiny_module()
+    _trainer(tmp_path, 6, [PhaseSchedule(["recall", "refine"], [2]), rec, ckpt_cb]).fit(
+        full, RandomVideoDataModule()
+    )
+    ckpt = next((tmp_path / "ck").glob("*step=3.ckpt"))
+
+    L.seed_everything(123)  # a different global seed must not matter: randomness is per step
+    rec2 = LossRecorder()
+    resumed = tiny_module()
+    _trainer(tmp_path, 6, [PhaseSchedule(["recall", "refine"], [2]), rec2]).fit(
+        resumed, RandomVideoDataModule(), ckpt_path=str(ckpt)
+    )
+    assert resumed.phase.name == "refine"
+    for step in (4, 5, 6):
+        assert rec2.losses[step] == pytest.approx(rec.losses[step], rel=1e-5, abs=1e-6)
+
+
+def test_frozen_video_path_is_bit_identical_after_switch_and_text_parts_change(tmp_path):
+    module = tiny_module()
+    snapshot = {}
+
+    class Snap(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:  # first step of 'refine'
+                snapshot.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    _trainer(tmp_path, 5, [PhaseSchedule(["recall", "refine"], [2]), Snap()]).fit(
+        module, RandomVideoDataModule()
+    )
+    after = module.state_dict()
+    video_keys = [k for k in after if k.startswith("model.") and module.model_group(k) == "video"]
+    text_keys = [k for k in after if k.startswith("model.") and module.model_group(k) != "video"]
+    assert video_keys and text_keys
+    assert all(torch.equal(after[k], snapshot[k]) for k in video_keys)
+    assert all(torch.equal(after[k], snapshot[k]) for k in after if k.startswith("prompt_encoder."))
+    assert sum(not torch.equal(after[k], snapshot[k]) for k in text_keys) > len(text_keys) // 2
+
+
+def test_no_copying_caption_loss_does_not_depend_on_the_prompt_condition():
+    """For v2t (and joint in recall) the caption stream must never see the prompt it rebuilds."""
+    module = tiny_module()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero head, so the logits depend on everything they can see
+        module.model.text_head.linear.weight.normal_(std=0.5)
+    latents = torch.randn(4, 48, 2, 2, 2)
+    target = module.tokenizer.encode(["red circle moves left"] * 4, 8)
+    empty = module.encode_prompts([""] * 4)
+    objective = UnifiedObjective(ObjectiveConfig(cfg_dropout=0.0), module.source, module.scheduler)
+    for mix in ({"v2t": 1.0}, {"joint": 1.0}):
+        phase = Phase(name="recall-like", caption_target="prompt", task_mix=mix)
+        losses = []
+        for prompt in ("red circle moves left", "blue square moves right"):
+            ctx = module.encode_prompts([prompt] * 4)
+            out = objective(
+                module.flow,
+                latents,
+                ctx,
+                empty,
+                target,
+                target,
+                phase,
+                torch.Generator().manual_seed(1),
+            )
+            losses.append(out.text)
+        assert torch.equal(losses[0], losses[1]), mix
+    # with detailed captions as target, joint examples may be conditioned on the prompt
+    phase = Phase(name="refine-like", caption_target="caption", task_mix={"joint": 1.0})
+    outs = [
+        objective(
+            module.flow,
+            latents,
+            module.encode_prompts([p] * 4),
+            empty,
+            target,
+            target,
+            phase,
+            torch.Generator().manual_seed(1),
+        ).text
+        for p in ("red circle moves left", "blue square moves right")
+    ]
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_tasks_follow_the_phase_mix_and_v2t_never_trains_video():
+    module = tiny_module()
+    objective = UnifiedObjective(ObjectiveConfig(), module.source, module.scheduler)
+    latents, empty = torch.randn(64, 48, 2, 2, 2), module.encode_prompts([""] * 64)
+    tokens = module.tokenizer.encode(["a"] * 64, 8)
+    out = objective(
+        module.flow,
+        latents,
+        empty,
+        empty,
+        tokens,
+        tokens,
+        get_phase("refine"),
+        torch.Generator().manual_seed(0),
+    )
+    assert set(out.tasks.tolist()) <= {V2T, 2} and out.num_video == int((out.tasks == 2).sum())
+
+
+def test_init_from_generator_checkpoint_copies_ffn_into_text_experts(tmp_path):
+    gen = tiny_module(caption_stream=False, phase="generator")
+    with torch.no_grad():
+        for p in gen.model.parameters():
+            p.add_(0.01)
+    path = tmp_path / "gen.ckpt"
+    torch.save({"state_dict": gen.state_dict()}, path)
+    recall = tiny_module(init_from=str(path))
+    assert torch.equal(
+        recall.model.blocks[0].ffn_t.net[2].weight, gen.model.blocks[0].ffn.net[2].weight
+    )
+    assert torch.equal(recall.model.patch_embedding.weight, gen.model.patch_embedding.weight)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        tiny_module(init_from=str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        tiny_module(
+            size="tiny",
+            model_overrides={"num_layers": 1, "ffn_dim": 64, "text_ffn_dim": 64},
+            init_from=str(path),
+        )
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_a_clear_message(tmp_path):
+    module = tiny_module(max_nonfinite_steps=2)
+    with torch.no_grad():
+        module.model.patch_embedding.bias.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite losses"):
+        _trainer(tmp_path, 4, []).fit(module, RandomVideoDataModule())
+
+
+def test_sampling_api_shapes_and_determinism():
+    module = tiny_module().eval()
+    prompts = ["red circle moves left", "blue square"]
+    v1 = module.generate_video(prompts, seed=3, video_steps=2)
+    v2 = module.generate_video(prompts, seed=3, video_steps=2)
+    assert v1.shape == (2, 3, 2, 8, 8) and torch.equal(v1, v2) and v1.abs().max() <= 1
+    caps = module.caption(v1, seed=0, text_steps=2)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    video, joint_caps = module.generate_joint(prompts, seed=1, video_steps=2)
+    assert video.shape == v1.shape and len(joint_caps) == 2
+
+
+def _cli(args, tmp_path, **kw):
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_vigu", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+
+
+USER_DATA_ARGS = [
+    "--data.class_path=test_training.RandomVideoDataModule",
+    "--model.caption_length=8",
+    "--model.prompt_length=8",
+    "--model.video_shape=[2, 8, 8]",
+    "--trainer.max_steps=3",
+    "--trainer.accelerator=cpu",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def test_cli_trains_a_user_datamodule_then_generates_and_captions(tmp_path):
+    r = _cli(["fit", *USER_DATA_ARGS, f"--trainer.default_root_dir={tmp_path}/run"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+    r = _cli(
+        [
+            "generate",
+            f"--ckpt={ckpt}",
+            "--prompts=[red circle moves left, blue square]",
+            f"--out={tmp_path}/gen",
+            "--steps=2",
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    mp4s = sorted((tmp_path / "gen").glob("*.mp4"))
+    assert len(mp4s) == 2 and all(p.stat().st_size > 0 for p in mp4s)
+    r = _cli(
+        [
+            "caption",
+            f"--ckpt={ckpt}",
+            f"--videos=[{mp4s[0]}]",
+            "--steps=2",
+            f"--out={tmp_path}/caps.jsonl",
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "caps.jsonl").read_text().count("caption") == 1
+
+
+def test_cli_names_a_wrong_config_key_and_a_missing_init_from(tmp_path):
+    r = _cli(["fit", *USER_DATA_ARGS, "--model.sise=tiny"], tmp_path)
+    assert r.returncode != 0 and "sise" in r.stderr
+    r = _cli(["fit", *USER_DATA_ARGS, f"--model.init_from={tmp_path}/nope.ckpt"], tmp_path)
+    assert r.returncode != 0 and "nope.ckpt" in r.stderr
