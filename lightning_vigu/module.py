@@ -186,7 +186,11 @@ class UniViGU(L.LightningModule):
         caption_missing = [
             k for k in missing if k.startswith("model.") and self.model_group(k) != "video"
         ]
-        other_missing = [k for k in missing if k not in caption_missing]
+        other_missing = [
+            k
+            for k in missing
+            if k not in caption_missing and not k.startswith(self._external_prefixes())
+        ]
         if other_missing:
             raise ValueError(
                 f"checkpoint '{path}' lacks weights of this model: {other_missing[:8]}"
@@ -318,12 +322,29 @@ class UniViGU(L.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
+    def _external_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of frozen parts loaded from their own paths (the codec, a frozen
+        prompt encoder): checkpoints leave them out and they are re-read from the config."""
+        return ("codec.",) + (() if self.prompt_encoder.trainable else ("prompt_encoder.",))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["phase"] = self.phase.to_dict()
+        prefixes = self._external_prefixes()
+        for key in ("state_dict", "current_model_state"):  # the latter when EMA swaps weights in
+            if key in checkpoint:
+                checkpoint[key] = {
+                    k: v for k, v in checkpoint[key].items() if not k.startswith(prefixes)
+                }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "phase" in checkpoint:
             self.apply_phase(Phase(**checkpoint["phase"]))
+        external = {
+            k: v for k, v in self.state_dict().items() if k.startswith(self._external_prefixes())
+        }
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                checkpoint[key] = {**external, **checkpoint[key]}
 
     # ------------------------------------------------------------------ sampling for users
     def sampler(self, **overrides) -> UnifiedSampler:

@@ -87,10 +87,16 @@ class ConditionEmbedder(TimeEmbedding):
         self.text_embedder = PromptProjection(text_dim, dim)
 
 
-def _rope_frequencies(dim: int, positions: int, theta: float) -> Tensor:
+def _rope_frequencies(
+    dim: int, positions: int, theta: float, device: torch.device | None = None
+) -> Tensor:
     """``(positions, dim // 2)`` rotation angles ``p * theta^(-2i/dim)`` in float64."""
-    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
-    return torch.outer(torch.arange(positions, dtype=torch.float64), inv)  # (P, dim/2)
+    inv = 1.0 / theta ** (
+        torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
+    )  # (dim/2,)
+    return torch.outer(
+        torch.arange(positions, dtype=torch.float64, device=device), inv
+    )  # (P, dim/2)
 
 
 class VideoRope3D(nn.Module):
@@ -145,7 +151,7 @@ class TextRope1D(nn.Module):
 
     def forward(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos/sin ``(1, length, 1, head_dim)``."""
-        ang = _rope_frequencies(self.head_dim, length, self.theta).to(device)  # (L, d/2)
+        ang = _rope_frequencies(self.head_dim, length, self.theta, device)  # (L, d/2), no host copy
         ang = torch.cat([ang, ang], dim=-1)[None, :, None]  # (1, L, 1, head_dim)
         return ang.cos().float(), ang.sin().float()
 

@@ -106,7 +106,7 @@ class UniViGUTransformer(nn.Module):
             self.time_embedding_t = TimeEmbedding(dim, c.freq_dim)
             self.rope_text = TextRope1D(head_dim)
             self.scale_shift_table_t = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-            self.text_head = TextHead(dim, c.num_embeddings, c.eps)
+            self.text_head = TextHead(dim, c.num_embeddings)
         self.gradient_checkpointing: int = 0
         self.initialize_weights()
 
@@ -302,9 +302,10 @@ class UniViGUTransformer(nn.Module):
 
 
 class TextHead(nn.Module):
-    """Caption logits: LayerNorm (learned scale) + modulation + zero-initialised linear."""
+    """Caption logits: LayerNorm (learned scale, eps 1e-5 as in the Uni-ViGU release) +
+    modulation + zero-initialised linear."""
 
-    def __init__(self, dim: int, vocab: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, vocab: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.norm_final = FP32LayerNorm(dim, eps, elementwise_affine=True, bias=False)
         self.linear = nn.Linear(dim, vocab)
