@@ -2,5 +2,6 @@
 
 from lightning_vigu.codecs.base import LatentCodec
 from lightning_vigu.codecs.pixel import PixelCodec
+from lightning_vigu.codecs.wan_vae import WanVAECodec
 
-__all__ = ["LatentCodec", "PixelCodec"]
+__all__ = ["LatentCodec", "PixelCodec", "WanVAECodec"]

@@ -120,13 +120,10 @@ class UniViGUTransformer(nn.Module):
         """Initialise for training from scratch (pretrained loaders overwrite the video path).
 
         1. Linear / conv weights: Xavier-uniform, biases zero (conv treated as a flat linear).
-        2. ``time_proj`` of both time embeddings: zero, so every block's modulation starts at its
-           ``scale_shift_table`` (adaLN-Zero-like start with Wan's table parameterisation).
-        3. ``proj_out`` and the text head's linear: zero (outputs start at 0, as in DiT and the
-           Uni-ViGU release).
-        4. Token embedding: N(0, 1) like ``nn.Embedding``; modulation tables keep N(0, 1/dim).
-        5. Text experts: a copy of their block's video FFN when widths match (the reference
-           initialisation), else Xavier.
+        2. ``time_proj``: zero, so every block's modulation starts at its ``scale_shift_table``
+           (adaLN-Zero-like start with Wan's table parameterisation).
+        3. ``proj_out``: zero (the velocity starts at 0, as in DiT).
+        4. The caption stream: :meth:`initialize_caption_weights`.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -135,17 +132,35 @@ class UniViGUTransformer(nn.Module):
         w = self.patch_embedding.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embedding.bias)
-        for emb in (self.condition_embedder, getattr(self, "time_embedding_t", None)):
-            if emb is not None:
-                nn.init.zeros_(emb.time_proj.weight)
-                nn.init.zeros_(emb.time_proj.bias)
+        nn.init.zeros_(self.condition_embedder.time_proj.weight)
+        nn.init.zeros_(self.condition_embedder.time_proj.bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        if self.has_text:
-            nn.init.normal_(self.vocab_embed.weight, std=1.0)
-            nn.init.zeros_(self.text_head.linear.weight)
-            nn.init.zeros_(self.text_head.linear.bias)
-            self.init_caption_from_video()
+        self.initialize_caption_weights()
+
+    @torch.no_grad()
+    def initialize_caption_weights(self) -> None:
+        """Initialise the caption stream (also used after loading a pretrained video path).
+
+        1. Caption linears: Xavier-uniform, zero biases; norm scales one.
+        2. Token embedding: N(0, 1) like ``nn.Embedding``.
+        3. Text head linear: zero (logits start uniform, as in the Uni-ViGU release).
+        4. Then :meth:`init_caption_from_video`: text experts = copies of the video FFN (when
+           widths match), text time embedding and final table = copies of the video ones.
+        """
+        if not self.has_text:
+            return
+        for part in [self.time_embedding_t, self.text_head, *(b.ffn_t for b in self.blocks)]:
+            for m in part.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+                    nn.init.ones_(m.weight)
+        nn.init.normal_(self.vocab_embed.weight, std=1.0)
+        nn.init.zeros_(self.text_head.linear.weight)
+        nn.init.zeros_(self.text_head.linear.bias)
+        self.init_caption_from_video()
 
     @torch.no_grad()
     def init_caption_from_video(self) -> None:
