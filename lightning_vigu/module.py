@@ -60,7 +60,11 @@ class UniViGU(L.LightningModule):
         init_from: a checkpoint whose weights initialise the model (e.g. the generator for
             Knowledge Recall, a recall run for Capability Refinement). Optimiser state and step
             are not taken from it.
+        lora: keyword arguments of :func:`lightning_vigu.model.lora.apply_lora` (e.g.
+            ``{"rank": 32}``) to fine-tune the video path through LoRA adapters; the ``video``
+            group then means the adapters, and the base weights stay frozen.
         gradient_checkpointing: recompute this many blocks in backward (True = all).
+        compile_blocks: ``torch.compile`` every transformer block (faster on GPU).
         attention_backend: ``sdpa`` or ``xformers``.
         max_nonfinite_steps: stop after this many consecutive non-finite losses (skipped).
         seed: base seed of the per-step randomness (times, noise, tasks).
@@ -90,7 +94,9 @@ class UniViGU(L.LightningModule):
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         init_from: str | None = None,
+        lora: dict | None = None,
         gradient_checkpointing: int | bool = False,
+        compile_blocks: bool = False,
         attention_backend: str = "sdpa",
         max_nonfinite_steps: int = 5,
         seed: int = 0,
@@ -129,15 +135,26 @@ class UniViGU(L.LightningModule):
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing(gradient_checkpointing)
         self._nonfinite_in_a_row = 0
-        self.phase = get_phase(phase)
-        self.apply_phase(self.phase)
         if init_from:
             self.load_weights(init_from)
+        if lora:
+            from lightning_vigu.model.lora import apply_lora
+
+            apply_lora(self.model, **lora)
+        if compile_blocks:
+            for block in self.model.blocks:
+                block.compile()
+        self.phase = get_phase(phase)
+        self.apply_phase(self.phase)
 
     # ------------------------------------------------------------------ phases / params
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Parameters by group: ``video``, ``text_experts``, ``text_embed``, ``prompt_encoder``."""
         groups = self.model.parameter_groups()
+        if self.hparams.lora:
+            from lightning_vigu.model.lora import is_lora
+
+            groups["video"] = [p for n, p in self.model.named_parameters() if is_lora(n)]
         groups["prompt_encoder"] = list(self.prompt_encoder.parameters())
         return groups
 

@@ -131,3 +131,42 @@ class UMT5PromptEncoder(PromptEncoder):
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         hidden = self.encoder(ids, mask).last_hidden_state  # (B, L, d_model)
         return hidden * mask.unsqueeze(-1).to(hidden.dtype)  # zero the padding, as Wan does
+
+
+class PrecomputedPromptEncoder(PromptEncoder):
+    """For runs whose batches carry ``prompt_emb`` from the latent cache (frozen umT5).
+
+    It never loads the text encoder: the empty prompt's embedding (needed for the video->text
+    condition and classifier-free guidance) comes from a file written once, e.g. by
+    ``python -m datamodules.latent_cache`` or ``torch.save(UMT5PromptEncoder(path)([""])[0], f)``.
+
+    Args:
+        empty_embedding: path of a ``(max_length, dim)`` tensor saved with ``torch.save``.
+    """
+
+    def __init__(self, empty_embedding: str) -> None:
+        super().__init__()
+        path = Path(empty_embedding)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"empty-prompt embedding '{path}' does not exist; write it once with the latent "
+                "cache command (it saves empty_prompt_emb.pt next to the shards)"
+            )
+        emb = torch.load(path, map_location="cpu", weights_only=True)
+        if emb.ndim == 3:
+            emb = emb[0]
+        if emb.ndim != 2:
+            raise ValueError(
+                f"'{path}' must hold a (max_length, dim) tensor, got {tuple(emb.shape)}"
+            )
+        self.register_buffer("empty", emb.float(), persistent=False)
+        self.max_length, self.dim = emb.shape
+
+    def forward(self, prompts: Sequence[str]) -> Tensor:
+        if any(p for p in prompts):
+            raise ValueError(
+                "PrecomputedPromptEncoder only knows the empty prompt; batches must carry "
+                "'prompt_emb' (build them with python -m datamodules.latent_cache) or configure "
+                "a real prompt encoder such as UMT5PromptEncoder"
+            )
+        return self.empty.expand(len(prompts), -1, -1)

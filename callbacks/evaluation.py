@@ -1,0 +1,300 @@
+"""Evaluation of both directions: caption metrics, FVD, CLIPScore and ground-truth checks.
+
+:func:`evaluate` runs one round on ``num_videos`` held-out clips:
+
+* video -> text: the module captions the real clips; CaptionMetrics (BLEU-4, METEOR, ROUGE-L,
+  CIDEr-D) against the target text, and -- on the synthetic world, whose clips carry their json
+  record -- caption attribute accuracy from the caption parser;
+* text -> video: the module generates a video per prompt; prompt adherence from the analytic
+  detector (synthetic world), FVD against the real clips and CLIPScore when their weights are
+  configured;
+* joint: a video and a caption generated together; agreement between what the detector sees
+  and what the caption says.
+
+:class:`Evaluation` calls it during ``fit`` (every N steps, at validation) and in
+``validate`` / ``test``, logs the numbers and writes them as JSON next to the run. Metrics whose
+weights are not configured are skipped with one message, never a crash or a download.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor
+
+from lightning_vigu.metrics import (
+    CaptionMetrics,
+    FrechetVideoDistance,
+    FVDProtocol,
+    MetricUnavailable,
+    VideoCLIPScore,
+)
+
+DIRECTIONS = ("v2t", "t2v", "joint")
+
+
+def collect(loader: Iterable[dict], num: int) -> dict:
+    """The first ``num`` clips of a loader: videos ``(N, 3, T, H, W)``, prompts, captions, records."""
+    out: dict = {"video": [], "prompt": [], "caption": [], "meta": []}
+    n = 0
+    for batch in loader:
+        if "video" not in batch:
+            raise ValueError(
+                "evaluation needs decoded videos; point it at shards with mp4 members, not the latent cache"
+            )
+        k = min(num - n, len(batch["prompt"]))
+        out["video"].append(batch["video"][:k].cpu())
+        for key in ("prompt", "caption"):
+            out[key] += list(batch[key][:k])
+        out["meta"] += list(batch.get("meta", [{}] * k))[:k]
+        n += k
+        if n >= num:
+            break
+    if n == 0:
+        raise ValueError("the evaluation loader yielded no clips")
+    out["video"] = torch.cat(out["video"])
+    return out
+
+
+def agreement(video_scene: dict, caption_scene: dict) -> float:
+    """Fraction of the attributes a caption states that the detector sees in the video.
+
+    Objects are matched by colour (every object of a synthetic clip has its own colour).
+    """
+    checks = [
+        video_scene.get(k) == v
+        for k in ("background", "count")
+        if (v := caption_scene.get(k)) is not None
+    ]
+    seen = {o.get("colour"): o for o in video_scene.get("objects", [])}
+    for obj in caption_scene.get("objects", []):
+        match = seen.get(obj.get("colour"))
+        checks += [match is not None and match.get(a) == v for a, v in obj.items() if v is not None]
+    return sum(checks) / len(checks) if checks else math.nan
+
+
+def _chunks(n: int, size: int) -> Iterable[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+@torch.no_grad()
+def evaluate(
+    module: L.LightningModule,
+    clips: dict,
+    directions: Iterable[str] = DIRECTIONS,
+    fvd: FrechetVideoDistance | None = None,
+    clipscore: VideoCLIPScore | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    steps: int | None = None,
+) -> dict[str, float]:
+    """One evaluation round on collected clips (see :func:`collect`).
+
+    Args:
+        module: a trained :class:`~lightning_vigu.module.UniViGU` (or anything with the same
+            ``caption`` / ``generate_video`` / ``generate_joint`` methods).
+        clips: held-out clips.
+        directions: any of ``v2t``, ``t2v``, ``joint``.
+        fvd: an FVD metric (reset here), or ``None`` to skip FVD.
+        clipscore: a CLIPScore metric (reset here), or ``None``.
+        batch_size: clips per sampling call.
+        seed: sampling seed.
+        steps: sampling steps (``None``: the module's sampler settings).
+    """
+    from datamodules.synthetic.detector import detect, score_video
+    from datamodules.synthetic.parse import parse_text, score_caption
+    from datamodules.synthetic.scoring import mean_accuracy
+
+    directions = set(directions)
+    n, device = len(clips["prompt"]), module.device
+    has_truth = all(m and "objects" in m for m in clips["meta"])
+    target_key = (
+        "prompt"
+        if getattr(getattr(module, "phase", None), "caption_target", "caption") == "prompt"
+        else "caption"
+    )
+    scope = "prompt" if target_key == "prompt" else "all"
+    overrides = {"video_steps": steps, "text_steps": steps}
+    results: dict[str, float] = {"num_videos": float(n)}
+    if "v2t" in directions and getattr(getattr(module, "model", None), "has_text", True):
+        preds: list[str] = []
+        for sl in _chunks(n, batch_size):
+            preds += module.caption(clips["video"][sl].to(device), seed=seed, **overrides)
+        refs = [[t] for t in clips[target_key]]
+        metric = CaptionMetrics()
+        metric.update(preds, refs)
+        results.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
+        if has_truth:
+            acc = mean_accuracy([score_caption(p, m, scope) for p, m in zip(preds, clips["meta"])])
+            results.update({f"v2t/attr_{k}": v for k, v in acc.items()})
+        results["_examples_v2t"] = list(zip(clips[target_key][:4], preds[:4]))  # type: ignore[assignment]
+    if "t2v" in directions:
+        videos: list[Tensor] = []
+        for sl in _chunks(n, batch_size):
+            videos.append(module.generate_video(clips["prompt"][sl], seed=seed, **overrides).cpu())
+        gen = torch.cat(videos)
+        if has_truth:
+            acc = mean_accuracy([score_video(v, m, "prompt") for v, m in zip(gen, clips["meta"])])
+            results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
+        if fvd is not None:
+            fvd.reset()
+            for sl in _chunks(n, batch_size):
+                fvd.update(clips["video"][sl].to(fvd.device), real=True)
+                fvd.update(gen[sl].to(fvd.device), real=False)
+            results["t2v/fvd"] = float(fvd.compute())
+        if clipscore is not None:
+            clipscore.reset()
+            for sl in _chunks(n, batch_size):
+                clipscore.update(gen[sl].to(clipscore.device), clips["prompt"][sl])
+            results["t2v/clipscore"] = float(clipscore.compute())
+    if (
+        "joint" in directions
+        and has_truth
+        and getattr(getattr(module, "model", None), "has_text", False)
+    ):
+        scores = []
+        for sl in _chunks(n, batch_size):
+            vids, caps = module.generate_joint(clips["prompt"][sl], seed=seed, **overrides)
+            scores += [agreement(detect(v.cpu()), parse_text(c)) for v, c in zip(vids, caps)]
+        valid = [s for s in scores if not math.isnan(s)]
+        results["joint/agreement"] = sum(valid) / len(valid) if valid else math.nan
+        results["joint/stated_fraction"] = len(valid) / len(scores)
+    return results
+
+
+class Evaluation(L.Callback):
+    """Run :func:`evaluate` during ``fit`` and in ``validate`` / ``test``.
+
+    Args:
+        every_n_steps: in ``fit``, evaluate at the first validation after every this many
+            steps (0 = only in validate/test and at the end of training).
+        num_videos: held-out clips per round.
+        directions: which of ``v2t``, ``t2v``, ``joint`` to evaluate.
+        i3d_weights: local I3D weights for FVD (``None`` skips FVD, said once).
+        fvd_protocol: FVD protocol (frames, resize, value range...), written next to each value.
+        clip_model: open_clip model name for CLIPScore, with ``clip_checkpoint`` (local file).
+        clip_checkpoint: local open_clip weights (``None`` skips CLIPScore).
+        batch_size: clips per sampling call.
+        steps: sampling steps (``None``: the module's settings).
+        seed: sampling seed.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_videos: int = 32,
+        directions: list[str] | None = None,
+        i3d_weights: str | None = None,
+        fvd_protocol: FVDProtocol | None = None,
+        clip_model: str = "ViT-B-32",
+        clip_checkpoint: str | None = None,
+        batch_size: int = 16,
+        steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.num_videos = num_videos
+        self.directions = list(directions or DIRECTIONS)
+        bad = sorted(set(self.directions) - set(DIRECTIONS))
+        if bad:
+            raise ValueError(
+                f"unknown evaluation direction(s) {bad}; choose from {list(DIRECTIONS)}"
+            )
+        self.i3d_weights = i3d_weights
+        self.fvd_protocol = fvd_protocol or FVDProtocol()
+        self.clip_model, self.clip_checkpoint = clip_model, clip_checkpoint
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+        self._fvd: FrechetVideoDistance | None = None
+        self._clip: VideoCLIPScore | None = None
+        self._last = -1
+        self._said: set[str] = set()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._fvd is None and self.i3d_weights is not None:
+            try:
+                self._fvd = FrechetVideoDistance(
+                    i3d_weights=self.i3d_weights, protocol=self.fvd_protocol
+                )
+            except MetricUnavailable as exn:
+                self._say("fvd", f"[Evaluation] FVD skipped: {exn}")
+        elif self.i3d_weights is None:
+            self._say(
+                "fvd", "[Evaluation] FVD skipped: no i3d_weights configured (see README, 'Metrics')"
+            )
+        if self._clip is None and self.clip_checkpoint is not None:
+            try:
+                self._clip = VideoCLIPScore(self.clip_model, self.clip_checkpoint)
+            except MetricUnavailable as exn:
+                self._say("clip", f"[Evaluation] CLIPScore skipped: {exn}")
+
+    def _say(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            rank_zero_info(message)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        in_fit = trainer.state.fn == "fit"
+        if (
+            in_fit
+            and (self.every_n_steps <= 0 or step - self._last < self.every_n_steps)
+            and step < (trainer.max_steps or 0)
+        ):
+            return
+        self.run(trainer, pl_module, "val", trainer.datamodule.val_dataloader())
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module, "test", trainer.datamodule.test_dataloader())
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, loader) -> dict:
+        """Evaluate, log ``<stage>/<metric>`` and write ``<run>/eval/<stage>_stepN.json``."""
+        self._last = trainer.global_step
+        was_training = pl_module.training
+        pl_module.eval()
+        for m in (self._fvd, self._clip):
+            if m is not None:
+                m.to(pl_module.device)
+        try:
+            clips = collect(loader, self.num_videos)
+            results = evaluate(
+                pl_module,
+                clips,
+                self.directions,
+                self._fvd,
+                self._clip,
+                self.batch_size,
+                self.seed,
+                self.steps,
+            )
+        finally:
+            pl_module.train(was_training)
+        examples = results.pop("_examples_v2t", None)
+        numbers = {k: v for k, v in results.items() if isinstance(v, float) and not math.isnan(v)}
+        pl_module.log_dict({f"{stage}/{k}": v for k, v in numbers.items()}, sync_dist=True)
+        self._write(trainer, stage, results, examples)
+        return results
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, stage: str, results: dict, examples) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "stage": stage,
+            "step": trainer.global_step,
+            "results": results,
+            "caption_examples": examples,
+        }
+        if "t2v/fvd" in results and self._fvd is not None:
+            payload["fvd_protocol"] = self._fvd.protocol_dict()
+        (out / f"{stage}_step{trainer.global_step:06d}.json").write_text(
+            json.dumps(payload, indent=2, default=str)
+        )
