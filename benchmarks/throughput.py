@@ -188,7 +188,7 @@ def measure(
     except Exception as exn:  # a backend or compile failure is a result, not a crash
         row["error"] = f"{type(exn).__name__}: {str(exn).splitlines()[0][:160]}"
     finally:
-        del m
+        m = None  # free the model before the next configuration
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
