@@ -128,13 +128,16 @@ def evaluate(
         for sl in _chunks(n, batch_size):
             preds += module.caption(clips["video"][sl].to(device), seed=seed, **overrides)
         refs = [[t] for t in clips[target_key]]
-        metric = CaptionMetrics()
-        metric.update(preds, refs)
-        results.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
+        try:
+            metric = CaptionMetrics()
+            metric.update(preds, refs)
+            results.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
+        except (ImportError, MetricUnavailable) as exn:  # pycocoevalcap missing: keep predictions
+            rank_zero_info(f"[Evaluation] caption metrics skipped ({exn}); predictions are kept")
         if has_truth:
             acc = mean_accuracy([score_caption(p, m, scope) for p, m in zip(preds, clips["meta"])])
             results.update({f"v2t/attr_{k}": v for k, v in acc.items()})
-        results["_examples_v2t"] = list(zip(clips[target_key][:4], preds[:4]))  # type: ignore[assignment]
+        results["_predictions_v2t"] = list(zip(clips[target_key], preds))  # type: ignore[assignment]
     if "t2v" in directions:
         videos: list[Tensor] = []
         for sl in _chunks(n, batch_size):
@@ -277,7 +280,7 @@ class Evaluation(L.Callback):
             )
         finally:
             pl_module.train(was_training)
-        examples = results.pop("_examples_v2t", None)
+        examples = results.pop("_predictions_v2t", None)
         numbers = {k: v for k, v in results.items() if isinstance(v, float) and not math.isnan(v)}
         pl_module.log_dict({f"{stage}/{k}": v for k, v in numbers.items()}, sync_dist=True)
         self._write(trainer, stage, results, examples)

@@ -20,7 +20,17 @@ from lightning_vigu.module import UniViGU
 
 
 class ViGUCLI(LightningCLI):
-    """LightningCLI with omegaconf interpolation and the DataModule chosen by ``class_path``."""
+    """LightningCLI with omegaconf interpolation and the DataModule chosen by ``class_path``.
+
+    ``--phase`` and ``--init_from`` are top-level options linked into the model, so a phase
+    config can name them next to a shared model preset file (``model: model/tiny.yaml``).
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--phase", type=str | dict, default="recall", help="phase preset (generator, recall, refine) or a Phase dict")
+        parser.add_argument("--init_from", type=str | None, default=None, help="checkpoint whose weights initialise the model")
+        parser.link_arguments("phase", "model.phase")
+        parser.link_arguments("init_from", "model.init_from")
 
     def __init__(self, args=None, run: bool = True) -> None:
         super().__init__(
@@ -43,7 +53,8 @@ def load_module(ckpt: str, device: str = "auto") -> UniViGU:
         )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = UniViGU.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
+    # the checkpoint holds every weight: do not re-read the run's init_from file
+    module = UniViGU.load_from_checkpoint(ckpt, map_location=device, weights_only=False, init_from=None)
     return module.eval().to(device)
 
 

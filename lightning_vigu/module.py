@@ -38,7 +38,8 @@ class UniViGU(L.LightningModule):
     Args:
         size: model size preset (``tiny``, ``small``, ``base``, ``wan1.3b``).
         model_overrides: fields of :class:`~lightning_vigu.model.UniViGUConfig` to override.
-        caption_stream: build the caption stream (False = the plain generator).
+        caption_stream: build the caption stream; ``None`` (default) builds it unless the phase
+            never uses it (the ``generator`` phase).
         codec: latent codec (default: :class:`PixelCodec` with factors (1, 4, 4)).
         tokenizer: caption tokenizer (default: open_clip's bundled BPE).
         prompt_encoder: prompt encoder (default: a learned encoder over the tokenizer's ids).
@@ -74,7 +75,7 @@ class UniViGU(L.LightningModule):
         self,
         size: str = "tiny",
         model_overrides: dict | None = None,
-        caption_stream: bool = True,
+        caption_stream: bool | None = None,
         codec: LatentCodec | None = None,
         tokenizer: CaptionTokenizer | None = None,
         prompt_encoder: PromptEncoder | None = None,
@@ -106,6 +107,8 @@ class UniViGU(L.LightningModule):
         self.codec = codec if codec is not None else PixelCodec((1, 4, 4))
         self.codec.requires_grad_(False)
         self.tokenizer = tokenizer if tokenizer is not None else OpenCLIPTokenizer()
+        if caption_stream is None:
+            caption_stream = get_phase(phase).uses_text
         overrides = dict(model_overrides or {})
         overrides.setdefault("in_channels", self.codec.latent_channels)
         overrides.setdefault("out_channels", self.codec.latent_channels)

@@ -314,5 +314,5 @@ def test_cli_trains_a_user_datamodule_then_generates_and_captions(tmp_path):
 def test_cli_names_a_wrong_config_key_and_a_missing_init_from(tmp_path):
     r = _cli(["fit", *USER_DATA_ARGS, "--model.sise=tiny"], tmp_path)
     assert r.returncode != 0 and "sise" in r.stderr
-    r = _cli(["fit", *USER_DATA_ARGS, f"--model.init_from={tmp_path}/nope.ckpt"], tmp_path)
+    r = _cli(["fit", *USER_DATA_ARGS, f"--init_from={tmp_path}/nope.ckpt"], tmp_path)
     assert r.returncode != 0 and "nope.ckpt" in r.stderr

@@ -1,0 +1,350 @@
+"""Quality suite: does it learn both directions, and does understanding cost generation anything?
+
+    python -m benchmarks.quality run --preset gpu --work runs/quality     # on one GPU (device)
+    python -m benchmarks.quality report --raw runs/quality/quality_raw.json  # caption metrics, table, plots
+    python -m benchmarks.quality all --preset toy                         # CPU smoke test
+
+``run`` trains through the real entry points (``python -m lightning_vigu fit -c conf/...``):
+
+1. ``generator``  -- the video path alone (the stand-in for a pretrained Wan);
+2. ``twin``       -- the generator trained on for as many steps as Knowledge Recall takes,
+   generation only: baseline (a), the claim being that understanding costs generation nothing;
+3. ``recall``     -- Knowledge Recall from the generator;
+4. ``refine``     -- Capability Refinement from recall (video path frozen);
+5. ``arcap``      -- baseline (b): an autoregressive captioner with the caption budget of
+   recall + refine;
+
+then evaluates every stage on the test split and the held-out-combinations (``unseen``) split:
+caption attribute accuracy (parser), prompt adherence (detector), FVD against real clips of the
+same split, joint agreement. Each stage is skipped when its checkpoint exists, so a run split
+over several device calls resumes where the last one stopped. ``report`` adds BLEU-4 / METEOR /
+ROUGE-L / CIDEr-D (pycocoevalcap, Java) from the kept predictions and writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.common import RESULTS, markdown_table, stamp, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {
+    # steps per stage; eval clips per split; sampling steps; extra CLI overrides
+    "gpu": dict(
+        generator=1500,
+        recall=1500,
+        refine=800,
+        arcap=2300,
+        eval_clips=256,
+        sample_steps=30,
+        overlay=["-c", "conf/gpu.yaml"],
+    ),
+    "toy": dict(
+        generator=6,
+        recall=6,
+        refine=4,
+        arcap=10,
+        eval_clips=4,
+        sample_steps=2,
+        overlay=[
+            "--data.init_args.num_train=64",
+            "--data.init_args.num_test=8",
+            "--data.init_args.num_unseen=8",
+            "--data.init_args.num_workers=0",
+            "--model.sampler.video_steps=2",
+        ],
+    ),
+}
+STAGES = ("generator", "twin", "recall", "refine", "arcap")
+
+
+def _overlay(work: Path, stage: str, steps: int) -> Path:
+    """A per-stage config overlay: run folder, CSV logs, a last.ckpt, no progress bars."""
+    d = work / stage
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "trainer": {
+            "max_steps": steps,
+            "default_root_dir": str(d),
+            "val_check_interval": max(steps // 2, 1),
+            "enable_progress_bar": False,
+            "logger": [
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(d), "name": "", "version": ""},
+                }
+            ],
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(d / "checkpoints"),
+                        "save_last": True,
+                        "save_top_k": 0,
+                    },
+                }
+            ],
+        }
+    }
+    path = d / "overlay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(work: Path, stage: str, preset: dict) -> Path:
+    """Train one stage through the CLI unless its checkpoint exists; returns ``last.ckpt``."""
+    ckpt = work / stage / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        print(f"[quality] {stage}: found {ckpt}, skipping training", flush=True)
+        return ckpt
+    g, r = work / "generator/checkpoints/last.ckpt", work / "recall/checkpoints/last.ckpt"
+    steps = {"twin": preset["recall"]}.get(stage, preset.get(stage))
+    extra = {
+        "generator": ["fit", "-c", "conf/generator.yaml"],
+        "twin": ["fit", "-c", "conf/generator.yaml", f"--model.init_from={g}"],
+        "recall": ["fit", "-c", "conf/recall.yaml", f"--model.init_from={g}"],
+        "refine": ["fit", "-c", "conf/refine.yaml", f"--model.init_from={r}"],
+        "arcap": ["fit", "-c", "conf/arcap.yaml"],
+    }[stage]
+    module = "benchmarks.baselines" if stage == "arcap" else "lightning_vigu"
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        *extra,
+        *preset["overlay"],
+        "-c",
+        str(_overlay(work, stage, steps)),
+    ]
+    if stage == "arcap":  # the baseline has no phase/sampler/generation options
+        cmd = [c for c in cmd if not c.startswith("--model.sampler")]
+    print(f"[quality] {stage}: {' '.join(cmd)}", flush=True)
+    start = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    (work / stage / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+    return ckpt
+
+
+def loss_curve(work: Path, stage: str) -> dict[str, list]:
+    """``step -> train/loss*`` from the stage's CSV log."""
+    import csv
+
+    path = work / stage / "metrics.csv"
+    curves: dict[str, list] = {}
+    if not path.is_file():
+        return curves
+    for row in csv.DictReader(path.open()):
+        for key, value in row.items():
+            if key.startswith("train/loss") and value:
+                curves.setdefault(key, []).append((int(row["step"]), float(value)))
+    return curves
+
+
+def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -> dict:
+    """Evaluate one stage's checkpoint on the test and unseen splits."""
+    from callbacks.evaluation import collect, evaluate
+    from datamodules import SyntheticDataModule
+
+    ckpt = work / stage / "checkpoints" / "last.ckpt"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if stage == "arcap":
+        from benchmarks.baselines import ARCaptionerModule
+
+        module, directions = (
+            ARCaptionerModule.load_from_checkpoint(
+                ckpt, map_location=device, weights_only=False
+            ).eval(),
+            ["v2t"],
+        )
+    else:
+        from lightning_vigu.cli import load_module
+
+        module = load_module(str(ckpt), device)
+        directions = ["t2v", "v2t", "joint"] if module.model.has_text else ["t2v"]
+    out = {}
+    for split in ("test", "unseen"):
+        dm = SyntheticDataModule(
+            **{**data_args, "test_split": split, "num_workers": 0, "progress": False}
+        )
+        dm.prepare_data()
+        dm.setup("test")
+        clips = collect(dm.test_dataloader(), preset["eval_clips"])
+        start = time.time()
+        res = evaluate(
+            module,
+            clips,
+            directions,
+            fvd=fvd if "t2v" in directions else None,
+            batch_size=64,
+            seed=0,
+            steps=preset["sample_steps"],
+        )
+        res["eval_seconds"] = time.time() - start
+        out[split] = res
+        print(
+            f"[quality] {stage}/{split}: "
+            + ", ".join(f"{k}={v:.3f}" for k, v in res.items() if isinstance(v, float)),
+            flush=True,
+        )
+    return out
+
+
+def run(args) -> Path:
+    preset = PRESETS[args.preset]
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("LIGHTNING_VIGU_CACHE", str(work / "cache"))
+    for stage in args.stages:
+        if stage == "twin":
+            train(work, "generator", preset)
+        if stage == "refine":
+            train(work, "recall", preset)
+        train(work, stage, preset)
+    data_cfg = yaml.safe_load(
+        (
+            ROOT
+            / "conf/data"
+            / ("synthetic_gpu.yaml" if args.preset == "gpu" else "synthetic_cpu.yaml")
+        ).read_text()
+    )["init_args"]
+    if args.preset == "toy":
+        data_cfg.update(num_train=64, num_test=8, num_unseen=8)
+    fvd = None
+    if args.i3d_weights and Path(args.i3d_weights).is_file():
+        from lightning_vigu.metrics import FrechetVideoDistance, FVDProtocol
+
+        fvd = FrechetVideoDistance(
+            i3d_weights=args.i3d_weights,
+            protocol=FVDProtocol(real_set="synthetic world, same split, same prompts"),
+        ).to("cuda" if torch.cuda.is_available() else "cpu")
+    raw_path = work / "quality_raw.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {"stages": {}}
+    for stage in args.stages:
+        if stage in raw["stages"] and not args.reevaluate:
+            continue
+        seconds = (
+            (work / stage / "train_seconds.txt").read_text().strip()
+            if (work / stage / "train_seconds.txt").is_file()
+            else None
+        )
+        raw["stages"][stage] = {
+            "eval": evaluate_stage(work, stage, preset, data_cfg, fvd),
+            "loss": loss_curve(work, stage),
+            "train_seconds": seconds,
+        }
+        raw.update(
+            stamp=stamp(),
+            preset={k: v for k, v in preset.items() if k != "overlay"},
+            fvd_protocol=fvd.protocol_dict() if fvd else None,
+        )
+        raw_path.write_text(json.dumps(raw, indent=1, default=str))
+    return raw_path
+
+
+def report(raw_path: Path, out_dir: Path | None = None) -> Path:
+    """Caption metrics from the kept predictions, the results table and the plots."""
+    from lightning_vigu.metrics import CaptionMetrics
+
+    raw = json.loads(Path(raw_path).read_text())
+    rows = []
+    for stage, data in raw["stages"].items():
+        for split, res in data["eval"].items():
+            preds = res.pop("_predictions_v2t", None)
+            if preds:
+                metric = CaptionMetrics()
+                metric.update([p for _, p in preds], [[r] for r, _ in preds])
+                res.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
+                res["caption_examples"] = preds[:6]
+            rows.append(
+                {
+                    "stage": stage,
+                    "split": split,
+                    **{k: v for k, v in res.items() if isinstance(v, float)},
+                }
+            )
+    cols = [
+        "stage",
+        "split",
+        "v2t/attr_accuracy",
+        "v2t/cider",
+        "v2t/bleu4",
+        "v2t/meteor",
+        "t2v/adherence_accuracy",
+        "t2v/fvd",
+        "joint/agreement",
+    ]
+    table = markdown_table(rows, cols)
+    payload = {
+        "measured_on": raw.get("stamp"),
+        "preset": raw.get("preset"),
+        "fvd_protocol": raw.get("fvd_protocol"),
+        "rows": rows,
+        "stages": raw["stages"],
+    }
+    out = write_results("quality", payload, "# Quality (synthetic world)\n\n" + table, out_dir)
+    plot(raw, rows, Path(out).parent)
+    print(table)
+    return out
+
+
+def plot(raw: dict, rows: list[dict], out_dir: Path) -> None:
+    """Loss curves per stage and metric bars per stage/split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+    for stage, data in raw["stages"].items():
+        for key, curve in data.get("loss", {}).items():
+            if key in ("train/loss_video", "train/loss_text") and curve:
+                s, v = zip(*curve)
+                ax[0 if key.endswith("video") else 1].plot(s, v, label=stage)
+    for a, title in zip(ax, ("video loss", "caption loss")):
+        a.set_title(title), a.set_xlabel("step"), a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "quality_losses.png", dpi=110)
+    metrics = ["v2t/attr_accuracy", "t2v/adherence_accuracy", "joint/agreement"]
+    fig, ax = plt.subplots(1, len(metrics), figsize=(12, 3.5))
+    for a, m in zip(ax, metrics):
+        labels = [f"{r['stage']}\n{r['split']}" for r in rows if m in r]
+        a.bar(range(len(labels)), [r[m] for r in rows if m in r])
+        a.set_xticks(range(len(labels)), labels, fontsize=6)
+        a.set_ylim(0, 1), a.set_title(m)
+    fig.tight_layout()
+    fig.savefig(out_dir / "quality_metrics.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("part", choices=["run", "report", "all"])
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--work", default="runs/quality")
+    p.add_argument(
+        "--i3d-weights", default=None, help="local I3D weights for FVD (see README, Metrics)"
+    )
+    p.add_argument("--raw", default=None, help="quality_raw.json for 'report'")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--reevaluate", action="store_true")
+    a = p.parse_args(argv)
+    raw = Path(a.raw) if a.raw else None
+    if a.part in ("run", "all"):
+        raw = run(a)
+    if a.part in ("report", "all"):
+        report(raw or Path(a.work) / "quality_raw.json", Path(a.out) if a.out else RESULTS)
+
+
+if __name__ == "__main__":
+    main()

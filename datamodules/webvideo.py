@@ -1,0 +1,378 @@
+"""WebDataset video DataModule: tar shards of ``KEY.mp4`` + texts -> :class:`~lightning_vigu.batch.Batch`.
+
+Pipeline of one :class:`ShardStream` iteration (one per DataLoader worker and epoch)::
+
+    shard urls --(train: shuffled per epoch, same order on every rank)
+      --> split by node (rank) --> split by worker          [or resampled: random shards forever]
+      --> tar members --> samples --(train: shuffle buffer)--> SampleDecoder --> dict
+    DataLoader(batch_size, collate_fn=collate_batch) --> Batch
+
+Validation/test streams are deterministic: no shuffling, clips centred in their videos.
+Bad samples are skipped with a :class:`~datamodules.samples.SkippedSampleWarning` naming the
+shard and key and counted by reason (:meth:`WebVideoDataModule.skipped_counts`); with
+``strict=True`` the same message is raised instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import math
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from datamodules.samples import (
+    SKIP_REASONS,
+    BadSample,
+    BadSampleError,
+    SampleDecoder,
+    SkipCounter,
+    SkippedSampleWarning,
+)
+from datamodules.video_io import ClipSpec
+from lightning_vigu.batch import collate_batch
+
+ShardSpec = str | Sequence[str]
+
+
+def expand_shards(spec: ShardSpec, what: str = "shards") -> list[str]:
+    """Expand shard patterns into a list of urls, checking that local files exist.
+
+    Accepts a path, a brace pattern (``data/train-{000000..000009}.tar``), a glob
+    (``data/*.tar``), a folder (all its ``*.tar``), a ``pipe:`` command or a remote url, or a
+    list of those (a string may also join several with ``::``).
+
+    Raises:
+        FileNotFoundError: a local pattern matches no file.
+        PermissionError: a local shard is not readable.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(str(item)):
+            if url.startswith("pipe:") or "://" in url:
+                urls.append(url)
+                continue
+            path = os.path.expanduser(url)
+            if any(c in path for c in "*?["):
+                matches = sorted(glob.glob(path))
+            elif os.path.isdir(path):
+                matches = sorted(str(p) for p in Path(path).glob("*.tar"))
+            else:
+                matches = [path] if os.path.exists(path) else []
+            if not matches:
+                raise FileNotFoundError(
+                    f"{what}: '{item}' matches no shard (looked for '{path}'); pass a tar path, "
+                    "a brace pattern like data/train-{000000..000009}.tar, a glob, a folder of "
+                    ".tar files or a 'pipe:' command"
+                )
+            for match in matches:
+                if not os.access(match, os.R_OK):
+                    raise PermissionError(
+                        f"{what}: shard '{match}' is not readable; fix its permissions"
+                    )
+            urls.extend(matches)
+    if not urls:
+        raise FileNotFoundError(f"{what}: the shard list {spec!r} is empty")
+    return urls
+
+
+class ShardStream(IterableDataset):
+    """An iterable over decoded samples of a list of shards.
+
+    Args:
+        urls: shard urls (see :func:`expand_shards`).
+        decoder: reads one raw sample (a :class:`~datamodules.samples.SampleDecoder`); gets
+            the clip position (random in training, ``None``: centred) and raises
+            :class:`~datamodules.samples.BadSample` for unusable samples.
+        train: shuffle shards (per epoch) and samples, and place clips at random in longer
+            videos; otherwise a deterministic pass with centred clips.
+        resampled: draw shards at random forever (training by ``max_steps``); every rank and
+            worker draws its own stream, so no splitting is needed.
+        shuffle_buffer: samples in the shuffle buffer (``train`` only; 0 disables).
+        seed: base seed of all shuffling.
+        rank: this process's rank; ``None`` asks ``webdataset.split_by_node`` (environment
+            ``RANK``/``WORLD_SIZE`` or ``torch.distributed``).
+        world_size: number of ranks (with ``rank``).
+        samples_per_epoch: with ``resampled``, end an epoch after this many samples in total
+            (split over ranks and workers); ``None`` streams forever.
+        counter: shared skip counter (a private one when ``None``).
+        strict: raise :class:`~datamodules.samples.BadSampleError` instead of skipping.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: Callable[[dict, float | None], dict],
+        *,
+        train: bool = False,
+        resampled: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        samples_per_epoch: int | None = None,
+        counter: SkipCounter | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.decoder = decoder
+        self.train = train
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.samples_per_epoch = samples_per_epoch
+        self.counter = counter if counter is not None else SkipCounter()
+        self.strict = strict
+        self.epoch = -1
+
+    def _where(self) -> tuple[int, int, int, int]:
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
+        if self.rank is not None:
+            rank, world = self.rank, self.world_size or 1
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank, world, worker, workers
+
+    def _split_by_node(self, src: Iterator[dict]) -> Iterator[dict]:
+        if self.rank is None:
+            yield from wds.split_by_node(src)
+        else:
+            yield from itertools.islice(src, self.rank, None, self.world_size or 1)
+
+    def _shards(self, rng: random.Random) -> Iterator[dict]:
+        if self.resampled:
+            return ({"url": rng.choice(self.urls)} for _ in itertools.count())
+        urls = list(self.urls)
+        if self.train:  # the same order on every rank, so the node split stays a partition
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
+        return wds.split_by_worker(self._split_by_node({"url": u} for u in urls))
+
+    def _skip(self, reason: str, message: str) -> None:
+        self.counter.add(reason)
+        if self.strict:
+            raise BadSampleError(f"{message} (strict=True; set strict=False to skip bad samples)")
+        warnings.warn(message, SkippedSampleWarning, stacklevel=3)
+
+    def _read_shards(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """Raw samples of each shard; a shard that breaks (truncated, corrupt member) is
+        skipped from that point on, counted once, and the stream moves to the next shard."""
+        for shard in shards:
+            url, key = shard["url"], None
+            try:
+                with wds.gopen(url, "rb") as stream:
+                    files = tar_file_expander([{"url": url, "stream": stream}], eof_value={})
+                    for sample in group_by_keys(files):
+                        key = sample["__key__"]
+                        yield sample
+            except Exception as exn:  # tarfile, OSError, pipe failures: all mean a broken shard
+                where = f"after sample '{key}'" if key else "before its first sample"
+                detail = exn.args[0] if exn.args else ""
+                self._skip(
+                    "corrupt_shard",
+                    f"skipped the rest of shard '{url}' ({where}): {type(exn).__name__}: {detail}",
+                )
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch += 1
+        rank, world, worker, workers = self._where()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
+        raw = self._read_shards(self._shards(rng))
+        if self.train and self.shuffle_buffer > 0:
+            raw = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(
+                raw
+            )
+        samples = self._decode(raw, rng)
+        if self.resampled and self.samples_per_epoch is not None:
+            samples = itertools.islice(
+                samples, math.ceil(self.samples_per_epoch / (world * workers))
+            )
+        yield from samples
+
+    def _decode(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        for sample in raw:
+            try:
+                yield self.decoder(sample, rng.random() if self.train else None)
+            except BadSample as exn:
+                shard, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+                self._skip(
+                    exn.reason,
+                    f"skipped sample '{key}' of shard '{shard}' ({exn.reason}): {exn.detail}",
+                )
+
+
+def parse_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``(height, width)`` from a square side, a pair, or ``None``."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    if len(size) != 2:
+        raise ValueError(f"size must be an int or (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+class WebVideoDataModule(L.LightningDataModule):
+    """Video-text pairs from WebDataset shards (local paths, brace patterns, globs, ``pipe:``).
+
+    Args:
+        train_shards: training shards (see :func:`expand_shards`).
+        val_shards: validation shards, read once per validation in a fixed order.
+        test_shards: test shards.
+        batch_size: samples per batch (per rank).
+        num_workers: DataLoader worker processes (0 decodes in the main process).
+        num_frames: frames per clip.
+        fps: sample frames at this rate; ``None`` uses ``frame_stride``.
+        frame_stride: source frames between sampled frames when ``fps`` is ``None``.
+        size: output ``(height, width)`` or a square side; videos are resized to cover it and
+            centre-cropped. ``None`` keeps the source size (all videos must then match).
+        prompt_key: member with the prompt (``"txt"``) or ``"json:<field>"``.
+        caption_key: member or ``"json:<field>"`` with the detailed caption; the prompt is
+            used when it is missing.
+        require_caption: skip samples without a caption instead.
+        shuffle_buffer: training shuffle buffer (samples).
+        resampled: training draws shards at random forever (use with ``max_steps``).
+        samples_per_epoch: with ``resampled``, samples per epoch over all ranks (``None``: one
+            endless epoch).
+        seed: seed of shard order, shuffle buffer and clip placement.
+        strict: raise on the first bad sample instead of skipping it.
+        latents: ``None`` reads ``latents.npy`` members when present (latent-cache shards),
+            ``True`` requires them, ``False`` always decodes the video.
+        video_key: member name of the video (default: the first video extension present).
+        pin_memory: DataLoader ``pin_memory``.
+    """
+
+    def __init__(
+        self,
+        train_shards: ShardSpec | None = None,
+        val_shards: ShardSpec | None = None,
+        test_shards: ShardSpec | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        num_frames: int = 16,
+        fps: float | None = None,
+        frame_stride: int = 1,
+        size: int | tuple[int, int] | None = None,
+        prompt_key: str = "txt",
+        caption_key: str = "json:caption",
+        require_caption: bool = False,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        strict: bool = False,
+        latents: bool | None = None,
+        video_key: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.shards = {"train": train_shards, "val": val_shards, "test": test_shards}
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.decoder = SampleDecoder(
+            clip=ClipSpec(num_frames, fps, frame_stride, parse_size(size)),
+            prompt_key=prompt_key,
+            caption_key=caption_key,
+            require_caption=require_caption,
+            latents=latents,
+            video_key=video_key,
+        )
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.strict = strict
+        self.pin_memory = pin_memory
+        self.urls: dict[str, list[str]] = {}
+        self.counter: SkipCounter | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Expand and check the shard patterns; create the shared skip counter."""
+        for split, spec in self.shards.items():
+            if spec is not None and split not in self.urls:
+                self.urls[split] = expand_shards(spec, f"{split}_shards")
+        if self.counter is None:
+            self.counter = SkipCounter()
+        world = self._rank_world()[1]
+        train = self.urls.get("train", [])
+        if world > 1 and not self.resampled and train and len(train) % world:
+            warnings.warn(
+                f"{len(train)} training shards do not split evenly over {world} ranks; ranks "
+                "will see different numbers of batches. Use resampled=True with max_steps, or a "
+                "shard count divisible by the world size.",
+                stacklevel=2,
+            )
+
+    def _rank_world(self) -> tuple[int | None, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return None, wds.utils.pytorch_worker_info()[1]
+
+    def stream(self, split: str) -> ShardStream:
+        """The :class:`ShardStream` of ``split`` (``"train"``, ``"val"``, ``"test"``...)."""
+        if split not in self.urls:
+            self.setup()
+        if split not in self.urls:
+            raise ValueError(f"no {split}_shards were given to {type(self).__name__}")
+        train = split == "train"
+        rank, world = self._rank_world()
+        return ShardStream(
+            self.urls[split],
+            self.decoder,
+            train=train,
+            resampled=train and self.resampled,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            seed=self.seed,
+            rank=rank,
+            world_size=world if rank is not None else None,
+            samples_per_epoch=self.samples_per_epoch,
+            counter=self.counter,
+            strict=self.strict,
+        )
+
+    def loader(self, split: str) -> DataLoader:
+        """A DataLoader over ``split`` that yields collated :class:`~lightning_vigu.batch.Batch`."""
+        train = split == "train"
+        return DataLoader(
+            self.stream(split),
+            batch_size=self.batch_size,
+            collate_fn=collate_batch,
+            num_workers=self.num_workers,
+            persistent_workers=train and self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train")
+
+    def _optional_loader(self, split: str) -> DataLoader | list:
+        """The loader of ``split``, or ``[]`` (Lightning: no such loop) when it has no shards."""
+        if split not in self.urls:
+            self.setup()
+        return self.loader(split) if split in self.urls else []
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._optional_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._optional_loader("test")
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples skipped so far by reason, summed over all DataLoader workers of this process."""
+        return (
+            self.counter.as_dict() if self.counter is not None else dict.fromkeys(SKIP_REASONS, 0)
+        )

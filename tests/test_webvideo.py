@@ -1,0 +1,265 @@
+"""WebVideoDataModule: real mp4 shards -> batches, splitting, shuffling, bad input, patterns."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from datamodules import WebVideoDataModule
+from datamodules.samples import BadSampleError, SampleDecoder, SkippedSampleWarning
+from datamodules.synthetic.generate import make_clip
+from datamodules.synthetic.world import world_config
+from datamodules.video_io import (
+    ClipSpec,
+    ClipTooShortError,
+    decode_clip,
+    encode_video,
+    frame_indices,
+)
+from datamodules.webvideo import ShardStream, expand_shards
+from lightning_vigu.batch import check_batch
+
+CPU = world_config("cpu")
+
+
+def _keys(stream) -> list[str]:
+    return [s["key"] for s in stream]
+
+
+def _write_tar(path: Path, samples: list[dict]) -> Path:
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return path
+
+
+def _clip(index: int, frames: int | None = None) -> tuple[bytes, dict]:
+    video, record = make_clip(CPU, 0, "test", index)
+    return encode_video(video[:frames], CPU.fps), record
+
+
+def test_batches_follow_the_contract(data_synthetic_shards):
+    dm = WebVideoDataModule(
+        train_shards=str(data_synthetic_shards / "train-*.tar"),
+        val_shards=str(data_synthetic_shards / "val-{000000..000001}.tar"),
+        batch_size=4,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    check_batch(batch)
+    assert batch["video"].shape == (4, 3, 16, 32, 32) and batch["video"].dtype == torch.float32
+    assert batch["video"].min() >= -1.0 and batch["video"].max() <= 1.0
+    assert batch["caption"] == [m["caption"] for m in batch["meta"]]
+    assert batch["prompt"] == [m["prompt"] for m in batch["meta"]]
+    val = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert val == [f"val-{i:06d}" for i in range(8)]  # deterministic order, nothing dropped
+    assert dm.skipped_counts() == dict.fromkeys(dm.skipped_counts(), 0)
+
+
+def test_decoded_pixels_match_the_rendered_clip(data_synthetic_shards):
+    dm = WebVideoDataModule(
+        val_shards=str(data_synthetic_shards / "val-000000.tar"), batch_size=2, num_workers=0
+    )
+    batch = next(iter(dm.val_dataloader()))
+    frames, _ = make_clip(CPU, 0, "val", 0)
+    expected = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, T, H, W)
+    assert torch.allclose(batch["video"][0], expected, atol=3 / 127.5)
+
+
+def test_fps_sampling_resize_and_centre_crop():
+    t = np.arange(30, dtype=np.uint8)
+    frames = np.zeros((30, 48, 64, 3), dtype=np.uint8)
+    frames[..., 0] = (t * 8)[:, None, None]  # red encodes the frame index
+    frames[:, :, :6, 1] = 255  # a green stripe on the left edge, cropped away
+    data = encode_video(frames, fps=16)
+    clip = decode_clip(data, ClipSpec(num_frames=4, fps=8, size=(32, 32)), start=0.0)
+    assert clip.shape == (4, 32, 32, 3)
+    assert (
+        np.abs(clip[:, 16, 16, 0].astype(int) - np.array([0, 16, 32, 48])).max() <= 3
+    )  # every 2nd frame
+    assert clip[..., 1].max() < 40  # 64 -> 43 wide: the stripe (4 px) lies in the 5 cropped px
+    assert frame_indices(30, 16.0, ClipSpec(4, frame_stride=3), start=None) == [10, 13, 16, 19]
+    with pytest.raises(ClipTooShortError, match="needs 31"):
+        frame_indices(30, 30.0, ClipSpec(16, frame_stride=2), start=0.0)
+
+
+def _key_only(raw: dict, start: float | None) -> dict:
+    """A decoder that skips the video: the splitting/shuffling tests only need keys."""
+    return {"key": raw["__key__"]}
+
+
+def _stream(urls, decode: bool = False, **kwargs) -> ShardStream:
+    return ShardStream(urls, SampleDecoder(ClipSpec(16)) if decode else _key_only, **kwargs)
+
+
+def test_rank_and_worker_splits_are_disjoint_and_complete(data_synthetic_shards, monkeypatch):
+    urls = expand_shards(str(data_synthetic_shards / "train-*.tar"))
+    everything = sorted(_keys(_stream(urls)))
+    assert len(everything) == 24
+    seen = []
+    for rank in range(2):
+        for worker in range(3):  # webdataset.split_by_worker also reads WORKER / NUM_WORKERS
+            monkeypatch.setenv("WORKER", str(worker))
+            monkeypatch.setenv("NUM_WORKERS", "3")
+            seen += _keys(_stream(urls, train=True, shuffle_buffer=8, rank=rank, world_size=2))
+    assert sorted(seen) == everything
+    monkeypatch.delenv("WORKER")
+    monkeypatch.delenv("NUM_WORKERS")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank=None: webdataset.split_by_node reads the env
+    by_env = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        by_env.append(set(_keys(_stream(urls))))
+    assert not by_env[0] & by_env[1] and sorted(by_env[0] | by_env[1]) == everything
+
+
+def test_dataloader_workers_cover_every_sample_once(data_synthetic_shards):
+    dm = WebVideoDataModule(
+        train_shards=str(data_synthetic_shards / "train-*.tar"),
+        val_shards=str(data_synthetic_shards / "val-*.tar"),
+        batch_size=3,
+        num_workers=2,
+    )
+    dm.setup("fit")
+    train = [k for b in dm.train_dataloader() for k in b["key"]]
+    assert len(train) == len(set(train)) == 24
+    val = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert sorted(val) == [f"val-{i:06d}" for i in range(8)]
+
+
+def test_training_shuffle_is_seeded_and_changes_per_epoch(data_synthetic_shards):
+    urls = expand_shards(str(data_synthetic_shards / "train-*.tar"))
+    a, b = (
+        _stream(urls, train=True, shuffle_buffer=10, seed=1),
+        _stream(urls, train=True, shuffle_buffer=10, seed=1),
+    )
+    first, again = _keys(a), _keys(b)
+    assert first == again and sorted(first) == sorted(_keys(_stream(urls)))
+    assert _keys(a) != first  # epoch 2 of the same stream
+    assert _keys(_stream(urls, train=True, shuffle_buffer=10, seed=2)) != first
+
+
+def test_resampled_stream_is_endless_or_sized(data_synthetic_shards):
+    urls = expand_shards(str(data_synthetic_shards / "train-*.tar"))
+    stream = _stream(urls, train=True, resampled=True, shuffle_buffer=4)
+    taken = [s["key"] for _, s in zip(range(60), stream)]
+    assert len(taken) == 60  # more than the 24 samples on disk
+    sized = _stream(urls, train=True, resampled=True, samples_per_epoch=10)
+    assert len(_keys(sized)) == 10 and len(_keys(sized)) == 10
+
+
+@pytest.fixture()
+def data_bad_shard(tmp_path) -> Path:
+    good, record = _clip(0)
+    short, _ = _clip(1, frames=8)
+    samples = [
+        {
+            "__key__": "good",
+            "mp4": good,
+            "txt": b"a red circle",
+            "json": json.dumps(record).encode(),
+        },
+        {"__key__": "garbage", "mp4": b"this is not a video" * 20, "txt": b"x"},
+        {"__key__": "truncated", "mp4": good[: len(good) // 2], "txt": b"x"},
+        {"__key__": "notext", "mp4": good},
+        {"__key__": "short", "mp4": short, "txt": b"x"},
+        {"__key__": "badjson", "mp4": good, "txt": b"x", "json": b"{not json"},
+        {"__key__": "nocaption", "mp4": good, "txt": b"only a prompt"},
+    ]
+    _write_tar(tmp_path / "bad-000000.tar", samples)
+    whole = _write_tar(
+        tmp_path / "bad-000001.tar", [dict(samples[0], __key__=f"k{i}") for i in range(3)]
+    )
+    with tarfile.open(whole) as tar:
+        cut = tar.getmember("k1.mp4").offset_data + 100
+    whole.write_bytes(whole.read_bytes()[:cut])  # the shard ends inside k1's video
+    return tmp_path
+
+
+def test_bad_samples_are_skipped_counted_and_named(data_bad_shard):
+    dm = WebVideoDataModule(
+        val_shards=str(data_bad_shard / "bad-*.tar"), batch_size=2, num_workers=0
+    )
+    with pytest.warns(SkippedSampleWarning) as caught:
+        batches = list(dm.val_dataloader())
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == ["good", "nocaption", "k0"]
+    assert batches[0]["caption"] == [_clip(0)[1]["caption"], "only a prompt"]  # no json: the prompt
+    assert dm.skipped_counts() == {
+        "corrupt_shard": 1,
+        "missing_video": 0,
+        "missing_text": 1,
+        "undecodable": 2,
+        "too_short": 1,
+        "bad_member": 1,
+    }
+    messages = [str(w.message) for w in caught]
+    assert any("'garbage'" in m and "bad-000000.tar" in m for m in messages)
+    assert any("bad-000001.tar" in m and "after sample 'k0'" in m for m in messages)
+
+
+def test_skip_counts_cross_worker_processes(data_bad_shard):
+    dm = WebVideoDataModule(
+        val_shards=str(data_bad_shard / "bad-*.tar"), batch_size=2, num_workers=2
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keys = sorted(k for b in dm.val_dataloader() for k in b["key"])
+    assert keys == ["good", "k0", "nocaption"]
+    assert sum(dm.skipped_counts().values()) == 6
+
+
+def test_require_caption_and_strict_mode(data_bad_shard):
+    dm = WebVideoDataModule(
+        val_shards=str(data_bad_shard / "bad-000000.tar"),
+        require_caption=True,
+        batch_size=1,
+        num_workers=0,
+    )
+    with pytest.warns(SkippedSampleWarning) as caught:
+        keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert keys == ["good"]
+    assert any("'nocaption'" in str(w.message) and "no caption" in str(w.message) for w in caught)
+    strict = WebVideoDataModule(
+        val_shards=str(data_bad_shard / "bad-000000.tar"), strict=True, batch_size=1, num_workers=0
+    )
+    with pytest.raises(
+        BadSampleError, match=r"sample 'garbage' of shard '.*bad-000000.tar' \(undecodable\)"
+    ):
+        list(strict.val_dataloader())
+
+
+def test_patterns_fail_at_setup_with_their_name(tmp_path, data_synthetic_shards, monkeypatch):
+    with pytest.raises(
+        FileNotFoundError, match=r"train_shards: '.*nothing-\*\.tar' matches no shard"
+    ):
+        WebVideoDataModule(train_shards=str(tmp_path / "nothing-*.tar")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="missing.tar"):
+        WebVideoDataModule(
+            val_shards=[
+                str(data_synthetic_shards / "val-000000.tar"),
+                str(tmp_path / "missing.tar"),
+            ]
+        ).setup("fit")
+    monkeypatch.setattr("datamodules.webvideo.os.access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match="val-000000.tar' is not readable"):
+        WebVideoDataModule(val_shards=str(data_synthetic_shards / "val-000000.tar")).setup("fit")
+
+
+def test_pattern_kinds_expand(data_synthetic_shards):
+    folder = expand_shards(str(data_synthetic_shards))
+    braces = expand_shards(str(data_synthetic_shards / "train-{000000..000005}.tar"))
+    assert len(folder) == 8 and len(braces) == 6 and set(braces) <= set(folder)
+    assert expand_shards("pipe:cat a.tar::pipe:cat b.tar") == ["pipe:cat a.tar", "pipe:cat b.tar"]
+    stream = _stream(
+        expand_shards(f"pipe:cat {data_synthetic_shards / 'val-000000.tar'}"), decode=True
+    )
+    assert len(_keys(stream)) == 4
