@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_vigu.batch import Batch, check_batch
 from lightning_vigu.codecs import LatentCodec, PixelCodec
+from lightning_vigu.module import save_config_hyperparameters
 from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 
 SIZES: dict[str, dict] = yaml.safe_load(Path(__file__).with_name("baselines.yaml").read_text())
@@ -233,7 +234,7 @@ class ARCaptionerModule(L.LightningModule):
             raise ValueError(
                 f"caption_target must be one of {CAPTION_TARGETS}, got '{caption_target}'"
             )
-        self.save_hyperparameters(ignore=["codec", "tokenizer", "optimizer"])
+        save_config_hyperparameters(self, injected=["codec", "tokenizer", "optimizer"])
         self.codec = codec if codec is not None else PixelCodec((1, 4, 4))
         self.codec.requires_grad_(False)
         self.tokenizer = tokenizer if tokenizer is not None else OpenCLIPTokenizer()

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     # steps per stage; eval clips per split; sampling steps; extra CLI overrides
     "gpu": dict(
+        max_time="00:00:02:30",
         generator=1500,
         recall=1500,
         refine=800,
@@ -67,7 +68,7 @@ PRESETS = {
 STAGES = ("generator", "twin", "recall", "refine", "arcap")
 
 
-def _overlay(work: Path, stage: str, steps: int) -> Path:
+def _overlay(work: Path, stage: str, steps: int, max_time: str | None = None) -> Path:
     """A per-stage config overlay: run folder, CSV logs, a last.ckpt, no progress bars."""
     d = work / stage
     d.mkdir(parents=True, exist_ok=True)
@@ -90,9 +91,11 @@ def _overlay(work: Path, stage: str, steps: int) -> Path:
                         "dirpath": str(d / "checkpoints"),
                         "save_last": True,
                         "save_top_k": 0,
+                        "every_n_train_steps": max(steps // 10, 1),
                     },
                 }
             ],
+            "max_time": max_time,
         }
     }
     path = d / "overlay.yaml"
@@ -110,9 +113,9 @@ def train(work: Path, stage: str, preset: dict) -> Path:
     steps = {"twin": preset["recall"]}.get(stage, preset.get(stage))
     extra = {
         "generator": ["fit", "-c", "conf/generator.yaml"],
-        "twin": ["fit", "-c", "conf/generator.yaml", f"--model.init_from={g}"],
-        "recall": ["fit", "-c", "conf/recall.yaml", f"--model.init_from={g}"],
-        "refine": ["fit", "-c", "conf/refine.yaml", f"--model.init_from={r}"],
+        "twin": ["fit", "-c", "conf/generator.yaml", f"--init_from={g}"],
+        "recall": ["fit", "-c", "conf/recall.yaml", f"--init_from={g}"],
+        "refine": ["fit", "-c", "conf/refine.yaml", f"--init_from={r}"],
         "arcap": ["fit", "-c", "conf/arcap.yaml"],
     }[stage]
     module = "benchmarks.baselines" if stage == "arcap" else "lightning_vigu"
@@ -123,7 +126,7 @@ def train(work: Path, stage: str, preset: dict) -> Path:
         *extra,
         *preset["overlay"],
         "-c",
-        str(_overlay(work, stage, steps)),
+        str(_overlay(work, stage, steps, preset.get("max_time"))),
     ]
     if stage == "arcap":  # the baseline has no phase/sampler/generation options
         cmd = [c for c in cmd if not c.startswith("--model.sampler")]

@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     path = write_results(
-        f"throughput_{a.preset}{a.tag}", {"preset": a.preset, "rows": rows, "ratios": ratios}, table, a.out
+        f"throughput_{a.preset}{a.tag}",
+        {"preset": a.preset, "rows": rows, "ratios": ratios},
+        table,
+        a.out,
     )
     print(table)
     print(f"wrote {path}")

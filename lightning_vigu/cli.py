@@ -27,8 +27,18 @@ class ViGUCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--phase", type=str | dict, default="recall", help="phase preset (generator, recall, refine) or a Phase dict")
-        parser.add_argument("--init_from", type=str | None, default=None, help="checkpoint whose weights initialise the model")
+        parser.add_argument(
+            "--phase",
+            type=str | dict,
+            default="recall",
+            help="phase preset (generator, recall, refine) or a Phase dict",
+        )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="checkpoint whose weights initialise the model",
+        )
         parser.link_arguments("phase", "model.phase")
         parser.link_arguments("init_from", "model.init_from")
 
@@ -54,7 +64,9 @@ def load_module(ckpt: str, device: str = "auto") -> UniViGU:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # the checkpoint holds every weight: do not re-read the run's init_from file
-    module = UniViGU.load_from_checkpoint(ckpt, map_location=device, weights_only=False, init_from=None)
+    module = UniViGU.load_from_checkpoint(
+        ckpt, map_location=device, weights_only=False, init_from=None
+    )
     return module.eval().to(device)
 
 

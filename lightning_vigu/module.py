@@ -8,6 +8,7 @@ logging, evaluation, EMA) live in ``callbacks/``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 from collections.abc import Sequence
@@ -30,6 +31,21 @@ from lightning_vigu.text import (
     OpenCLIPTokenizer,
     PromptEncoder,
 )
+
+
+def save_config_hyperparameters(module: L.LightningModule, injected: Sequence[str]) -> None:
+    """``save_hyperparameters`` that keeps injected parts when they come from a config.
+
+    Under LightningCLI the hyper-parameters are the parsed config, where injected parts are
+    ``class_path`` entries, so ``load_from_checkpoint`` rebuilds them. Instances passed from
+    Python are not serialisable hyper-parameters and are left out (pass them again on load).
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    from_cli = _given_hyperparameters.get() is not None
+    module.save_hyperparameters(
+        ignore=None if from_cli else list(injected), frame=inspect.currentframe().f_back
+    )
 
 
 class UniViGU(L.LightningModule):
@@ -103,7 +119,9 @@ class UniViGU(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["codec", "tokenizer", "prompt_encoder", "optimizer"])
+        save_config_hyperparameters(
+            self, injected=["codec", "tokenizer", "prompt_encoder", "optimizer"]
+        )
         self.codec = codec if codec is not None else PixelCodec((1, 4, 4))
         self.codec.requires_grad_(False)
         self.tokenizer = tokenizer if tokenizer is not None else OpenCLIPTokenizer()
