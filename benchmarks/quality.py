@@ -41,6 +41,15 @@ PRESETS = {
     # steps per stage; eval clips per split; sampling steps; extra CLI overrides
     "gpu": dict(
         max_time="00:00:02:30",
+        arcap_overlay=[
+            "--data=conf/data/synthetic_gpu.yaml",
+            "--trainer.accelerator=gpu",
+            "--trainer.precision=bf16-mixed",
+            "--model.size=small",
+            "--model.caption_length=48",
+            "--model.warmup_steps=200",
+            "--model.lr=5e-4",
+        ],
         generator=1500,
         recall=1500,
         refine=800,
@@ -62,6 +71,12 @@ PRESETS = {
             "--data.init_args.num_unseen=8",
             "--data.init_args.num_workers=0",
             "--model.sampler.video_steps=2",
+        ],
+        arcap_overlay=[
+            "--data.init_args.num_train=64",
+            "--data.init_args.num_test=8",
+            "--data.init_args.num_unseen=8",
+            "--data.init_args.num_workers=0",
         ],
     ),
 }
@@ -128,8 +143,16 @@ def train(work: Path, stage: str, preset: dict) -> Path:
         "-c",
         str(_overlay(work, stage, steps, preset.get("max_time"))),
     ]
-    if stage == "arcap":  # the baseline has no phase/sampler/generation options
-        cmd = [c for c in cmd if not c.startswith("--model.sampler")]
+    if stage == "arcap":  # the baseline takes data/trainer settings but no UniViGU model options
+        cmd = [
+            sys.executable,
+            "-m",
+            module,
+            *extra,
+            *preset["arcap_overlay"],
+            "-c",
+            str(_overlay(work, stage, steps, preset.get("max_time"))),
+        ]
     print(f"[quality] {stage}: {' '.join(cmd)}", flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -293,7 +316,15 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "rows": rows,
         "stages": raw["stages"],
     }
-    out = write_results("quality", payload, "# Quality (synthetic world)\n\n" + table, out_dir)
+    m = raw.get("stamp") or {}
+    head = (
+        "# Quality (synthetic world)\n\n"
+        f"Trained and evaluated on {m.get('machine')} (commit {m.get('commit')}, {m.get('date')}); "
+        "BLEU-4 / METEOR / CIDEr-D computed from the kept captions by `report` on the machine "
+        f"in the stamp above. Budget per stage: {raw.get('preset', {}).get('max_time')} (h:m:s) of "
+        "training; FVD protocol in quality.json.\n\n"
+    )
+    out = write_results("quality", payload, head + table, out_dir)
     plot(raw, rows, Path(out).parent)
     print(table)
     return out

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
+from callbacks.samples import run_dir
 from lightning_vigu.metrics import (
     CaptionMetrics,
     FrechetVideoDistance,
@@ -288,7 +289,7 @@ class Evaluation(L.Callback):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, stage: str, results: dict, examples) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+        out = run_dir(trainer) / "eval"
         out.mkdir(parents=True, exist_ok=True)
         payload = {
             "stage": stage,

@@ -22,6 +22,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's folder (the first logger's, else ``default_root_dir``).
+
+    Not ``trainer.log_dir``: it broadcasts across ranks, and callers here run on rank zero
+    alone, which would deadlock under DDP.
+    """
+    logger_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+    return Path(logger_dir or trainer.default_root_dir)
+
+
 def video_grid(rows: list[Tensor]) -> Tensor:
     """Tile rows of videos ``[(N, 3, T, H, W), ...]`` into one ``(3, T, rows*H, N*W)`` video."""
     tiles = [torch.cat(list(r.unbind(0)), dim=-1) for r in rows]  # each (3, T, H, N*W)
@@ -116,7 +126,7 @@ class SampleLogger(L.Callback):
         finally:
             pl_module.train(was_training)
         grid = video_grid([generated, batch["video"]])
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        out = run_dir(trainer) / "samples"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"step_{step:06d}.mp4").write_bytes(encode_video(to_uint8(grid), fps=self.fps))
         target = batch["prompt"] if pl_module.phase.caption_target == "prompt" else batch["caption"]

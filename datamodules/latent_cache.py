@@ -156,6 +156,9 @@ def cache_latents(
                 written += 1
     if sink is not None:
         sink.close()
+    if prompt_encoder is not None:  # read by PrecomputedPromptEncoder (CFG, video -> text)
+        with torch.no_grad():
+            torch.save(prompt_encoder([""])[0].float().cpu(), out / "empty_prompt_emb.pt")
     summary = {
         "written": written,
         "shards": names,
