@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from pathlib import Path
 
 import lightning as L
 import torch
