@@ -11,7 +11,6 @@ contract, tokenizer, codec and lr schedule as :class:`~lightning_vigu.module.Uni
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_vigu.batch import Batch, check_batch
 from lightning_vigu.codecs import LatentCodec, PixelCodec
-from lightning_vigu.module import save_config_hyperparameters
+from lightning_vigu.module import save_config_hyperparameters, warmup_cosine
 from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 
 SIZES: dict[str, dict] = yaml.safe_load(Path(__file__).with_name("baselines.yaml").read_text())
@@ -290,12 +289,7 @@ class ARCaptionerModule(L.LightningModule):
         """Linear warm-up, then cosine decay to ``min_lr_ratio`` over the horizon."""
         hp = self.hparams
         horizon = hp.decay_steps or (self.trainer.max_steps if self._trainer is not None else -1)
-        if step < hp.warmup_steps:
-            return (step + 1) / hp.warmup_steps
-        if horizon <= hp.warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - hp.warmup_steps) / (horizon - hp.warmup_steps))
-        return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_cosine(step, hp.warmup_steps, horizon, hp.min_lr_ratio)
 
     @torch.no_grad()
     def caption(self, videos: Tensor, max_length: int | None = None, **_) -> list[str]:

@@ -134,25 +134,10 @@ def train(work: Path, stage: str, preset: dict) -> Path:
         "arcap": ["fit", "-c", "conf/arcap.yaml"],
     }[stage]
     module = "benchmarks.baselines" if stage == "arcap" else "lightning_vigu"
-    cmd = [
-        sys.executable,
-        "-m",
-        module,
-        *extra,
-        *preset["overlay"],
-        "-c",
-        str(_overlay(work, stage, steps, preset.get("max_time"))),
-    ]
-    if stage == "arcap":  # the baseline takes data/trainer settings but no UniViGU model options
-        cmd = [
-            sys.executable,
-            "-m",
-            module,
-            *extra,
-            *preset["arcap_overlay"],
-            "-c",
-            str(_overlay(work, stage, steps, preset.get("max_time"))),
-        ]
+    # the baseline takes data/trainer settings but no UniViGU model options
+    overlay = preset["arcap_overlay"] if stage == "arcap" else preset["overlay"]
+    cmd = [sys.executable, "-m", module, *extra, *overlay]
+    cmd += ["-c", str(_overlay(work, stage, steps, preset.get("max_time")))]
     print(f"[quality] {stage}: {' '.join(cmd)}", flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)

@@ -33,6 +33,17 @@ from lightning_vigu.text import (
 )
 
 
+def warmup_cosine(step: int, warmup_steps: int, horizon: int | None, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to
+    ``min_ratio`` at ``horizon`` (constant when the horizon is unknown or inside the warm-up)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if horizon is None or horizon <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (horizon - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def save_config_hyperparameters(module: L.LightningModule, injected: Sequence[str]) -> None:
     """``save_hyperparameters`` that keeps injected parts when they come from a config.
 
@@ -260,14 +271,7 @@ class UniViGU(L.LightningModule):
         """Warm-up, then cosine to ``min_lr_ratio``, times the phase's ``lr_scale``."""
         hp = self.hparams
         horizon = hp.decay_steps or (self.trainer.max_steps if self._trainer is not None else -1)
-        if step < hp.warmup_steps:
-            f = (step + 1) / hp.warmup_steps
-        elif horizon is None or horizon <= hp.warmup_steps:
-            f = 1.0
-        else:
-            progress = min(1.0, (step - hp.warmup_steps) / (horizon - hp.warmup_steps))
-            f = hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return f * self.phase.lr_scale
+        return warmup_cosine(step, hp.warmup_steps, horizon, hp.min_lr_ratio) * self.phase.lr_scale
 
     # ------------------------------------------------------------------ training
     def step_generator(self, stage: str, index: int) -> torch.Generator:
