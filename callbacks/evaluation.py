@@ -281,7 +281,8 @@ class Evaluation(L.Callback):
         finally:
             pl_module.train(was_training)
         examples = results.pop("_predictions_v2t", None)
-        numbers = {k: v for k, v in results.items() if isinstance(v, float) and not math.isnan(v)}
+        # every rank logs the same keys (NaN included): differing keys would hang sync_dist
+        numbers = {k: v for k, v in results.items() if isinstance(v, float)}
         pl_module.log_dict({f"{stage}/{k}": v for k, v in numbers.items()}, sync_dist=True)
         self._write(trainer, stage, results, examples)
         return results

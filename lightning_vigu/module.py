@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from lightning_vigu.batch import Batch, check_batch
@@ -179,6 +180,13 @@ class UniViGU(L.LightningModule):
         self.phase = get_phase(phase)
         self.apply_phase(self.phase)
 
+    def __getstate__(self) -> dict:
+        """Copies (EMA's ``AveragedModel`` deep-copies the module) leave out the optimiser
+        factory: under LightningCLI it closes over the whole parsed config, DataModule included."""
+        state = super().__getstate__()
+        state["_optimizer_factory"] = None
+        return state
+
     # ------------------------------------------------------------------ phases / params
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Parameters by group: ``video``, ``text_experts``, ``text_embed``, ``prompt_encoder``."""
@@ -206,18 +214,26 @@ class UniViGU(L.LightningModule):
                 p.requires_grad_(train)
 
     def load_weights(self, path: str) -> None:
-        """Initialise from a checkpoint's weights (Lightning ``.ckpt`` or a plain state dict).
+        """Initialise from a checkpoint's weights (Lightning ``.ckpt``, a plain state dict, or a
+        diffusers Wan2.1 folder whose transformer becomes the video path).
 
         Caption-stream weights missing from the file (a generator checkpoint) are initialised
         from the video path, as Uni-ViGU does; any other mismatch is an error naming the keys.
         """
         file = Path(path)
+        if file.is_dir():  # a diffusers Wan2.1 folder (pipeline root or transformer/)
+            from lightning_vigu.pretrained import load_wan_transformer
+
+            state = {f"model.{k}": v for k, v in load_wan_transformer(path).state_dict().items()}
+            return self._load_state(path, state)
         if not file.is_file():
             raise FileNotFoundError(
                 f"init_from checkpoint '{path}' does not exist; train the previous phase first (e.g. conf/generator.yaml) or fix the path"
             )
         ckpt = torch.load(file, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt)
+        self._load_state(path, ckpt.get("state_dict", ckpt))
+
+    def _load_state(self, path: str, state: dict) -> None:
         own = self.state_dict()
         shape_errors = [
             f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -266,6 +282,15 @@ class UniViGU(L.LightningModule):
         opt = self._optimizer_factory(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """FSDP clips by the global norm over shards (Lightning's plugin refuses norm clipping)."""
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def lr_factor(self, step: int) -> float:
         """Warm-up, then cosine to ``min_lr_ratio``, times the phase's ``lr_scale``."""
@@ -371,6 +396,8 @@ class UniViGU(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["phase"] = self.phase.to_dict()
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            return  # FSDP's sharded loader is strict and loads before on_load_checkpoint runs
         prefixes = self._external_prefixes()
         for key in ("state_dict", "current_model_state"):  # the latter when EMA swaps weights in
             if key in checkpoint:

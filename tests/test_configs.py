@@ -1,0 +1,215 @@
+"""The YAML configs: every file parses through its CLI, overlays merge, and the recipes say what
+their names promise. A last test trains the Wan recipe end to end on a tiny Wan folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import Strategy
+from tiny_wan import TRANSFORMER, tiny_wan_folder
+
+from lightning_vigu.cli import ViGUCLI
+from lightning_vigu.model import UnifiedBlock, parameter_group
+from lightning_vigu.phases import get_phase
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OVERLAYS = ("ddp.yaml", "fsdp.yaml", "gpu.yaml", "lora.yaml")
+RUNS = sorted(p.name for p in CONF.glob("*.yaml") if p.name not in OVERLAYS)
+WAN = ("wan1.3b_recall.yaml", "wan1.3b_refine.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _cli_argv(monkeypatch):
+    """LightningCLI(args=...) warns when sys.argv holds other arguments (pytest's)."""
+    monkeypatch.setattr("sys.argv", ["lightning_vigu"])
+
+
+def print_config(capsys, *files: str, extra: tuple[str, ...] = ()) -> dict:
+    """The config ``fit -c F1 -c F2 ... --print_config`` prints (parsed, never instantiated)."""
+    args = ["fit", *(a for f in files for a in ("-c", str(CONF / f))), *extra, "--print_config"]
+    if files[0] == "arcap.yaml":  # the autoregressive baseline has its own LightningCLI
+        from benchmarks.baselines import main as run_cli
+    else:
+        run_cli = ViGUCLI
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(args=args)
+    out = capsys.readouterr()
+    assert stop.value.code in (0, None), out.err[-2000:]
+    return yaml.safe_load(out.out)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_every_run_config_parses(capsys, name):
+    config = print_config(capsys, name)
+    assert config["trainer"]["max_steps"] > 0 and config["data"]["class_path"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_merge_into_a_run_config(capsys, overlay):
+    base = print_config(capsys, "recall.yaml")
+    merged = print_config(capsys, "recall.yaml", overlay)
+    # dotted keys in a second file change their own keys and keep the rest of each group
+    assert merged["model"]["tokenizer"] == base["model"]["tokenizer"]
+    assert merged["model"]["objective"] == base["model"]["objective"]
+    assert merged["trainer"]["callbacks"] == base["trainer"]["callbacks"]
+    assert merged["seed_everything"] == base["seed_everything"]
+
+
+def test_wan_configs_parse_without_instantiating(capsys):
+    # the Wan folders and caches are placeholders that do not exist here: parsing never reads them
+    assert not Path("/models/Wan2.1-T2V-1.3B-Diffusers").exists()
+    for name in WAN:
+        config = print_config(capsys, name)
+        model, trainer = config["model"], config["trainer"]
+        assert model["size"] == "wan1.3b" and trainer["precision"] == "bf16-mixed"
+        assert model["codec"]["class_path"] == "lightning_vigu.codecs.WanVAECodec"
+        assert model["tokenizer"]["class_path"] == "lightning_vigu.text.HFTokenizer"
+        assert (
+            model["prompt_encoder"]["class_path"] == "lightning_vigu.text.PrecomputedPromptEncoder"
+        )
+        assert model["lr"] == pytest.approx(5e-5) and model["caption_length"] == 256
+        assert model["gradient_checkpointing"] is True and model["compile_blocks"] is True
+        assert config["data"]["init_args"]["latents"] is True
+        ema = [c for c in trainer["callbacks"] if c["class_path"].endswith("EMAWeightAveraging")]
+        assert ema and ema[0]["init_args"]["decay"] == 0.9999
+        assert ema[0]["init_args"]["device"] == "cuda"
+
+
+def test_refine_configs_freeze_the_video_path(capsys):
+    for name, recall in (("refine.yaml", "recall.yaml"), ("wan1.3b_refine.yaml", WAN[0])):
+        config = print_config(capsys, name)
+        phase = get_phase(config["phase"])
+        assert "video" not in phase.trainable and {"text_experts", "text_embed"} <= set(
+            phase.trainable
+        )
+        assert config["init_from"].startswith(
+            print_config(capsys, recall)["trainer"]["default_root_dir"]
+        )
+
+
+def test_lora_overlay_adds_adapters_to_the_wan_recipe(capsys):
+    base = print_config(capsys, WAN[0])
+    lora = print_config(capsys, WAN[0], "lora.yaml")
+    assert lora["model"]["lora"] == {"rank": 64, "alpha": 64}
+    assert {k: v for k, v in lora["model"].items() if k != "lora"} == {
+        k: v for k, v in base["model"].items() if k != "lora"
+    }
+
+
+def test_ddp_overlay(capsys):
+    config = print_config(capsys, WAN[0], "ddp.yaml", extra=("--trainer.devices=8",))
+    assert config["trainer"]["strategy"] == "ddp" and str(config["trainer"]["devices"]) == "8"
+    assert config["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_fsdp_overlay_builds_the_strategy_it_describes(capsys):
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    config = print_config(capsys, WAN[0], "fsdp.yaml")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--strategy", type=str | Strategy)
+    strategy = parser.instantiate(
+        parser.parse_args(["--strategy", yaml.safe_dump(config["trainer"]["strategy"])])
+    ).strategy
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {UnifiedBlock}
+    assert strategy.kwargs["use_orig_params"] is True
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert strategy._state_dict_type == "sharded"
+    mp = strategy.mixed_precision
+    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (
+        torch.bfloat16,
+        torch.float32,
+        None,
+    )
+    assert strategy._activation_checkpointing_kwargs == {}  # the model checkpoints its blocks
+
+
+# ---------------------------------------------------------------------------- the Wan recipe
+@pytest.fixture(scope="module")
+def wan_recipe(tmp_path_factory, data_synthetic_shards):
+    """A tiny Wan folder, its latent cache over the synthetic shards and its generator as an
+    init_from checkpoint: what conf/wan1.3b_recall.yaml's header tells users to make."""
+    from datamodules.latent_cache import cache_latents
+    from datamodules.video_io import ClipSpec
+    from lightning_vigu.codecs import WanVAECodec
+    from lightning_vigu.pretrained import load_wan_transformer
+    from lightning_vigu.text import UMT5PromptEncoder
+
+    wan = tiny_wan_folder(tmp_path_factory)
+    root = tmp_path_factory.mktemp("wan_recipe")
+    codec, encoder = WanVAECodec(wan), UMT5PromptEncoder(str(wan), max_length=16)
+    for split in ("train", "val"):
+        cache_latents(
+            str(data_synthetic_shards / f"{split}-*.tar"),
+            root / "latents" / split,
+            codec,
+            encoder,
+            ClipSpec(num_frames=9),
+            samples_per_shard=4,
+            progress=False,
+        )
+    state = load_wan_transformer(wan).state_dict()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, root / "wan.ckpt")
+    return wan, root
+
+
+def _wan_args(wan: Path, root: Path, run: str, init_from: Path) -> list[str]:
+    sizes = {k: v for k, v in TRANSFORMER.items() if k not in ("in_channels", "out_channels")}
+    sizes["patch_size"] = list(sizes["patch_size"])
+    sizes["text_ffn_dim"] = sizes["ffn_dim"]
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+         "init_args": {"decay": 0.9, "device": "cpu"}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / run), "save_last": True}},
+    ]  # fmt: skip
+    return [
+        f"--init_from={init_from}",
+        f"--model.codec.init_args.path={wan}",
+        f"--model.tokenizer.init_args.path={wan / 'tokenizer'}",
+        f"--model.prompt_encoder.init_args.empty_embedding={root / 'latents/train/empty_prompt_emb.pt'}",
+        f"--model.model_overrides={yaml.safe_dump(sizes, default_flow_style=True)}",
+        "--model.video_shape=[9, 32, 32]", "--model.caption_length=16",
+        "--model.compile_blocks=false", "--model.warmup_steps=1",
+        f"--data.init_args.train_shards={root / 'latents/train'}",
+        f"--data.init_args.val_shards={root / 'latents/val'}",
+        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+        "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root / run}",
+        f"--trainer.callbacks={yaml.safe_dump(callbacks, default_flow_style=True)}",
+    ]  # fmt: skip
+
+
+def test_wan_recipe_trains_recall_then_refine_on_a_tiny_wan_folder(wan_recipe):
+    wan, root = wan_recipe
+    recall = ViGUCLI(
+        args=["fit", "-c", str(CONF / WAN[0]), *_wan_args(wan, root, "recall", root / "wan.ckpt")]
+    )
+    module = recall.model
+    assert module.model.config.in_channels == 4  # from the Wan VAE, not the named size's 16
+    assert recall.trainer.global_step == 2
+    assert torch.isfinite(recall.trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(recall.trainer.callback_metrics["val/loss_text"])
+    recall_ckpt = root / "recall" / "last.ckpt"
+    saved = torch.load(recall_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert not any(k.startswith(("codec.", "prompt_encoder.")) for k in saved)  # re-read from paths
+
+    refine = ViGUCLI(
+        args=["fit", "-c", str(CONF / WAN[1]), *_wan_args(wan, root, "refine", recall_ckpt)]
+    )
+    assert refine.trainer.global_step == 2 and refine.model.phase.name == "refine"
+    after = torch.load(root / "refine" / "last.ckpt", map_location="cpu", weights_only=False)
+    video = [k for k in saved if k.startswith("model.") and parameter_group(k[6:]) == "video"]
+    text = [k for k in saved if k.startswith("model.") and parameter_group(k[6:]) == "text_experts"]
+    assert video and text
+    moved = {k: (after["state_dict"][k] - saved[k]).abs().max().item() for k in video + text}
+    assert max(moved[k] for k in video) < 1e-6  # frozen (the EMA lerp may round by an ulp)
+    assert max(moved[k] for k in text) > 1e-5  # trained

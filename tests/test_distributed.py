@@ -1,0 +1,208 @@
+"""Several processes on CPU (gloo): a 2-rank DDP run of the CLI, the data split it reads, and
+evaluation numbers gathered over ranks.
+
+The stream-level rank/worker split is in ``test_webvideo.py`` and the metrics' own 2-rank sync
+in ``test_metrics_fvd.py`` / ``test_metrics_captions.py``; these tests check the same things
+one level up, where a run meets them: the Trainer's ranks and :func:`callbacks.evaluate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import callbacks.evaluation as evaluation
+from lightning_vigu.metrics import CaptionMetrics, FrechetVideoDistance, FVDProtocol
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+class RecordKeys(L.Callback):
+    """Writes the sample keys each rank trained and validated on to
+    ``<default_root_dir>/keys-rank<N>.json`` (selected with ``--trainer.callbacks+=``)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, list[str]] = {"train": [], "val": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.keys["train"] += list(batch["key"])
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if not trainer.sanity_checking:
+            self.keys["val"] += list(batch["key"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, **self.keys}
+        out = Path(trainer.default_root_dir) / f"keys-rank{trainer.global_rank}.json"
+        out.write_text(json.dumps(record))
+
+
+def _shard_keys(folder: Path, split: str) -> list[str]:
+    keys = set()
+    for shard in folder.glob(f"*/{split}-*.tar"):
+        with tarfile.open(shard) as tar:
+            keys |= {m.name.split(".", 1)[0] for m in tar.getmembers()}
+    return sorted(keys)
+
+
+def test_ddp_fit_on_two_cpu_processes_splits_the_shards(tmp_path):
+    cache = tmp_path / "cache"
+    env = {
+        **os.environ,
+        "LIGHTNING_VIGU_CACHE": str(cache),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    data = {"num_train": 32, "num_val": 8, "num_test": 0, "num_unseen": 0, "batch_size": 4,
+            "num_workers": 0, "resampled": False, "shuffle_buffer": 8, "progress": False}  # fmt: skip
+    command = [
+        sys.executable, "-m", "lightning_vigu", "fit",
+        "-c", str(ROOT / "conf/recall.yaml"), "-c", str(ROOT / "conf/ddp.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.max_epochs=1", "--trainer.val_check_interval=4",
+        "--trainer.num_sanity_val_steps=0",
+        # the config checkpoints every 250 steps: add one every 2 for this 4-step run
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath=checkpoints", "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=test_distributed.RecordKeys",
+        *(f"--data.init_args.{k}={v}" for k, v in data.items()),
+    ]  # fmt: skip
+    # its own process group, so that a hang is ended with every rank Lightning started
+    run = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = run.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        _, stderr = run.communicate()
+        pytest.fail(f"the 2-rank DDP run did not finish within 240 s: {stderr[-3000:]}")
+    assert run.returncode == 0, stderr[-4000:]
+    ranks = [
+        json.loads((tmp_path / "runs/recall" / f"keys-rank{r}.json").read_text()) for r in (0, 1)
+    ]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    for split, per_rank in (("train", 16), ("val", 4)):
+        a, b = (set(r[split]) for r in ranks)
+        assert len(a) == len(b) == per_rank and not a & b, split  # disjoint halves...
+        assert sorted(a | b) == _shard_keys(cache / "synthetic", split)  # ...covering the split
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4  # 16 clips per rank, batches of 4: both ranks stepped together
+    assert ckpt["phase"]["name"] == "recall"
+
+
+# ---------------------------------------------------------------------------- evaluate() over ranks
+PROMPTS = [
+    "a red circle moves left", "a blue square jumps", "two green balls bounce",
+    "a yellow triangle rotates", "a white star slides right", "a red square falls",
+    "three blue circles orbit", "a green triangle grows",
+]  # fmt: skip
+SHARDS = (slice(0, 5), slice(5, 8))  # uneven, as a last partial shard would be
+
+
+class FrameMeans(nn.Module):
+    """Tiny FVD feature extractor: per-channel, per-frame means through a fixed linear map."""
+
+    def __init__(self, num_frames: int = 4, d: int = 5) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3 * num_frames, d)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.linspace(-1, 1, d * 3 * num_frames).view(d, -1))
+            self.proj.bias.zero_()
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        return self.proj(videos.mean(dim=(3, 4)).flatten(1))  # (N, 3*F) -> (N, d)
+
+
+class Scripted(nn.Module):
+    """A stand-in model with known outputs: each video's caption and each prompt's video are
+    fixed functions of their input, so any split over ranks must give the same numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def caption(self, videos: torch.Tensor, seed: int = 0, **_) -> list[str]:
+        index = (videos[:, 0, 0, 0, 0] * 10).round().long().tolist()
+        return [" ".join(PROMPTS[i].split()[: 2 + i % 3]) + " slowly" for i in index]
+
+    def generate_video(self, prompts: list[str], seed: int = 0, **_) -> torch.Tensor:
+        seeds = [PROMPTS.index(p) for p in prompts]
+        return torch.stack(
+            [torch.rand(3, 6, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        )
+
+
+def _clips() -> dict:
+    video = torch.rand(len(PROMPTS), 3, 6, 16, 16, generator=torch.Generator().manual_seed(99))
+    video[:, 0, 0, 0, 0] = torch.arange(len(PROMPTS)) / 10  # tells Scripted.caption the clip
+    return {"video": video, "prompt": PROMPTS, "caption": PROMPTS, "meta": [{}] * len(PROMPTS)}
+
+
+def _evaluate(clips: dict) -> dict:
+    fvd = FrechetVideoDistance(
+        FrameMeans(), protocol=FVDProtocol(num_frames=4, resolution=16), num_features=5
+    )
+    return evaluation.evaluate(Scripted(), clips, ("v2t", "t2v"), fvd=fvd, batch_size=2)
+
+
+def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    evaluation.CaptionMetrics = functools.partial(CaptionMetrics, use_java=False)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    clips = _clips()
+    mine = {k: v[SHARDS[rank]] for k, v in clips.items()}
+    results = _evaluate(mine)
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_evaluate_gathers_caption_metrics_and_fvd_over_ranks(tmp_path, monkeypatch):
+    ctx = mp.start_processes(
+        _rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+        start_method="fork",
+    )  # fmt: skip
+    for _ in range(120):
+        if ctx.join(timeout=1):
+            break
+    else:
+        for process in ctx.processes:
+            process.kill()
+        pytest.fail("the two gloo ranks did not finish within 120 s")
+    monkeypatch.setattr(
+        evaluation, "CaptionMetrics", functools.partial(CaptionMetrics, use_java=False)
+    )
+    single = _evaluate(_clips())
+    keys = ["v2t/bleu4", "v2t/rougeL", "v2t/cider", "t2v/fvd"]
+    assert 0 < single["v2t/bleu4"] < 1 and single["t2v/fvd"] > 0
+    for rank, part in enumerate(SHARDS):
+        gathered = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        for key in keys:  # every rank reports the metric of all clips
+            assert gathered[key] == pytest.approx(single[key], rel=1e-6), (rank, key)
+        # what each rank lists and counts stays its own (the callback logs these per rank)
+        assert gathered["num_videos"] == len(PROMPTS[part])
+        assert [p for _, p in gathered["_predictions_v2t"]] == [
+            p for _, p in single["_predictions_v2t"][part]
+        ]
