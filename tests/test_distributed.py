@@ -22,7 +22,6 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import callbacks.evaluation as evaluation
@@ -179,18 +178,10 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_evaluate_gathers_caption_metrics_and_fvd_over_ranks(tmp_path, monkeypatch):
-    ctx = mp.start_processes(
-        _rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-        start_method="fork",
-    )  # fmt: skip
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for process in ctx.processes:
-            process.kill()
-        pytest.fail("the two gloo ranks did not finish within 120 s")
+def test_evaluate_gathers_caption_metrics_and_fvd_over_ranks(
+    tmp_path, monkeypatch, run_two_gloo_ranks
+):
+    run_two_gloo_ranks(_rank_worker)
     monkeypatch.setattr(
         evaluation, "CaptionMetrics", functools.partial(CaptionMetrics, use_java=False)
     )

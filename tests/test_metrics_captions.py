@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_vigu.metrics import CaptionMetrics, MetricUnavailable, java_available
 from lightning_vigu.metrics import captions as captions_module
@@ -122,21 +121,8 @@ def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_process_gather_with_an_empty_rank(tmp_path: Path) -> None:
-    ctx = mp.start_processes(
-        _gather_worker,
-        args=(str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="fork",
-    )
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for process in ctx.processes:
-            process.kill()
-        pytest.fail("the two gloo ranks did not finish within 120 s")
+def test_two_process_gather_with_an_empty_rank(tmp_path: Path, run_two_gloo_ranks) -> None:
+    run_two_gloo_ranks(_gather_worker)
     for rank in range(2):
         both, one_empty = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
         assert both == (PREDICTIONS, REFERENCES)

@@ -10,7 +10,6 @@ import pytest
 import scipy.linalg
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_vigu.metrics import (
@@ -177,21 +176,8 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_metric_over_all_data(tmp_path: Path) -> None:
-    ctx = mp.start_processes(
-        _rank_worker,
-        args=(str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="fork",
-    )
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for process in ctx.processes:
-            process.kill()
-        pytest.fail("the two gloo ranks did not finish within 120 s")
+def test_two_ranks_equal_one_metric_over_all_data(tmp_path: Path, run_two_gloo_ranks) -> None:
+    run_two_gloo_ranks(_rank_worker)
     single = FrechetVideoDistance(PooledLinear(), protocol=SMALL, num_features=5)
     single.update(random_videos(10, seed=7), real=True)
     single.update(random_videos(8, seed=8), real=False)
