@@ -83,8 +83,19 @@ PRESETS = {
 STAGES = ("generator", "twin", "recall", "refine", "arcap")
 
 
-def _overlay(work: Path, stage: str, steps: int, max_time: str | None = None) -> Path:
-    """A per-stage config overlay: run folder, CSV logs, a last.ckpt, no progress bars."""
+def stage_overlay(
+    work: Path,
+    stage: str,
+    steps: int,
+    max_time: str | None = None,
+    every_n: int | None = None,
+    keep_all: bool = False,
+) -> Path:
+    """A per-stage config overlay: run folder, CSV logs, a last.ckpt, no progress bars.
+
+    ``every_n`` sets the checkpoint interval (default a tenth of the run); ``keep_all`` keeps
+    every interval checkpoint (``step=N.ckpt``) rather than only ``last.ckpt``.
+    """
     d = work / stage
     d.mkdir(parents=True, exist_ok=True)
     cfg = {
@@ -105,8 +116,9 @@ def _overlay(work: Path, stage: str, steps: int, max_time: str | None = None) ->
                     "init_args": {
                         "dirpath": str(d / "checkpoints"),
                         "save_last": True,
-                        "save_top_k": 0,
-                        "every_n_train_steps": max(steps // 10, 1),
+                        "save_top_k": -1 if keep_all else 0,
+                        "filename": "{step}",
+                        "every_n_train_steps": every_n or max(steps // 10, 1),
                     },
                 }
             ],
@@ -137,7 +149,7 @@ def train(work: Path, stage: str, preset: dict) -> Path:
     # the baseline takes data/trainer settings but no UniViGU model options
     overlay = preset["arcap_overlay"] if stage == "arcap" else preset["overlay"]
     cmd = [sys.executable, "-m", module, *extra, *overlay]
-    cmd += ["-c", str(_overlay(work, stage, steps, preset.get("max_time")))]
+    cmd += ["-c", str(stage_overlay(work, stage, steps, preset.get("max_time")))]
     print(f"[quality] {stage}: {' '.join(cmd)}", flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -160,35 +172,46 @@ def loss_curve(work: Path, stage: str) -> dict[str, list]:
     return curves
 
 
-def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -> dict:
-    """Evaluate one stage's checkpoint on the test and unseen splits."""
+def load_for_eval(ckpt: Path, device: str, baseline: bool = False):
+    """A trained checkpoint (UniViGU, or the AR baseline when ``baseline``) and the directions
+    it can be scored on."""
+    if baseline:
+        from benchmarks.baselines import ARCaptionerModule
+
+        module = ARCaptionerModule.load_from_checkpoint(
+            ckpt, map_location=device, weights_only=False
+        ).eval()
+        return module, ["v2t"]
+    from lightning_vigu.cli import load_module
+
+    module = load_module(str(ckpt), device)
+    return module, (["t2v", "v2t", "joint"] if module.model.has_text else ["t2v"])
+
+
+def evaluate_checkpoint(
+    ckpt: Path,
+    data_args: dict,
+    eval_clips: int,
+    sample_steps: int,
+    fvd=None,
+    splits: tuple[str, ...] = ("test", "unseen"),
+    label: str = "",
+    baseline: bool = False,
+) -> dict:
+    """Evaluate one checkpoint on each split: ``{split: results}``."""
     from callbacks.evaluation import collect, evaluate
     from datamodules import SyntheticDataModule
 
-    ckpt = work / stage / "checkpoints" / "last.ckpt"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if stage == "arcap":
-        from benchmarks.baselines import ARCaptionerModule
-
-        module, directions = (
-            ARCaptionerModule.load_from_checkpoint(
-                ckpt, map_location=device, weights_only=False
-            ).eval(),
-            ["v2t"],
-        )
-    else:
-        from lightning_vigu.cli import load_module
-
-        module = load_module(str(ckpt), device)
-        directions = ["t2v", "v2t", "joint"] if module.model.has_text else ["t2v"]
+    module, directions = load_for_eval(ckpt, device, baseline)
     out = {}
-    for split in ("test", "unseen"):
+    for split in splits:
         dm = SyntheticDataModule(
             **{**data_args, "test_split": split, "num_workers": 0, "progress": False}
         )
         dm.prepare_data()
         dm.setup("test")
-        clips = collect(dm.test_dataloader(), preset["eval_clips"])
+        clips = collect(dm.test_dataloader(), eval_clips)
         start = time.time()
         res = evaluate(
             module,
@@ -197,16 +220,30 @@ def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -
             fvd=fvd if "t2v" in directions else None,
             batch_size=64,
             seed=0,
-            steps=preset["sample_steps"],
+            steps=sample_steps,
         )
         res["eval_seconds"] = time.time() - start
         out[split] = res
         print(
-            f"[quality] {stage}/{split}: "
+            f"[eval] {label or ckpt}/{split}: "
             + ", ".join(f"{k}={v:.3f}" for k, v in res.items() if isinstance(v, float)),
             flush=True,
         )
     return out
+
+
+def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -> dict:
+    """Evaluate one stage's ``last.ckpt`` on the test and unseen splits."""
+    ckpt = work / stage / "checkpoints" / "last.ckpt"
+    return evaluate_checkpoint(
+        ckpt,
+        data_args,
+        preset["eval_clips"],
+        preset["sample_steps"],
+        fvd,
+        label=stage,
+        baseline=stage == "arcap",
+    )
 
 
 def run(args) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 from dataclasses import dataclass
 
@@ -45,10 +46,14 @@ PRESETS = {
             Shape(21, 60, 104, 256, 512, label="81x480x832"),
             Shape(5, 60, 104, 256, 512, label="17x480x832"),
         ],
+        latency_steps=[5, 20],
     ),
     "small": dict(
         size="small",
-        shapes=[Shape(16, 16, 16, 32, 32, 16, label="16x64x64 (pixel codec), batch 16")],
+        shapes=[
+            Shape(16, 16, 16, 48, 32, 16, label="16x64x64 (pixel codec), batch 16"),
+            Shape(16, 16, 16, 48, 32, 64, label="16x64x64 (pixel codec), batch 64"),
+        ],
     ),
     "tiny": dict(
         size="tiny", shapes=[Shape(16, 8, 8, 32, 32, 8, label="16x32x32 (pixel codec), batch 8")]
@@ -196,6 +201,59 @@ def measure(
     return row
 
 
+def latency(size: str, shape: Shape, steps: list[int], batch: int = 1) -> list[dict]:
+    """Sampling latency per video: captioning (video -> text) and text -> video, vs steps.
+
+    Runs the real :class:`UnifiedSampler` (jump sampler for captions; Euler with CFG, i.e. two
+    forwards per step, for video) on the random-weight model in bf16 under ``no_grad``.
+    """
+    from lightning_vigu.flows import discrete
+    from lightning_vigu.flows.convention import FlowTimeModel
+    from lightning_vigu.flows.sampling import SamplerConfig, UnifiedSampler
+
+    device, dtype = _device_dtype()
+    cfg = model_config(size)
+    shape = Shape(**{**vars(shape), "batch": batch})
+    m = build("ours", size, device, dtype, 0).eval()
+    video, _, ctx, _ = inputs("ours", cfg, shape, device, dtype)
+    source = discrete.make_source("uniform", cfg.vocab_size)
+    scheduler = discrete.PolynomialScheduler(1.0)
+
+    def sample(task: str, n: int) -> None:
+        sampler = UnifiedSampler(
+            FlowTimeModel(m),
+            source,
+            scheduler,
+            SamplerConfig(video_steps=n, text_steps=n, guidance_scale=5.0),
+        )
+        gen = torch.Generator(device).manual_seed(0)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if task == "caption":
+                sampler.caption(video, ctx, shape.caption, generator=gen)
+            else:
+                sampler.generate_video(ctx, tuple(video.shape[1:]), ctx, generator=gen)
+
+    rows = []
+    for task in ("caption", "t2v"):
+        sample(task, 1)  # warm-up: kernels, allocator
+        for n in steps:
+            sec = timed(functools.partial(sample, task, n), 0, 1)
+            row = {
+                "task": task,
+                "size": size,
+                "shape": shape.label,
+                "batch": batch,
+                "steps": n,
+                "seconds_per_video": sec / batch,
+                "ms_per_step": 1e3 * sec / n,
+            }
+            print(row, flush=True)
+            rows.append(row)
+    m = None
+    gc.collect()
+    return rows
+
+
 def largest_batch(impl: str, size: str, shape: Shape, ckpt_blocks: int, limit: int = 64) -> int:
     """Largest power-of-two batch whose train step fits (0 if none)."""
     best, b = 0, 1
@@ -235,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         "--suites",
         nargs="+",
         default=["train", "overhead", "backends", "inference"],
-        choices=["train", "overhead", "backends", "compile", "inference", "maxbatch"],
+        choices=["train", "overhead", "backends", "compile", "inference", "maxbatch", "latency"],
     )
     p.add_argument(
         "--ckpt",
@@ -253,7 +311,10 @@ def main(argv: list[str] | None = None) -> None:
     layers = model_config(size).num_layers
     ckpts = a.ckpt if a.ckpt is not None else [layers, 0]
     rows: list[dict] = []
+    latencies: list[dict] = []
     for shape in shapes:
+        if "latency" in a.suites and shape is shapes[0]:
+            latencies += latency(size, shape, preset.get("latency_steps", [10, 20, 50, 100]))
         if "train" in a.suites:
             for ck in ckpts:
                 for impl in ("diffusers", "ours-video", "ours"):
@@ -311,9 +372,16 @@ def main(argv: list[str] | None = None) -> None:
             ratios, ["shape", "train", "ckpt_blocks", "ours_over_diffusers", "unified_over_video"]
         )
     )
+    if latencies:
+        table += (
+            "\n\nSampling latency (batch 1, random weights, bf16 on GPU):\n\n"
+            + markdown_table(
+                latencies, ["task", "shape", "steps", "seconds_per_video", "ms_per_step"]
+            )
+        )
     path = write_results(
         f"throughput_{a.preset}{a.tag}",
-        {"preset": a.preset, "rows": rows, "ratios": ratios},
+        {"preset": a.preset, "rows": rows, "ratios": ratios, "latency": latencies},
         table,
         a.out,
     )
