@@ -54,7 +54,6 @@ PRESETS = {
                 "temperature": 0.5,
             },
             "model.compile_blocks": True,
-            "model.optimizer.init_args.fused": True,
             "trainer.accelerator": "gpu",
             "trainer.precision": "bf16-mixed",
         },
