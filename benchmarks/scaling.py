@@ -42,7 +42,7 @@ PRESETS = {
         max_time="00:00:02:30",
         eval_clips=128,
         sample_steps=20,
-        data=dict(num_train=20000, batch_size=64, num_workers=8),
+        data=dict(num_train=20000, batch_size=64, num_workers=8, pin_memory=True),
         model={
             "model.lr": 5.0e-4,
             "model.warmup_steps": 200,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_vigu.flows import FlowTimeModel, continuous, discrete
+from lightning_vigu.flows.sampling import on_device
 from lightning_vigu.phases import TASKS, Phase
 
 T2V, V2T, JOINT = (TASKS.index(t) for t in ("t2v", "v2t", "joint"))
@@ -133,7 +134,10 @@ class UnifiedObjective:
         # 1. video times: clean for v2t, else sampled (Wan-style logit-normal / shift)
         t_v = continuous.sample_time(b, c.time_scheme, c.time_shift, generator=generator).to(dev)
         t_v = torch.where(tasks == V2T, torch.ones_like(t_v), t_v)
-        noise = torch.randn(latents.shape, generator=generator).to(dev, latents.dtype)
+        # drawn where the latents live: a CPU draw + copy of a GPU batch's noise costs more than
+        # the step of a small model (on CPU this is the step generator itself)
+        noise_gen = on_device(generator, dev)
+        noise = torch.randn(latents.shape, generator=noise_gen, device=dev, dtype=latents.dtype)
         path_v = continuous.sample_path(latents, t_v, x_0=noise)
         # 2. caption stream: clean prompt for t2v, the target on the mixture path otherwise
         x_text = t_x = path_x = None

@@ -48,6 +48,7 @@ class SyntheticDataModule(WebVideoDataModule):
         fps: override the preset's frame rate.
         generation_workers: processes used to generate shards (default: all cores).
         progress: show a progress bar while generating.
+        pin_memory: DataLoader ``pin_memory`` (faster host-to-GPU copies).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class SyntheticDataModule(WebVideoDataModule):
         samples_per_shard: int = 100,
         batch_size: int = 16,
         num_workers: int = 2,
+        pin_memory: bool = False,
         caption_key: str = "caption",
         test_split: Literal["test", "unseen"] = "test",
         shuffle_buffer: int = 500,
@@ -78,6 +80,7 @@ class SyntheticDataModule(WebVideoDataModule):
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             num_frames=self.world.num_frames,
             prompt_key="txt",
             caption_key=f"json:{caption_key}",
