@@ -131,7 +131,9 @@ def seconds_per_step(kept: list[tuple[int, Path]]) -> float | None:
 
 
 def run(args) -> Path:
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.max_time:
+        preset["max_time"] = args.max_time
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LIGHTNING_VIGU_CACHE", str(work / "cache"))
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("part", choices=["run", "report", "all"])
     p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
     p.add_argument("--sizes", nargs="+", default=None, help="override the preset's sizes")
+    p.add_argument("--max-time", default=None, help="override the preset's training time per size")
     p.add_argument("--work", default="runs/scaling")
     p.add_argument("--raw", default=None, help="scaling_raw.json for 'report'")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
