@@ -103,6 +103,7 @@ def train(work: Path, size: str, preset: dict) -> None:
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
     (work / size / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+    (work / size / "max_time.txt").write_text(f"{preset['max_time']}\n")
 
 
 def checkpoints(work: Path, size: str) -> list[tuple[int, Path]]:
@@ -150,6 +151,8 @@ def run(args) -> Path:
             continue
         entry["parameters"] = parameter_count(kept[-1][1])
         entry["seconds_per_step"] = seconds_per_step(kept)
+        if (work / size / "max_time.txt").is_file():
+            entry["max_time"] = (work / size / "max_time.txt").read_text().strip()
         entry["loss"] = loss_curve(work, size)
         for step, path in kept:
             if str(step) in entry["evals"]:
@@ -179,6 +182,7 @@ def rows_of(raw: dict) -> list[dict]:
                     "size": size,
                     "params_M": entry.get("parameters", 0) / 1e6,
                     "step": int(step),
+                    "max_time": entry.get("max_time"),
                     "train_s": per_step * int(step) if per_step else None,
                     **{m: res.get(m) for m in METRICS},
                 }
@@ -201,7 +205,7 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         f"with {p.get('sample_steps')} sampling steps. `train_s` = step x the seconds per step "
         "measured between the first and last kept checkpoints (validation included).\n\n"
     )
-    table = markdown_table(rows, ["size", "params_M", "step", "train_s", *METRICS])
+    table = markdown_table(rows, ["size", "params_M", "max_time", "step", "train_s", *METRICS])
     out = write_results("scaling", {"preset": p, "rows": rows, "raw": raw}, head + table, out_dir)
     plot(rows, Path(out).parent)
     print(table)
