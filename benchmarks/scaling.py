@@ -166,6 +166,7 @@ def run(args) -> Path:
                 label=f"{size}@{step}",
             )["test"]
             entry["evals"][str(step)] = {k: v for k, v in res.items() if isinstance(v, float)}
+            entry["stamp"] = stamp()
             raw.update(stamp=stamp(), preset={k: v for k, v in preset.items() if k != "model"})
             raw_path.write_text(json.dumps(raw, indent=1))
     return raw_path
@@ -200,10 +201,19 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "# Scaling (synthetic world, 16x32x32 clips)\n\n"
         f"Trained and scored on {m.get('machine')} (commit {m.get('commit')}, {m.get('date')}). "
         f"Each size trained from scratch with `conf/recall.yaml` (both directions), batch "
-        f"{(p.get('data') or {}).get('batch_size')}, at most {p.get('steps')} steps or "
-        f"{p.get('max_time')} (h:m:s) of training; scored on {p.get('eval_clips')} test clips "
+        f"{(p.get('data') or {}).get('batch_size')}, at most {p.get('steps')} steps or its "
+        "`max_time` (h:m:s, start-up and compilation included) of training; "
+        f"scored on {p.get('eval_clips')} test clips "
         f"with {p.get('sample_steps')} sampling steps. `train_s` = step x the seconds per step "
         "measured between the first and last kept checkpoints (validation included).\n\n"
+    )
+    runs = "".join(
+        f"- `{size}`: {e['stamp']['machine']}, commit {e['stamp']['commit']}, {e['stamp']['date']}\n"
+        for size, e in raw["sizes"].items()
+        if e.get("stamp")
+    )
+    head += (
+        f"Per size (a run split over device calls can differ by call):\n\n{runs}\n" if runs else ""
     )
     table = markdown_table(rows, ["size", "params_M", "max_time", "step", "train_s", *METRICS])
     out = write_results("scaling", {"preset": p, "rows": rows, "raw": raw}, head + table, out_dir)

@@ -58,7 +58,7 @@ PRESETS = {
     "tiny": dict(
         size="tiny", shapes=[Shape(16, 8, 8, 32, 32, 8, label="16x32x32 (pixel codec), batch 8")]
     ),
-    "toy": dict(size="tiny", shapes=[Shape(2, 4, 4, 8, 8, 2, label="toy")]),
+    "toy": dict(size="tiny", shapes=[Shape(2, 4, 4, 8, 8, 2, label="toy")], latency_steps=[2, 4]),
 }
 
 

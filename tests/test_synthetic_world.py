@@ -206,3 +206,17 @@ def test_synthetic_datamodule_end_to_end(tmp_path):
 def test_world_config_is_hashable_and_fingerprint_stable():
     assert hash(CPU) == hash(WorldConfig())
     assert CPU.fingerprint() == world_config("cpu").fingerprint()
+
+
+def test_tokenizer_remembers_texts_without_changing_canvases():
+    from datamodules.synthetic import WorldTokenizer
+
+    tok = WorldTokenizer()
+    tok.cache_size = 2
+    texts = ["a red circle moves left", "a blue square does not move", "a red circle moves left"]
+    first = tok.encode(texts, 16)
+    assert torch.equal(tok.encode(texts, 16), first)  # remembered ids give the same canvas
+    short = tok.encode(texts, 4)  # the same remembered text cut to another canvas length
+    assert torch.equal(short[:, :3], first[:, :3]) and (short[:, 3] == tok.eos_id).all()
+    assert len(tok._ids_cache) <= tok.cache_size
+    assert tok.decode(first) == [t for t in texts]

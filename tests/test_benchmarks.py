@@ -1,0 +1,55 @@
+"""The benchmark suites at toy scale on CPU: each one's documented command runs end to end and
+writes a result whose numbers are measured (positive times, metrics in [0, 1]), with a stamp."""
+
+import json
+import math
+
+from benchmarks import quality, scaling, throughput
+
+
+def test_throughput_toy_measures_steps_ratios_and_sampling_latency(tmp_path):
+    throughput.main(["--preset", "toy", "--suites", "train", "latency", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "throughput_toy.json").read_text())
+    assert result["stamp"]["machine"].startswith("CPU")
+    timed = [r for r in result["rows"] if "seconds" in r]
+    assert {r["impl"] for r in timed} == {"diffusers", "ours-video", "ours"}
+    assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 for r in timed)
+    assert all(r["unified_over_video"] > 0 for r in result["ratios"])
+    latency = result["latency"]
+    assert {r["task"] for r in latency} == {"caption", "t2v"}
+    assert all(r["seconds_per_video"] > 0 for r in latency)
+    assert "Sampling latency" in (tmp_path / "throughput_toy.md").read_text()
+
+
+def test_scaling_toy_scores_every_kept_checkpoint_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
+    work, out = tmp_path / "work", tmp_path / "out"
+    scaling.main(["all", "--preset", "toy", "--work", str(work), "--out", str(out)])
+    result = json.loads((out / "scaling.json").read_text())
+    assert [(r["size"], r["step"]) for r in result["rows"]] == [("tiny", 2), ("tiny", 4)]
+    for row in result["rows"]:
+        assert row["params_M"] > 0 and row["train_s"] > 0
+        for metric in scaling.METRICS:
+            assert math.isnan(row[metric]) or 0.0 <= row[metric] <= 1.0
+    assert (out / "scaling.png").stat().st_size > 0
+    # a second run finds the trained size and the scored checkpoints and redoes nothing
+    before = (work / "scaling_raw.json").read_text()
+    scaling.main(["run", "--preset", "toy", "--work", str(work)])
+    assert json.loads((work / "scaling_raw.json").read_text())["sizes"] == json.loads(before)["sizes"]
+
+
+def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
+    """Two stages keep CI short; the other stages run the same train/evaluate code."""
+    monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["all", "--preset", "toy", "--stages", "generator", "recall"]
+    quality.main([*args, "--work", str(work), "--out", str(out)])
+    result = json.loads((out / "quality.json").read_text())
+    rows = {(r["stage"], r["split"]): r for r in result["rows"]}
+    assert set(rows) == {(s, split) for s in ("generator", "recall") for split in ("test", "unseen")}
+    for split in ("test", "unseen"):
+        assert 0.0 <= rows["recall", split]["v2t/attr_accuracy"] <= 1.0
+        assert "v2t/attr_accuracy" not in rows["generator", split]  # no caption stream
+        for stage in ("generator", "recall"):
+            assert 0.0 <= rows[stage, split]["t2v/adherence_accuracy"] <= 1.0
+    assert (out / "quality_losses.png").is_file() and (out / "quality_metrics.png").is_file()
