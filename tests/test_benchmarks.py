@@ -35,7 +35,9 @@ def test_scaling_toy_scores_every_kept_checkpoint_and_plots(tmp_path, monkeypatc
     # a second run finds the trained size and the scored checkpoints and redoes nothing
     before = (work / "scaling_raw.json").read_text()
     scaling.main(["run", "--preset", "toy", "--work", str(work)])
-    assert json.loads((work / "scaling_raw.json").read_text())["sizes"] == json.loads(before)["sizes"]
+    assert (
+        json.loads((work / "scaling_raw.json").read_text())["sizes"] == json.loads(before)["sizes"]
+    )
 
 
 def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
@@ -46,7 +48,9 @@ def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
     quality.main([*args, "--work", str(work), "--out", str(out)])
     result = json.loads((out / "quality.json").read_text())
     rows = {(r["stage"], r["split"]): r for r in result["rows"]}
-    assert set(rows) == {(s, split) for s in ("generator", "recall") for split in ("test", "unseen")}
+    assert set(rows) == {
+        (s, split) for s in ("generator", "recall") for split in ("test", "unseen")
+    }
     for split in ("test", "unseen"):
         assert 0.0 <= rows["recall", split]["v2t/attr_accuracy"] <= 1.0
         assert "v2t/attr_accuracy" not in rows["generator", split]  # no caption stream
