@@ -28,11 +28,13 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from torch import Tensor
 
 from benchmarks.common import RESULTS, markdown_table, stamp, write_results
 
@@ -54,7 +56,7 @@ PRESETS = {
         recall=1500,
         refine=800,
         arcap=2300,
-        eval_clips=256,
+        eval_clips=128,
         sample_steps=30,
         overlay=["-c", "conf/gpu.yaml"],
     ),
@@ -131,10 +133,16 @@ def stage_overlay(
 
 
 def train(work: Path, stage: str, preset: dict) -> Path:
-    """Train one stage through the CLI unless its checkpoint exists; returns ``last.ckpt``."""
+    """Train one stage through the CLI unless it finished before; returns ``last.ckpt``.
+
+    A stage is finished when ``train_seconds.txt`` exists. A stage stopped part-way (a device
+    call that ran out of time) resumes from its ``last.ckpt``; Lightning restores the step, the
+    optimiser and the ``max_time`` timer, so the stage still trains for its budget in total.
+    """
     ckpt = work / stage / "checkpoints" / "last.ckpt"
-    if ckpt.is_file():
-        print(f"[quality] {stage}: found {ckpt}, skipping training", flush=True)
+    done = work / stage / "train_seconds.txt"
+    if done.is_file():
+        print(f"[quality] {stage}: trained before ({ckpt}), skipping", flush=True)
         return ckpt
     g, r = work / "generator/checkpoints/last.ckpt", work / "recall/checkpoints/last.ckpt"
     steps = {"twin": preset["recall"]}.get(stage, preset.get(stage))
@@ -150,10 +158,19 @@ def train(work: Path, stage: str, preset: dict) -> Path:
     overlay = preset["arcap_overlay"] if stage == "arcap" else preset["overlay"]
     cmd = [sys.executable, "-m", module, *extra, *overlay]
     cmd += ["-c", str(stage_overlay(work, stage, steps, preset.get("max_time")))]
+    earlier = 0.0
+    if ckpt.is_file():
+        cmd.append(f"--ckpt_path={ckpt}")
+        partial = work / stage / "partial_seconds.txt"
+        earlier = float(partial.read_text()) if partial.is_file() else 0.0
+        print(f"[quality] {stage}: resuming from {ckpt}", flush=True)
     print(f"[quality] {stage}: {' '.join(cmd)}", flush=True)
     start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    (work / stage / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+    try:
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    finally:
+        (work / stage / "partial_seconds.txt").write_text(f"{earlier + time.time() - start:.1f}\n")
+    done.write_text(f"{earlier + time.time() - start:.1f}\n")
     return ckpt
 
 
@@ -197,8 +214,10 @@ def evaluate_checkpoint(
     splits: tuple[str, ...] = ("test", "unseen"),
     label: str = "",
     baseline: bool = False,
+    keep_samples: int = 0,
 ) -> dict:
-    """Evaluate one checkpoint on each split: ``{split: results}``."""
+    """Evaluate one checkpoint on each split: ``{split: results}`` (with ``_samples`` when
+    ``keep_samples``: see :func:`callbacks.evaluation.evaluate`)."""
     from callbacks.evaluation import collect, evaluate
     from datamodules import SyntheticDataModule
 
@@ -221,6 +240,7 @@ def evaluate_checkpoint(
             batch_size=64,
             seed=0,
             steps=sample_steps,
+            keep_samples=keep_samples,
         )
         res["eval_seconds"] = time.time() - start
         out[split] = res
@@ -232,10 +252,14 @@ def evaluate_checkpoint(
     return out
 
 
+SAMPLES = 4  # clips per split whose generated videos and captions go into the sample grid
+
+
 def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -> dict:
-    """Evaluate one stage's ``last.ckpt`` on the test and unseen splits."""
+    """Evaluate one stage's ``last.ckpt`` on the test and unseen splits; its samples are added
+    to ``<work>/samples.pt`` (uint8 videos and texts, rendered by ``report``)."""
     ckpt = work / stage / "checkpoints" / "last.ckpt"
-    return evaluate_checkpoint(
+    out = evaluate_checkpoint(
         ckpt,
         data_args,
         preset["eval_clips"],
@@ -243,7 +267,13 @@ def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -
         fvd,
         label=stage,
         baseline=stage == "arcap",
+        keep_samples=SAMPLES,
     )
+    path = work / "samples.pt"
+    kept = torch.load(path, weights_only=False) if path.is_file() else {}
+    kept[stage] = {split: res.pop("_samples", {}) for split, res in out.items()}
+    torch.save(kept, path)
+    return out
 
 
 def run(args) -> Path:
@@ -257,6 +287,8 @@ def run(args) -> Path:
         if stage == "refine":
             train(work, "recall", preset)
         train(work, stage, preset)
+    if args.skip_eval:
+        return work / "quality_raw.json"
     data_cfg = yaml.safe_load(
         (
             ROOT
@@ -348,6 +380,9 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
     )
     out = write_results("quality", payload, head + table, out_dir)
     plot(raw, rows, Path(out).parent)
+    samples = Path(raw_path).parent / "samples.pt"
+    if samples.is_file():
+        sample_grid(torch.load(samples, weights_only=False), Path(out).parent)
     print(table)
     return out
 
@@ -380,6 +415,57 @@ def plot(raw: dict, rows: list[dict], out_dir: Path) -> None:
     fig.savefig(out_dir / "quality_metrics.png", dpi=110)
 
 
+def sample_grid(samples: dict, out_dir: Path, split: str = "test", frames: int = 4) -> Path:
+    """``quality_samples.png``: per clip, the real video and each stage's generated video for
+    its prompt (``frames`` frames across time), the joint caption under each generated video and
+    every captioner's caption of the real video below the real one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in samples if split in samples[s]]
+    ref = next((samples[s][split] for s in stages if "real" in samples[s][split]), None)
+    if ref is None:
+        raise ValueError(f"no kept samples for split '{split}'")
+    makers = [s for s in stages if "t2v" in samples[s][split]]
+    n = len(ref["prompts"])
+
+    def wrap(text: str) -> str:
+        return textwrap.fill(text, 60)
+
+    def strip(video: Tensor):
+        t = video.shape[1]
+        idx = [round(i * (t - 1) / max(frames - 1, 1)) for i in range(frames)]
+        return torch.cat([video[:, i] for i in idx], dim=2).permute(1, 2, 0).numpy()
+
+    fig, axes = plt.subplots(
+        1 + len(makers), n, figsize=(3.4 * n, 1.9 * (1 + len(makers)) + 0.6), squeeze=False
+    )
+    for j in range(n):
+        caps = [
+            f"{s}: {samples[s][split]['captions'][j]}"
+            for s in stages
+            if "captions" in samples[s][split]
+        ]
+        axes[0, j].imshow(strip(ref["real"][j]))
+        axes[0, j].set_title(wrap(f"real: {ref['prompts'][j]}"), fontsize=6)
+        axes[0, j].set_xlabel("\n".join(wrap(c) for c in caps), fontsize=5)
+        for i, s in enumerate(makers, start=1):
+            kept = samples[s][split]
+            axes[i, j].imshow(strip(kept["t2v"][j]))
+            axes[i, j].set_title(f"{s} (t2v)", fontsize=6)
+            if "joint_captions" in kept:
+                axes[i, j].set_xlabel(wrap(f"joint: {kept['joint_captions'][j]}"), fontsize=5)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    path = out_dir / "quality_samples.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -394,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--raw", default=None, help="quality_raw.json for 'report'")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--reevaluate", action="store_true")
+    p.add_argument(
+        "--skip-eval", action="store_true", help="train only (split a run over device calls)"
+    )
     a = p.parse_args(argv)
     raw = Path(a.raw) if a.raw else None
     if a.part in ("run", "all"):

@@ -94,6 +94,7 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     steps: int | None = None,
+    keep_samples: int = 0,
 ) -> dict[str, float]:
     """One evaluation round on collected clips (see :func:`collect`).
 
@@ -107,6 +108,8 @@ def evaluate(
         batch_size: clips per sampling call.
         seed: sampling seed.
         steps: sampling steps (``None``: the module's sampler settings).
+        keep_samples: also return the first this many clips' generated videos (uint8) and
+            joint captions under ``_samples`` (for sample grids).
     """
     from datamodules.synthetic.detector import detect, score_video
     from datamodules.synthetic.parse import parse_text, score_caption
@@ -123,6 +126,7 @@ def evaluate(
     scope = "prompt" if target_key == "prompt" else "all"
     overrides = {"video_steps": steps, "text_steps": steps}
     results: dict[str, float] = {"num_videos": float(n)}
+    samples: dict = {}
     if "v2t" in directions and getattr(getattr(module, "model", None), "has_text", True):
         preds: list[str] = []
         for sl in _chunks(n, batch_size):
@@ -143,6 +147,8 @@ def evaluate(
         for sl in _chunks(n, batch_size):
             videos.append(module.generate_video(clips["prompt"][sl], seed=seed, **overrides).cpu())
         gen = torch.cat(videos)
+        if keep_samples:
+            samples["t2v"] = _to_uint8(gen[:keep_samples])
         if has_truth:
             acc = mean_accuracy([score_video(v, m, "prompt") for v, m in zip(gen, clips["meta"])])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
@@ -166,10 +172,24 @@ def evaluate(
         for sl in _chunks(n, batch_size):
             vids, caps = module.generate_joint(clips["prompt"][sl], seed=seed, **overrides)
             scores += [agreement(detect(v.cpu()), parse_text(c)) for v, c in zip(vids, caps)]
+            if keep_samples and "joint" not in samples:
+                samples["joint"] = _to_uint8(vids[:keep_samples].cpu())
+                samples["joint_captions"] = list(caps[:keep_samples])
         valid = [s for s in scores if not math.isnan(s)]
         results["joint/agreement"] = sum(valid) / len(valid) if valid else math.nan
         results["joint/stated_fraction"] = len(valid) / len(scores)
+    if keep_samples:
+        samples["real"] = _to_uint8(clips["video"][:keep_samples])
+        samples["prompts"] = list(clips["prompt"][:keep_samples])
+        if "_predictions_v2t" in results:
+            samples["captions"] = [p for _, p in results["_predictions_v2t"][:keep_samples]]
+        results["_samples"] = samples  # type: ignore[assignment]
     return results
+
+
+def _to_uint8(videos: Tensor) -> Tensor:
+    """``(B, 3, T, H, W)`` in ``[-1, 1]`` -> uint8 (compact for keeping samples)."""
+    return ((videos.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class Evaluation(L.Callback):
