@@ -271,7 +271,8 @@ def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -
     )
     path = work / "samples.pt"
     kept = torch.load(path, weights_only=False) if path.is_file() else {}
-    kept[stage] = {split: res.pop("_samples", {}) for split, res in out.items()}
+    samples = {split: res.pop("_samples", {}) for split, res in out.items()}
+    kept[stage] = {"test": samples.get("test", {})}  # the grid shows the test split
     torch.save(kept, path)
     return out
 
@@ -336,8 +337,9 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
 
     raw = json.loads(Path(raw_path).read_text())
     rows = []
-    for stage, data in raw["stages"].items():
-        for split, res in data["eval"].items():
+    order = sorted(raw["stages"], key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
+    for stage in order:
+        for split, res in raw["stages"][stage]["eval"].items():
             preds = res.pop("_predictions_v2t", None)
             if preds:
                 metric = CaptionMetrics()
@@ -348,12 +350,17 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
                 {
                     "stage": stage,
                     "split": split,
+                    "steps": max(
+                        (c[-1][0] for c in raw["stages"][stage].get("loss", {}).values() if c),
+                        default=None,
+                    ),
                     **{k: v for k, v in res.items() if isinstance(v, float)},
                 }
             )
     cols = [
         "stage",
         "split",
+        "steps",
         "v2t/attr_accuracy",
         "v2t/cider",
         "v2t/bleu4",
@@ -376,7 +383,8 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         f"Trained and evaluated on {m.get('machine')} (commit {m.get('commit')}, {m.get('date')}); "
         "BLEU-4 / METEOR / CIDEr-D computed from the kept captions by `report` on the machine "
         f"in the stamp above. Budget per stage: {raw.get('preset', {}).get('max_time')} (h:m:s) of "
-        "training; FVD protocol in quality.json.\n\n"
+        f"training or the stage's step limit ({raw.get('preset', {}).get('eval_clips')} clips per "
+        "split scored; `steps` = the last logged step); FVD protocol in quality.json.\n\n"
     )
     out = write_results("quality", payload, head + table, out_dir)
     plot(raw, rows, Path(out).parent)
