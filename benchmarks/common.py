@@ -88,3 +88,13 @@ def timed(fn: Callable[[], object], warmup: int, iters: int) -> float:
         fn()
     sync()
     return (time.perf_counter() - start) / iters
+
+
+def run_then_report(args, run: Callable, report: Callable, raw_name: str) -> None:
+    """The ``run`` / ``report`` / ``all`` parts of a suite's command line: ``run`` trains and
+    scores into ``<work>/<raw_name>``, ``report`` turns that file into the result files."""
+    raw = Path(args.raw) if args.raw else None
+    if args.part in ("run", "all"):
+        raw = run(args)
+    if args.part in ("report", "all"):
+        report(raw or Path(args.work) / raw_name, Path(args.out) if args.out else RESULTS)

@@ -36,7 +36,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from benchmarks.common import RESULTS, markdown_table, stamp, write_results
+from benchmarks.common import markdown_table, run_then_report, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -491,12 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--skip-eval", action="store_true", help="train only (split a run over device calls)"
     )
-    a = p.parse_args(argv)
-    raw = Path(a.raw) if a.raw else None
-    if a.part in ("run", "all"):
-        raw = run(a)
-    if a.part in ("report", "all"):
-        report(raw or Path(a.work) / "quality_raw.json", Path(a.out) if a.out else RESULTS)
+    run_then_report(p.parse_args(argv), run, report, "quality_raw.json")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import RESULTS, markdown_table, stamp, write_results
+from benchmarks.common import markdown_table, run_then_report, stamp, write_results
 from benchmarks.quality import ROOT, evaluate_checkpoint, loss_curve, stage_overlay
 
 PRESETS = {
@@ -255,12 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="runs/scaling")
     p.add_argument("--raw", default=None, help="scaling_raw.json for 'report'")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    a = p.parse_args(argv)
-    raw = Path(a.raw) if a.raw else None
-    if a.part in ("run", "all"):
-        raw = run(a)
-    if a.part in ("report", "all"):
-        report(raw or Path(a.work) / "scaling_raw.json", Path(a.out) if a.out else RESULTS)
+    run_then_report(p.parse_args(argv), run, report, "scaling_raw.json")
 
 
 if __name__ == "__main__":
