@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import tarfile
@@ -220,3 +221,5 @@ def test_tokenizer_remembers_texts_without_changing_canvases():
     assert torch.equal(short[:, :3], first[:, :3]) and (short[:, 3] == tok.eos_id).all()
     assert len(tok._ids_cache) <= tok.cache_size
     assert tok.decode(first) == [t for t in texts]
+    copied = copy.deepcopy(tok)  # EMA copies and worker processes leave the remembered ids behind
+    assert "_ids_cache" not in copied.__dict__ and torch.equal(copied.encode(texts, 16), first)

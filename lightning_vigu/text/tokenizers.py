@@ -35,6 +35,12 @@ class CaptionTokenizer:
     #: which at batch 64 and three encodes a step is tens of ms of the training loop)
     cache_size: int = 200_000
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles (EMA copies, worker processes) leave the remembered ids behind."""
+        state = self.__dict__.copy()
+        state.pop("_ids_cache", None)
+        return state
+
     def encode(self, texts: Sequence[str], length: int) -> Tensor:
         """Tokenize ``texts`` into a ``(B, length)`` canvas; text longer than ``length - 1``
         tokens is truncated so that at least one EOS always marks the end."""
