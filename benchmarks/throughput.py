@@ -204,8 +204,9 @@ def measure(
 def latency(size: str, shape: Shape, steps: list[int], batch: int = 1) -> list[dict]:
     """Sampling latency per video: captioning (video -> text) and text -> video, vs steps.
 
-    Runs the real :class:`UnifiedSampler` (jump sampler for captions; Euler with CFG, i.e. two
-    forwards per step, for video) on the random-weight model in bf16 under ``no_grad``.
+    Runs the real :class:`UnifiedSampler` (jump sampler for captions; Euler with CFG for video,
+    the conditional and unconditional halves in one forward of twice the batch) on the
+    random-weight model in bf16 under ``no_grad``.
     """
     from lightning_vigu.flows import discrete
     from lightning_vigu.flows.convention import FlowTimeModel
@@ -241,7 +242,7 @@ def latency(size: str, shape: Shape, steps: list[int], batch: int = 1) -> list[d
             row = {
                 "task": task,
                 "size": size,
-                "shape": shape.label,
+                "shape": shape.label.split(", batch")[0],
                 "batch": batch,
                 "steps": n,
                 "seconds_per_video": sec / batch,
