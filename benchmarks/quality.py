@@ -16,9 +16,11 @@
 
 then evaluates every stage on the test split and the held-out-combinations (``unseen``) split:
 caption attribute accuracy (parser), prompt adherence (detector), FVD against real clips of the
-same split, joint agreement. Each stage is skipped when its checkpoint exists, so a run split
-over several device calls resumes where the last one stopped. ``report`` adds BLEU-4 / METEOR /
-ROUGE-L / CIDEr-D (pycocoevalcap, Java) from the kept predictions and writes the results.
+same split, joint agreement. A finished stage is skipped, a stage cut off part-way resumes from
+its ``last.ckpt`` and an evaluated stage is not evaluated again, so a run split over several
+device calls (``--skip-eval`` for the training-only calls) goes on where the last one stopped.
+``report`` adds BLEU-4 / METEOR / ROUGE-L / CIDEr-D (pycocoevalcap, Java) from the kept
+predictions and writes the table, the plots and the sample grid (``quality_samples.png``).
 """
 
 from __future__ import annotations
