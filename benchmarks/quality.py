@@ -134,18 +134,36 @@ def stage_overlay(
     return path
 
 
-def train(work: Path, stage: str, preset: dict) -> Path:
-    """Train one stage through the CLI unless it finished before; returns ``last.ckpt``.
+def run_training(work: Path, name: str, cmd: list[str]) -> Path:
+    """Run one training command (a stage, a size) unless it finished before; returns its
+    ``last.ckpt``.
 
-    A stage is finished when ``train_seconds.txt`` exists. A stage stopped part-way (a device
-    call that ran out of time) resumes from its ``last.ckpt``; Lightning restores the step, the
-    optimiser and the ``max_time`` timer, so the stage still trains for its budget in total.
+    A run is finished when ``<work>/<name>/train_seconds.txt`` exists. A run stopped part-way
+    (a device call that ran out of time) resumes from its ``last.ckpt``; Lightning restores the
+    step, the optimiser and the ``max_time`` timer, so it still trains for its budget in total.
     """
-    ckpt = work / stage / "checkpoints" / "last.ckpt"
-    done = work / stage / "train_seconds.txt"
+    ckpt = work / name / "checkpoints" / "last.ckpt"
+    done = work / name / "train_seconds.txt"
     if done.is_file():
-        print(f"[quality] {stage}: trained before ({ckpt}), skipping", flush=True)
+        print(f"[bench] {name}: trained before ({ckpt}), skipping", flush=True)
         return ckpt
+    earlier, partial = 0.0, work / name / "partial_seconds.txt"
+    if ckpt.is_file():
+        cmd = [*cmd, f"--ckpt_path={ckpt}"]
+        earlier = float(partial.read_text()) if partial.is_file() else 0.0
+        print(f"[bench] {name}: resuming from {ckpt}", flush=True)
+    print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
+    start = time.time()
+    try:
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    finally:
+        partial.write_text(f"{earlier + time.time() - start:.1f}\n")
+    done.write_text(f"{earlier + time.time() - start:.1f}\n")
+    return ckpt
+
+
+def train(work: Path, stage: str, preset: dict) -> Path:
+    """Train one quality stage through the CLI (see :func:`run_training`)."""
     g, r = work / "generator/checkpoints/last.ckpt", work / "recall/checkpoints/last.ckpt"
     steps = {"twin": preset["recall"]}.get(stage, preset.get(stage))
     extra = {
@@ -160,20 +178,7 @@ def train(work: Path, stage: str, preset: dict) -> Path:
     overlay = preset["arcap_overlay"] if stage == "arcap" else preset["overlay"]
     cmd = [sys.executable, "-m", module, *extra, *overlay]
     cmd += ["-c", str(stage_overlay(work, stage, steps, preset.get("max_time")))]
-    earlier = 0.0
-    if ckpt.is_file():
-        cmd.append(f"--ckpt_path={ckpt}")
-        partial = work / stage / "partial_seconds.txt"
-        earlier = float(partial.read_text()) if partial.is_file() else 0.0
-        print(f"[quality] {stage}: resuming from {ckpt}", flush=True)
-    print(f"[quality] {stage}: {' '.join(cmd)}", flush=True)
-    start = time.time()
-    try:
-        subprocess.run(cmd, cwd=ROOT, check=True)
-    finally:
-        (work / stage / "partial_seconds.txt").write_text(f"{earlier + time.time() - start:.1f}\n")
-    done.write_text(f"{earlier + time.time() - start:.1f}\n")
-    return ckpt
+    return run_training(work, stage, cmd)
 
 
 def loss_curve(work: Path, stage: str) -> dict[str, list]:

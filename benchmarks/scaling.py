@@ -10,9 +10,9 @@ keeping a checkpoint at every ``eval_every`` steps, then scores every kept check
 split: caption attribute accuracy (parser), prompt adherence (detector) and joint agreement.
 The x axes are optimiser steps and training seconds, so a reader can compare sizes at equal
 steps or at equal compute. A size whose ``max_time`` runs out before ``steps`` is scored at the
-checkpoints it reached. Sizes are skipped when their ``last.ckpt`` exists and already-scored
-checkpoints are not scored again, so a run split over several device calls goes on where it
-stopped.
+checkpoints it reached. Finished sizes are skipped, a size cut off part-way resumes from its
+``last.ckpt`` and already-scored checkpoints are not scored again, so a run split over several
+device calls goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -21,16 +21,20 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
 from benchmarks.common import markdown_table, run_then_report, stamp, write_results
-from benchmarks.quality import ROOT, evaluate_checkpoint, loss_curve, stage_overlay
+from benchmarks.quality import (
+    ROOT,
+    evaluate_checkpoint,
+    loss_curve,
+    run_training,
+    stage_overlay,
+)
 
 PRESETS = {
     # The world at 16x32x32 (256 video tokens per clip) keeps steps cheap enough for three sizes
@@ -89,21 +93,16 @@ def size_overlay(work: Path, size: str, preset: dict) -> Path:
 
 
 def train(work: Path, size: str, preset: dict) -> None:
-    """Train one size through the CLI unless its ``last.ckpt`` exists."""
-    if (work / size / "checkpoints" / "last.ckpt").is_file():
-        print(f"[scaling] {size}: trained already, skipping", flush=True)
-        return
+    """Train one size through the CLI (finished sizes are skipped, cut-off ones resume)."""
     cmd = [sys.executable, "-m", "lightning_vigu", "fit", "-c", "conf/recall.yaml"]
     cmd += ["-c", str(size_overlay(work, size, preset))]
     overlay = stage_overlay(
         work, size, preset["steps"], preset["max_time"], preset["eval_every"], keep_all=True
     )
     cmd += ["-c", str(overlay)]
-    print(f"[scaling] {size}: {' '.join(cmd)}", flush=True)
-    start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    (work / size / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
-    (work / size / "max_time.txt").write_text(f"{preset['max_time']}\n")
+    if not (work / size / "train_seconds.txt").is_file():
+        (work / size / "max_time.txt").write_text(f"{preset['max_time']}\n")
+    run_training(work, size, cmd)
 
 
 def checkpoints(work: Path, size: str) -> list[tuple[int, Path]]:

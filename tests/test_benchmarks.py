@@ -4,6 +4,8 @@ writes a result whose numbers are measured (positive times, metrics in [0, 1]), 
 import json
 import math
 
+import torch
+
 from benchmarks import quality, scaling, throughput
 
 
@@ -38,6 +40,13 @@ def test_scaling_toy_scores_every_kept_checkpoint_and_plots(tmp_path, monkeypatc
     assert (
         json.loads((work / "scaling_raw.json").read_text())["sizes"] == json.loads(before)["sizes"]
     )
+    # a run cut off before it finished resumes from its last.ckpt through the CLI
+    (work / "tiny" / "train_seconds.txt").unlink()
+    last = work / "tiny" / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    scaling.main(["run", "--preset", "toy", "--work", str(work)])
+    assert (work / "tiny" / "train_seconds.txt").is_file()
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step
 
 
 def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
