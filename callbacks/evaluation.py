@@ -114,6 +114,7 @@ def evaluate(
     from datamodules.synthetic.detector import detect, score_video
     from datamodules.synthetic.parse import parse_text, score_caption
     from datamodules.synthetic.scoring import mean_accuracy
+    from datamodules.video_io import quantize
 
     directions = set(directions)
     n, device = len(clips["prompt"]), module.device
@@ -148,7 +149,7 @@ def evaluate(
             videos.append(module.generate_video(clips["prompt"][sl], seed=seed, **overrides).cpu())
         gen = torch.cat(videos)
         if keep_samples:
-            samples["t2v"] = _to_uint8(gen[:keep_samples])
+            samples["t2v"] = quantize(gen[:keep_samples])
         if has_truth:
             acc = mean_accuracy([score_video(v, m, "prompt") for v, m in zip(gen, clips["meta"])])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
@@ -173,23 +174,18 @@ def evaluate(
             vids, caps = module.generate_joint(clips["prompt"][sl], seed=seed, **overrides)
             scores += [agreement(detect(v.cpu()), parse_text(c)) for v, c in zip(vids, caps)]
             if keep_samples and "joint" not in samples:
-                samples["joint"] = _to_uint8(vids[:keep_samples].cpu())
+                samples["joint"] = quantize(vids[:keep_samples])
                 samples["joint_captions"] = list(caps[:keep_samples])
         valid = [s for s in scores if not math.isnan(s)]
         results["joint/agreement"] = sum(valid) / len(valid) if valid else math.nan
         results["joint/stated_fraction"] = len(valid) / len(scores)
     if keep_samples:
-        samples["real"] = _to_uint8(clips["video"][:keep_samples])
+        samples["real"] = quantize(clips["video"][:keep_samples])
         samples["prompts"] = list(clips["prompt"][:keep_samples])
         if "_predictions_v2t" in results:
             samples["captions"] = [p for _, p in results["_predictions_v2t"][:keep_samples]]
         results["_samples"] = samples  # type: ignore[assignment]
     return results
-
-
-def _to_uint8(videos: Tensor) -> Tensor:
-    """``(B, 3, T, H, W)`` in ``[-1, 1]`` -> uint8 (compact for keeping samples)."""
-    return ((videos.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class Evaluation(L.Callback):

@@ -254,7 +254,11 @@ def to_tensor(frames: np.ndarray) -> Tensor:
     return torch.from_numpy(x)
 
 
+def quantize(videos: Tensor) -> Tensor:
+    """Float videos in ``[-1, 1]`` -> uint8 on the CPU, any layout kept."""
+    return ((videos.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(video: Tensor) -> np.ndarray:
     """``(3, T, H, W)`` float in ``[-1, 1]`` -> ``(T, H, W, 3)`` uint8 frames."""
-    x = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round()
-    return x.to(torch.uint8).permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+    return quantize(video).permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
