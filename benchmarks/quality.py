@@ -28,19 +28,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import torch
 import yaml
 from torch import Tensor
 
-from benchmarks.common import markdown_table, run_then_report, stamp, write_results
+from benchmarks.common import (
+    ROOT,
+    evaluate_checkpoint,
+    loss_curve,
+    markdown_table,
+    run_then_report,
+    run_training,
+    stage_overlay,
+    stamp,
+    write_results,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     # steps per stage; eval clips per split; sampling steps; extra CLI overrides
     "gpu": dict(
@@ -87,81 +94,6 @@ PRESETS = {
 STAGES = ("generator", "twin", "recall", "refine", "arcap")
 
 
-def stage_overlay(
-    work: Path,
-    stage: str,
-    steps: int,
-    max_time: str | None = None,
-    every_n: int | None = None,
-    keep_all: bool = False,
-) -> Path:
-    """A per-stage config overlay: run folder, CSV logs, a last.ckpt, no progress bars.
-
-    ``every_n`` sets the checkpoint interval (default a tenth of the run); ``keep_all`` keeps
-    every interval checkpoint (``step=N.ckpt``) rather than only ``last.ckpt``.
-    """
-    d = work / stage
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "trainer": {
-            "max_steps": steps,
-            "default_root_dir": str(d),
-            "val_check_interval": max(steps // 2, 1),
-            "enable_progress_bar": False,
-            "logger": [
-                {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(d), "name": "", "version": ""},
-                }
-            ],
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(d / "checkpoints"),
-                        "save_last": True,
-                        "save_top_k": -1 if keep_all else 0,
-                        "filename": "{step}",
-                        "every_n_train_steps": every_n or max(steps // 10, 1),
-                    },
-                }
-            ],
-            "max_time": max_time,
-        }
-    }
-    path = d / "overlay.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run_training(work: Path, name: str, cmd: list[str]) -> Path:
-    """Run one training command (a stage, a size) unless it finished before; returns its
-    ``last.ckpt``.
-
-    A run is finished when ``<work>/<name>/train_seconds.txt`` exists. A run stopped part-way
-    (a device call that ran out of time) resumes from its ``last.ckpt``; Lightning restores the
-    step, the optimiser and the ``max_time`` timer, so it still trains for its budget in total.
-    """
-    ckpt = work / name / "checkpoints" / "last.ckpt"
-    done = work / name / "train_seconds.txt"
-    if done.is_file():
-        print(f"[bench] {name}: trained before ({ckpt}), skipping", flush=True)
-        return ckpt
-    earlier, partial = 0.0, work / name / "partial_seconds.txt"
-    if ckpt.is_file():
-        cmd = [*cmd, f"--ckpt_path={ckpt}"]
-        earlier = float(partial.read_text()) if partial.is_file() else 0.0
-        print(f"[bench] {name}: resuming from {ckpt}", flush=True)
-    print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
-    start = time.time()
-    try:
-        subprocess.run(cmd, cwd=ROOT, check=True)
-    finally:
-        partial.write_text(f"{earlier + time.time() - start:.1f}\n")
-    done.write_text(f"{earlier + time.time() - start:.1f}\n")
-    return ckpt
-
-
 def train(work: Path, stage: str, preset: dict) -> Path:
     """Train one quality stage through the CLI (see :func:`run_training`)."""
     g, r = work / "generator/checkpoints/last.ckpt", work / "recall/checkpoints/last.ckpt"
@@ -179,84 +111,6 @@ def train(work: Path, stage: str, preset: dict) -> Path:
     cmd = [sys.executable, "-m", module, *extra, *overlay]
     cmd += ["-c", str(stage_overlay(work, stage, steps, preset.get("max_time")))]
     return run_training(work, stage, cmd)
-
-
-def loss_curve(work: Path, stage: str) -> dict[str, list]:
-    """``step -> train/loss*`` from the stage's CSV log."""
-    import csv
-
-    path = work / stage / "metrics.csv"
-    curves: dict[str, list] = {}
-    if not path.is_file():
-        return curves
-    for row in csv.DictReader(path.open()):
-        for key, value in row.items():
-            if key.startswith("train/loss") and value:
-                curves.setdefault(key, []).append((int(row["step"]), float(value)))
-    return curves
-
-
-def load_for_eval(ckpt: Path, device: str, baseline: bool = False):
-    """A trained checkpoint (UniViGU, or the AR baseline when ``baseline``) and the directions
-    it can be scored on."""
-    if baseline:
-        from benchmarks.baselines import ARCaptionerModule
-
-        module = ARCaptionerModule.load_from_checkpoint(
-            ckpt, map_location=device, weights_only=False
-        ).eval()
-        return module, ["v2t"]
-    from lightning_vigu.cli import load_module
-
-    module = load_module(str(ckpt), device)
-    return module, (["t2v", "v2t", "joint"] if module.model.has_text else ["t2v"])
-
-
-def evaluate_checkpoint(
-    ckpt: Path,
-    data_args: dict,
-    eval_clips: int,
-    sample_steps: int,
-    fvd=None,
-    splits: tuple[str, ...] = ("test", "unseen"),
-    label: str = "",
-    baseline: bool = False,
-    keep_samples: int = 0,
-) -> dict:
-    """Evaluate one checkpoint on each split: ``{split: results}`` (with ``_samples`` when
-    ``keep_samples``: see :func:`callbacks.evaluation.evaluate`)."""
-    from callbacks.evaluation import collect, evaluate
-    from datamodules import SyntheticDataModule
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    module, directions = load_for_eval(ckpt, device, baseline)
-    out = {}
-    for split in splits:
-        dm = SyntheticDataModule(
-            **{**data_args, "test_split": split, "num_workers": 0, "progress": False}
-        )
-        dm.prepare_data()
-        dm.setup("test")
-        clips = collect(dm.test_dataloader(), eval_clips)
-        start = time.time()
-        res = evaluate(
-            module,
-            clips,
-            directions,
-            fvd=fvd if "t2v" in directions else None,
-            batch_size=64,
-            seed=0,
-            steps=sample_steps,
-            keep_samples=keep_samples,
-        )
-        res["eval_seconds"] = time.time() - start
-        out[split] = res
-        print(
-            f"[eval] {label or ckpt}/{split}: "
-            + ", ".join(f"{k}={v:.3f}" for k, v in res.items() if isinstance(v, float)),
-            flush=True,
-        )
-    return out
 
 
 SAMPLES = 4  # clips per split whose generated videos and captions go into the sample grid

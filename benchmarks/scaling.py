@@ -27,13 +27,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import markdown_table, run_then_report, stamp, write_results
-from benchmarks.quality import (
+from benchmarks.common import (
     ROOT,
     evaluate_checkpoint,
     loss_curve,
+    markdown_table,
+    run_then_report,
     run_training,
     stage_overlay,
+    stamp,
+    write_results,
 )
 
 PRESETS = {
@@ -117,7 +120,8 @@ def checkpoints(work: Path, size: str) -> list[tuple[int, Path]]:
 
 def parameter_count(ckpt: Path) -> int:
     """Parameters of the unified model (video path + caption stream) in a checkpoint."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    # memory-mapped: only the tensors' sizes are read, not a checkpoint of a GiB or more
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     return sum(v.numel() for k, v in state.items() if k.startswith("model."))
 
 
@@ -142,6 +146,7 @@ def run(args) -> Path:
         train(work, size, preset)
     raw_path = work / "scaling_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {"sizes": {}}
+    world = data_args(preset)
     for size in sizes:
         entry = raw["sizes"].setdefault(size, {"evals": {}})
         kept = checkpoints(work, size)
@@ -158,7 +163,7 @@ def run(args) -> Path:
                 continue
             res = evaluate_checkpoint(
                 path,
-                data_args(preset),
+                world,
                 preset["eval_clips"],
                 preset["sample_steps"],
                 splits=("test",),
