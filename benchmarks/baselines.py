@@ -22,27 +22,16 @@ from torch import Tensor, nn
 
 from lightning_vigu.batch import Batch, check_batch
 from lightning_vigu.codecs import LatentCodec, PixelCodec
-from lightning_vigu.module import save_config_hyperparameters, warmup_cosine
+from lightning_vigu.model.embeddings import sincos_3d
+from lightning_vigu.module import (
+    InjectedOptimizerModule,
+    save_config_hyperparameters,
+    warmup_cosine,
+)
 from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 
 SIZES: dict[str, dict] = yaml.safe_load(Path(__file__).with_name("baselines.yaml").read_text())
 CAPTION_TARGETS = ("caption", "prompt")
-
-
-def sincos_3d(frames: int, height: int, width: int, dim: int, device=None) -> Tensor:
-    """Fixed 3-D sine-cosine positions ``(frames * height * width, dim)``, row-major in
-    ``(t, h, w)``: ``2 * (dim // 6)`` channels each for ``h`` and ``w``, the rest for ``t``."""
-    d_hw = 2 * (dim // 6)
-    grid = torch.meshgrid(
-        *(torch.arange(n, device=device, dtype=torch.float32) for n in (frames, height, width)),
-        indexing="ij",
-    )
-    parts = []
-    for pos, d in zip(grid, (dim - 2 * d_hw, d_hw, d_hw)):
-        omega = 10000.0 ** (-torch.arange(d // 2, device=device, dtype=torch.float32) / (d // 2))
-        angle = pos.reshape(-1, 1) * omega  # (N, d/2)
-        parts += [angle.sin(), angle.cos()]
-    return torch.cat(parts, dim=-1)  # (N, dim)
 
 
 class ARCaptioner(nn.Module):
@@ -194,7 +183,7 @@ def build_ar_captioner(size: str, **kwargs) -> ARCaptioner:
     return ARCaptioner(**values)
 
 
-class ARCaptionerModule(L.LightningModule):
+class ARCaptionerModule(InjectedOptimizerModule):
     """Trains an :class:`ARCaptioner` with teacher-forced cross-entropy on the Batch contract.
 
     The loss covers each caption's tokens and its first EOS (the EOS fill after it is

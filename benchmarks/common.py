@@ -110,72 +110,102 @@ def stage_overlay(
     max_time: str | None = None,
     every_n: int | None = None,
     keep_all: bool = False,
+    minutes: float | None = None,
+    ema: bool = False,
 ) -> Path:
     """A per-stage config overlay: run folder, CSV logs, a last.ckpt, no progress bars.
 
     ``every_n`` sets the checkpoint interval (default a tenth of the run); ``keep_all`` keeps
-    every interval checkpoint (``step=N.ckpt``) rather than only ``last.ckpt``.
+    every interval checkpoint (``step=N.ckpt``) rather than only ``last.ckpt``. ``minutes``
+    plans the run's length from a wall-clock budget (:class:`callbacks.TimeBudget`: the lr
+    schedule ends at the last step; ``steps`` is then an upper bound) and turns validation off
+    (the suites evaluate afterwards); ``ema`` keeps EMA weights (:class:`callbacks.EMA`), which
+    the checkpoint then holds as its weights.
     """
     d = work / stage
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "trainer": {
-            "max_steps": steps,
-            "default_root_dir": str(d),
-            "val_check_interval": max(steps // 2, 1),
-            "enable_progress_bar": False,
-            "logger": [
-                {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(d), "name": "", "version": ""},
-                }
-            ],
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(d / "checkpoints"),
-                        "save_last": True,
-                        "save_top_k": -1 if keep_all else 0,
-                        "filename": "{step}",
-                        "every_n_train_steps": every_n or max(steps // 10, 1),
-                    },
-                }
-            ],
-            "max_time": max_time,
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(d / "checkpoints"),
+                "save_last": True,
+                "save_top_k": -1 if keep_all else 0,
+                "filename": "{step}",
+                "every_n_train_steps": every_n or max(steps // 10, 1),
+            },
         }
+    ]
+    if ema:
+        callbacks.append({"class_path": "callbacks.EMA", "init_args": {"decay": 0.999}})
+    if minutes:
+        callbacks.append({"class_path": "callbacks.TimeBudget", "init_args": {"minutes": minutes}})
+    trainer = {
+        "max_steps": steps,
+        "default_root_dir": str(d),
+        "val_check_interval": max(steps // 2, 1),
+        "enable_progress_bar": False,
+        "logger": [
+            {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(d), "name": "", "version": ""},
+            }
+        ],
+        "callbacks": callbacks,
+        "max_time": max_time,
     }
+    if minutes:
+        trainer["limit_val_batches"] = 0
     path = d / "overlay.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump({"trainer": trainer}))
     return path
 
 
-def run_training(work: Path, name: str, cmd: list[str]) -> Path:
-    """Run one training command (a stage, a size) unless it finished before; returns its
-    ``last.ckpt``.
+def start_training(work: Path, name: str, cmd: list[str]) -> subprocess.Popen | None:
+    """Start one training command (a stage, a size) in the background, unless it finished
+    before (then ``None``); its output goes to ``<work>/<name>/train.log``.
 
     A run is finished when ``<work>/<name>/train_seconds.txt`` exists. A run stopped part-way
     (a device call that ran out of time) resumes from its ``last.ckpt``; Lightning restores the
-    step, the optimiser and the ``max_time`` timer, so it still trains for its budget in total.
+    step, the optimiser and the callbacks' state (time budget, EMA), so it still trains for its
+    budget in total. Wait for it with :func:`finish_training`.
     """
     ckpt = work / name / "checkpoints" / "last.ckpt"
-    done = work / name / "train_seconds.txt"
-    if done.is_file():
+    if (work / name / "train_seconds.txt").is_file():
         print(f"[bench] {name}: trained before ({ckpt}), skipping", flush=True)
-        return ckpt
-    earlier, partial = 0.0, work / name / "partial_seconds.txt"
+        return None
     if ckpt.is_file():
         cmd = [*cmd, f"--ckpt_path={ckpt}"]
-        earlier = float(partial.read_text()) if partial.is_file() else 0.0
         print(f"[bench] {name}: resuming from {ckpt}", flush=True)
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
-    start = time.time()
-    try:
-        subprocess.run(cmd, cwd=ROOT, check=True)
-    finally:
-        partial.write_text(f"{earlier + time.time() - start:.1f}\n")
-    done.write_text(f"{earlier + time.time() - start:.1f}\n")
+    log = (work / name / "train.log").open("a")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc.started = time.time()  # type: ignore[attr-defined]
+    return proc
+
+
+def finish_training(work: Path, name: str, proc: subprocess.Popen | None) -> Path:
+    """Wait for a run started by :func:`start_training` and record its seconds (a failed run
+    raises with the end of its log); returns its ``last.ckpt``."""
+    ckpt = work / name / "checkpoints" / "last.ckpt"
+    if proc is None:
+        return ckpt
+    partial = work / name / "partial_seconds.txt"
+    earlier = float(partial.read_text()) if partial.is_file() else 0.0
+    code = proc.wait()
+    seconds = earlier + time.time() - proc.started  # type: ignore[attr-defined]
+    partial.write_text(f"{seconds:.1f}\n")
+    if code != 0:
+        tail = (work / name / "train.log").read_text()[-3000:]
+        raise RuntimeError(f"training '{name}' failed (exit {code}); end of its log:\n{tail}")
+    (work / name / "train_seconds.txt").write_text(f"{seconds:.1f}\n")
     return ckpt
+
+
+def run_training(work: Path, name: str, cmd: list[str]) -> Path:
+    """Run one training command to its end (see :func:`start_training`); returns its
+    ``last.ckpt``."""
+    return finish_training(work, name, start_training(work, name, cmd))
 
 
 def loss_curve(work: Path, stage: str) -> dict[str, list]:
@@ -193,20 +223,32 @@ def loss_curve(work: Path, stage: str) -> dict[str, list]:
     return curves
 
 
-def load_for_eval(ckpt: Path, device: str, baseline: bool = False):
+def load_for_eval(ckpt: Path, device: str, baseline: bool = False, weights: str = "ema"):
     """A trained checkpoint (UniViGU, or the AR baseline when ``baseline``) and the directions
-    it can be scored on."""
+    it can be scored on. ``weights="raw"`` swaps in the live (not averaged) weights of a run
+    trained with EMA (kept in the checkpoint's ``current_model_state``)."""
     if baseline:
         from benchmarks.baselines import ARCaptionerModule
 
         module = ARCaptionerModule.load_from_checkpoint(
             ckpt, map_location=device, weights_only=False
         ).eval()
-        return module, ["v2t"]
-    from lightning_vigu.cli import load_module
+        directions = ["v2t"]
+    else:
+        from lightning_vigu.cli import load_module
 
-    module = load_module(str(ckpt), device)
-    return module, (["t2v", "v2t", "joint"] if module.model.has_text else ["t2v"])
+        module = load_module(str(ckpt), device)
+        directions = ["t2v", "v2t", "joint"] if module.model.has_text else ["t2v"]
+    if weights == "raw":
+        state = torch.load(ckpt, map_location=device, weights_only=False).get("current_model_state")
+        if state is None:
+            raise ValueError(
+                f"'{ckpt}' holds no live weights next to its EMA ones (trained without EMA?)"
+            )
+        module.load_state_dict(state, strict=False)
+    elif weights != "ema":
+        raise ValueError(f"weights must be 'ema' or 'raw', got '{weights}'")
+    return module, directions
 
 
 def evaluate_checkpoint(
@@ -219,14 +261,18 @@ def evaluate_checkpoint(
     label: str = "",
     baseline: bool = False,
     keep_samples: int = 0,
+    weights: str = "ema",
+    directions: tuple[str, ...] | None = None,
 ) -> dict:
     """Evaluate one checkpoint on each split: ``{split: results}`` (with ``_samples`` when
-    ``keep_samples``: see :func:`callbacks.evaluation.evaluate`)."""
+    ``keep_samples``: see :func:`callbacks.evaluation.evaluate`). ``weights`` and
+    ``directions`` (default: all the checkpoint can do) as in :func:`load_for_eval`."""
     from callbacks.evaluation import collect, evaluate
     from datamodules import SyntheticDataModule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module, directions = load_for_eval(ckpt, device, baseline)
+    module, possible = load_for_eval(ckpt, device, baseline, weights)
+    directions = [d for d in possible if directions is None or d in directions]
     out = {}
     for split in splits:
         dm = SyntheticDataModule(

@@ -7,20 +7,28 @@
 ``run`` trains through the real entry points (``python -m lightning_vigu fit -c conf/...``):
 
 1. ``generator``  -- the video path alone (the stand-in for a pretrained Wan);
-2. ``twin``       -- the generator trained on for as many steps as Knowledge Recall takes,
-   generation only: baseline (a), the claim being that understanding costs generation nothing;
+2. ``twin``       -- the generator trained on for as long as Knowledge Recall, generation only:
+   baseline (a), the claim being that understanding costs generation nothing;
 3. ``recall``     -- Knowledge Recall from the generator;
-4. ``refine``     -- Capability Refinement from recall (video path frozen);
-5. ``arcap``      -- baseline (b): an autoregressive captioner with the caption budget of
-   recall + refine;
+4. ``refine``     -- Capability Refinement from recall;
+5. ``arcap``      -- baseline (b): an autoregressive captioner trained as long as recall + refine;
 
-then evaluates every stage on the test split and the held-out-combinations (``unseen``) split:
-caption attribute accuracy (parser), prompt adherence (detector), FVD against real clips of the
-same split, joint agreement. A finished stage is skipped, a stage cut off part-way resumes from
-its ``last.ckpt`` and an evaluated stage is not evaluated again, so a run split over several
-device calls (``--skip-eval`` for the training-only calls) goes on where the last one stopped.
-``report`` adds BLEU-4 / METEOR / ROUGE-L / CIDEr-D (pycocoevalcap, Java) from the kept
-predictions and writes the table, the plots and the sample grid (``quality_samples.png``).
+and two ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
+generator, trained as long as generator + recall) and ``refine_frozen`` (refine with every
+attention weight frozen, the earlier recipe). Stages run in *waves* of equal wall-clock budget
+(``--minutes`` per wave); a stage spans one or two waves, and the stages of a wave train side by
+side on the GPU (small models leave most of it idle). Each stage plans its length from its
+budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
+weights (:class:`callbacks.EMA`). Then every stage is evaluated on the test split and the
+held-out-combinations (``unseen``) split: caption attribute accuracy (parser), prompt adherence
+(detector), FVD against real clips of the same split, joint agreement; ``generator`` and
+``refine`` are also scored with their live (not averaged) weights, the EMA ablation.
+
+A finished stage is skipped, a stage cut off part-way resumes from its ``last.ckpt`` and an
+evaluated stage is not evaluated again, so a run split over several device calls (``--waves``,
+``--skip-eval``) goes on where the last one stopped. ``report`` adds BLEU-4 / METEOR / ROUGE-L /
+CIDEr-D (pycocoevalcap, Java) from the kept predictions and writes the table, the plots and the
+sample grid (``quality_samples.png``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import os
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,41 +48,45 @@ from torch import Tensor
 from benchmarks.common import (
     ROOT,
     evaluate_checkpoint,
+    finish_training,
     loss_curve,
     markdown_table,
     run_then_report,
-    run_training,
     stage_overlay,
     stamp,
+    start_training,
     write_results,
 )
 
+# The world at 16x32x32 (256 video tokens a clip, as the scaling suite): the detector and the
+# parser are exact at this size, and a step costs a quarter of the 64x64 world's.
+GPU_DATA = [
+    "--data=conf/data/synthetic_gpu.yaml",
+    "--data.init_args.preset=cpu",
+    "--data.init_args.num_workers=3",
+]
 PRESETS = {
-    # steps per stage; eval clips per split; sampling steps; extra CLI overrides
+    # minutes: the budget of one wave; eval clips per split; sampling steps; CLI overrides
     "gpu": dict(
-        max_time="00:00:02:30",
-        arcap_overlay=[
-            "--data=conf/data/synthetic_gpu.yaml",
+        minutes=3.0,
+        max_steps=20000,
+        eval_clips=128,
+        sample_steps=30,
+        overlay=["-c", "conf/gpu.yaml", *GPU_DATA, "--model.video_shape=[16,32,32]"],
+        arcap_overlay=[  # the baseline takes the data and trainer settings, not UniViGU's
+            *GPU_DATA,
             "--trainer.accelerator=gpu",
             "--trainer.precision=bf16-mixed",
             "--model.size=small",
-            "--model.caption_length=48",
+            "--model.caption_length=64",
             "--model.warmup_steps=200",
             "--model.lr=5e-4",
         ],
-        generator=1500,
-        recall=1500,
-        refine=800,
-        arcap=2300,
-        eval_clips=128,
-        sample_steps=30,
-        overlay=["-c", "conf/gpu.yaml"],
+        data=("conf/data/synthetic_gpu.yaml", dict(preset="cpu")),
     ),
     "toy": dict(
-        generator=6,
-        recall=6,
-        refine=4,
-        arcap=10,
+        minutes=None,
+        max_steps=6,
         eval_clips=4,
         sample_steps=2,
         overlay=[
@@ -89,34 +102,82 @@ PRESETS = {
             "--data.init_args.num_unseen=8",
             "--data.init_args.num_workers=0",
         ],
+        data=("conf/data/synthetic_cpu.yaml", dict(num_train=64, num_test=8, num_unseen=8)),
     ),
 }
-STAGES = ("generator", "twin", "recall", "refine", "arcap")
 
 
-def train(work: Path, stage: str, preset: dict) -> Path:
-    """Train one quality stage through the CLI (see :func:`run_training`)."""
-    g, r = work / "generator/checkpoints/last.ckpt", work / "recall/checkpoints/last.ckpt"
-    steps = {"twin": preset["recall"]}.get(stage, preset.get(stage))
-    extra = {
-        "generator": ["fit", "-c", "conf/generator.yaml"],
-        "twin": ["fit", "-c", "conf/generator.yaml", f"--init_from={g}"],
-        "recall": ["fit", "-c", "conf/recall.yaml", f"--init_from={g}"],
-        "refine": ["fit", "-c", "conf/refine.yaml", f"--init_from={r}"],
-        "arcap": ["fit", "-c", "conf/arcap.yaml"],
-    }[stage]
-    module = "benchmarks.baselines" if stage == "arcap" else "lightning_vigu"
-    # the baseline takes data/trainer settings but no UniViGU model options
-    overlay = preset["arcap_overlay"] if stage == "arcap" else preset["overlay"]
-    cmd = [sys.executable, "-m", module, *extra, *overlay]
-    cmd += ["-c", str(stage_overlay(work, stage, steps, preset.get("max_time")))]
-    return run_training(work, stage, cmd)
+@dataclass(frozen=True)
+class Stage:
+    """One trained model of the suite.
+
+    Attributes:
+        config: the phase config it trains with.
+        waves: the waves it trains through (its budget is one wave's minutes per wave).
+        init: the stage whose last checkpoint initialises it (``None``: from scratch).
+        extra: further CLI arguments.
+    """
+
+    config: str
+    waves: tuple[int, ...]
+    init: str | None = None
+    extra: tuple[str, ...] = ()
+
+
+STAGES: dict[str, Stage] = {
+    "generator": Stage("conf/generator.yaml", (1,)),
+    "twin": Stage("conf/generator.yaml", (2,), init="generator"),
+    "recall": Stage("conf/recall.yaml", (2,), init="generator"),
+    "refine": Stage("conf/refine.yaml", (3,), init="recall"),
+    "arcap": Stage("conf/arcap.yaml", (1, 2)),  # as long as recall + refine
+    "recall_scratch": Stage("conf/recall.yaml", (1, 2)),
+    "refine_frozen": Stage(
+        "conf/refine.yaml", (3,), init="recall", extra=("--phase=refine_frozen",)
+    ),
+}
+WAVES = (1, 2, 3)
+RAW_WEIGHTS = ("generator", "refine")  # also scored with live weights (the EMA ablation)
+
+
+def stage_command(work: Path, name: str, preset: dict) -> list[str]:
+    """The CLI command that trains one stage (its overlay written into its run folder)."""
+    stage = STAGES[name]
+    module = "benchmarks.baselines" if name == "arcap" else "lightning_vigu"
+    cmd = [sys.executable, "-m", module, "fit", "-c", stage.config]
+    if stage.init:
+        cmd.append(f"--init_from={work / stage.init / 'checkpoints' / 'last.ckpt'}")
+    cmd += [*stage.extra, *preset["arcap_overlay" if name == "arcap" else "overlay"]]
+    minutes = preset["minutes"] * len(stage.waves) if preset["minutes"] else None
+    overlay = stage_overlay(
+        work, name, preset["max_steps"], every_n=200 if minutes else None, minutes=minutes, ema=True
+    )
+    return [*cmd, "-c", str(overlay)]
+
+
+def train_waves(work: Path, stages: list[str], preset: dict, waves: tuple[int, ...]) -> None:
+    """Train the chosen stages wave by wave: a stage starts with its first wave (side by side
+    with the other stages of that wave on the GPU preset, one after another on ``toy``) and
+    must have finished by the end of its last wave."""
+    parallel = preset["minutes"] is not None
+    running: dict[str, object] = {}
+    for wave in waves:
+        for name in stages:
+            if STAGES[name].waves[0] == wave:
+                running[name] = start_training(work, name, stage_command(work, name, preset))
+                if not parallel:
+                    finish_training(work, name, running.pop(name))
+        for name in [n for n in running if STAGES[n].waves[-1] == wave]:
+            finish_training(work, name, running.pop(name))
+    for name, proc in running.items():  # stages whose last wave was not asked for
+        finish_training(work, name, proc)
 
 
 SAMPLES = 4  # clips per split whose generated videos and captions go into the sample grid
 
 
-def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -> dict:
+def evaluate_stage(
+    work: Path, stage: str, preset: dict, data_args: dict, fvd, weights: str = "ema"
+) -> dict:
     """Evaluate one stage's ``last.ckpt`` on the test and unseen splits; its samples are added
     to ``<work>/samples.pt`` (uint8 videos and texts, rendered by ``report``)."""
     ckpt = work / stage / "checkpoints" / "last.ckpt"
@@ -126,10 +187,15 @@ def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -
         preset["eval_clips"],
         preset["sample_steps"],
         fvd,
-        label=stage,
+        label=f"{stage} ({weights})",
         baseline=stage == "arcap",
-        keep_samples=SAMPLES,
+        keep_samples=SAMPLES if weights == "ema" else 0,
+        weights=weights,
     )
+    if weights != "ema":
+        return {
+            split: {k: v for k, v in res.items() if k != "_samples"} for split, res in out.items()
+        }
     path = work / "samples.pt"
     kept = torch.load(path, weights_only=False) if path.is_file() else {}
     samples = {split: res.pop("_samples", {}) for split, res in out.items()}
@@ -139,27 +205,27 @@ def evaluate_stage(work: Path, stage: str, preset: dict, data_args: dict, fvd) -
 
 
 def run(args) -> Path:
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.minutes:
+        preset["minutes"] = args.minutes
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LIGHTNING_VIGU_CACHE", str(work / "cache"))
-    for stage in args.stages:
-        if stage == "twin":
-            train(work, "generator", preset)
-        if stage == "refine":
-            train(work, "recall", preset)
-        train(work, stage, preset)
+    stages = [s for s in STAGES if s in args.stages]
+    needed = set(stages)
+    for name in stages:  # a stage needs the stage it starts from
+        init = STAGES[name].init
+        while init:
+            needed.add(init)
+            init = STAGES[init].init
+    data_file, data_overrides = preset["data"]  # the world every stage trains on
+    data_cfg = {**yaml.safe_load((ROOT / data_file).read_text())["init_args"], **data_overrides}
+    from datamodules import SyntheticDataModule
+
+    SyntheticDataModule(**data_cfg).prepare_data()  # once, before stages start side by side
+    train_waves(work, [s for s in STAGES if s in needed], preset, tuple(args.waves))
     if args.skip_eval:
         return work / "quality_raw.json"
-    data_cfg = yaml.safe_load(
-        (
-            ROOT
-            / "conf/data"
-            / ("synthetic_gpu.yaml" if args.preset == "gpu" else "synthetic_cpu.yaml")
-        ).read_text()
-    )["init_args"]
-    if args.preset == "toy":
-        data_cfg.update(num_train=64, num_test=8, num_unseen=8)
     fvd = None
     if args.i3d_weights and Path(args.i3d_weights).is_file():
         from lightning_vigu.metrics import FrechetVideoDistance, FVDProtocol
@@ -170,22 +236,25 @@ def run(args) -> Path:
         ).to("cuda" if torch.cuda.is_available() else "cpu")
     raw_path = work / "quality_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {"stages": {}}
-    for stage in args.stages:
-        if stage in raw["stages"] and not args.reevaluate:
+    todo = [(s, "ema") for s in stages] + [(s, "raw") for s in RAW_WEIGHTS if s in stages]
+    for stage, weights in todo:
+        key = stage if weights == "ema" else f"{stage} (raw weights)"
+        if key in raw["stages"] and not args.reevaluate:
             continue
         seconds = (
             (work / stage / "train_seconds.txt").read_text().strip()
             if (work / stage / "train_seconds.txt").is_file()
             else None
         )
-        raw["stages"][stage] = {
-            "eval": evaluate_stage(work, stage, preset, data_cfg, fvd),
+        raw["stages"][key] = {
+            "eval": evaluate_stage(work, stage, preset, data_cfg, fvd, weights),
             "loss": loss_curve(work, stage),
             "train_seconds": seconds,
+            "budget_minutes": preset["minutes"] and preset["minutes"] * len(STAGES[stage].waves),
         }
         raw.update(
             stamp=stamp(),
-            preset={k: v for k, v in preset.items() if k != "overlay"},
+            preset={k: v for k, v in preset.items() if "overlay" not in k},
             fvd_protocol=fvd.protocol_dict() if fvd else None,
         )
         raw_path.write_text(json.dumps(raw, indent=1, default=str))
@@ -198,8 +267,13 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
 
     raw = json.loads(Path(raw_path).read_text())
     rows = []
-    order = sorted(raw["stages"], key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
-    for stage in order:
+    names = list(STAGES)
+
+    def rank(key: str) -> tuple[int, str]:
+        base = key.split(" (")[0]
+        return (names.index(base) if base in names else len(names), key)
+
+    for stage in sorted(raw["stages"], key=rank):
         for split, res in raw["stages"][stage]["eval"].items():
             preds = res.pop("_predictions_v2t", None)
             if preds:
@@ -207,22 +281,26 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
                 metric.update([p for _, p in preds], [[r] for r, _ in preds])
                 res.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
                 res["caption_examples"] = preds[:6]
+            entry = raw["stages"][stage]
             rows.append(
                 {
                     "stage": stage,
                     "split": split,
                     "steps": max(
-                        (c[-1][0] for c in raw["stages"][stage].get("loss", {}).values() if c),
-                        default=None,
+                        (c[-1][0] for c in entry.get("loss", {}).values() if c), default=None
                     ),
+                    "minutes": entry.get("budget_minutes"),
                     **{k: v for k, v in res.items() if isinstance(v, float)},
                 }
             )
     cols = [
         "stage",
         "split",
+        "minutes",
         "steps",
         "v2t/attr_accuracy",
+        "v2t/attr_ceiling",
+        "v2t/stated_accuracy",
         "v2t/cider",
         "v2t/bleu4",
         "v2t/meteor",
@@ -239,13 +317,19 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "stages": raw["stages"],
     }
     m = raw.get("stamp") or {}
+    p = raw.get("preset", {})
     head = (
         "# Quality (synthetic world)\n\n"
         f"Trained and evaluated on {m.get('machine')} (commit {m.get('commit')}, {m.get('date')}); "
         "BLEU-4 / METEOR / CIDEr-D computed from the kept captions by `report` on the machine "
-        f"in the stamp above. Budget per stage: {raw.get('preset', {}).get('max_time')} (h:m:s) of "
-        f"training or the stage's step limit ({raw.get('preset', {}).get('eval_clips')} clips per "
-        "split scored; `steps` = the last logged step); FVD protocol in quality.json.\n\n"
+        f"in the stamp above. Each stage trains for `minutes` of wall clock ({p.get('minutes')} "
+        "per wave, stages of a wave side by side on the GPU), its schedule planned to end at its "
+        f"last step (`steps`), and is scored with its EMA weights on {p.get('eval_clips')} clips "
+        "per split (`(raw weights)`: the live weights of the same run). `attr_accuracy`: "
+        "attributes the target states (the prompt for recall, the detailed caption otherwise); "
+        "`attr_ceiling`: what true prompts written for the same clips score on it; "
+        "`stated_accuracy`: the share of what the caption says that is true of the clip. FVD "
+        "protocol in quality.json.\n\n"
     )
     out = write_results("quality", payload, head + table, out_dir)
     plot(raw, rows, Path(out).parent)
@@ -341,7 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("part", choices=["run", "report", "all"])
     p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
-    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--waves", nargs="+", type=int, default=list(WAVES), choices=WAVES)
+    p.add_argument("--minutes", type=float, default=None, help="override the budget of a wave")
     p.add_argument("--work", default="runs/quality")
     p.add_argument(
         "--i3d-weights", default=None, help="local I3D weights for FVD (see README, Metrics)"

@@ -217,14 +217,12 @@ def latency(size: str, shape: Shape, steps: list[int], batch: int = 1) -> list[d
     shape = Shape(**{**vars(shape), "batch": batch})
     m = build("ours", size, device, dtype, 0).eval()
     video, _, ctx, _ = inputs("ours", cfg, shape, device, dtype)
-    source = discrete.make_source("uniform", cfg.vocab_size)
-    scheduler = discrete.PolynomialScheduler(1.0)
+    path = discrete.MixtureDiscretePath("uniform", cfg.vocab_size)
 
     def sample(task: str, n: int) -> None:
         sampler = UnifiedSampler(
             FlowTimeModel(m),
-            source,
-            scheduler,
+            path,
             SamplerConfig(video_steps=n, text_steps=n, guidance_scale=5.0),
         )
         gen = torch.Generator(device).manual_seed(0)

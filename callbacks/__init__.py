@@ -1,11 +1,14 @@
-"""Lightning callbacks of lightning_vigu: phase switching, sample logging, evaluation.
+"""Lightning callbacks of lightning_vigu: phase switching, sample logging, evaluation, EMA,
+time budgets.
 
-EMA weights use Lightning's own ``lightning.pytorch.callbacks.EMAWeightAveraging`` (it swaps
-the averaged weights in for validation and stores them as the checkpoint's weights).
+EMA weights: :class:`EMA` (Lightning's weight averaging with a warm-up decay, so short runs
+average their recent weights, not their initialisation).
 """
 
+from callbacks.budget import TimeBudget
+from callbacks.ema import EMA
 from callbacks.evaluation import Evaluation, evaluate
 from callbacks.phases import PhaseSchedule
 from callbacks.samples import SampleLogger
 
-__all__ = ["Evaluation", "PhaseSchedule", "SampleLogger", "evaluate"]
+__all__ = ["EMA", "Evaluation", "PhaseSchedule", "SampleLogger", "TimeBudget", "evaluate"]

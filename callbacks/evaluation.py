@@ -4,7 +4,10 @@
 
 * video -> text: the module captions the real clips; CaptionMetrics (BLEU-4, METEOR, ROUGE-L,
   CIDEr-D) against the target text, and -- on the synthetic world, whose clips carry their json
-  record -- caption attribute accuracy from the caption parser;
+  record -- caption attribute accuracy from the caption parser (``attr_*``: every attribute the
+  target states; ``stated_accuracy``: how much of what the caption states is true of the clip).
+  A prompt target names one object of several at random, so ``attr_ceiling`` reports what a
+  perfect prompt writer scores on the same clips;
 * text -> video: the module generates a video per prompt; prompt adherence from the analytic
   detector (synthetic world), FVD against the real clips and CLIPScore when their weights are
   configured;
@@ -112,7 +115,7 @@ def evaluate(
             joint captions under ``_samples`` (for sample grids).
     """
     from datamodules.synthetic.detector import detect, score_video
-    from datamodules.synthetic.parse import parse_text, score_caption
+    from datamodules.synthetic.parse import parse_text, prompt_ceiling, score_caption
     from datamodules.synthetic.scoring import mean_accuracy
     from datamodules.video_io import quantize
 
@@ -142,6 +145,11 @@ def evaluate(
         if has_truth:
             acc = mean_accuracy([score_caption(p, m, scope) for p, m in zip(preds, clips["meta"])])
             results.update({f"v2t/attr_{k}": v for k, v in acc.items()})
+            stated = [score_caption(p, m, "stated") for p, m in zip(preds, clips["meta"])]
+            results["v2t/stated_accuracy"] = mean_accuracy(stated)["accuracy"]
+            if scope == "prompt":
+                ceiling = [prompt_ceiling(m) for m in clips["meta"]]
+                results["v2t/attr_ceiling"] = sum(ceiling) / len(ceiling)
         results["_predictions_v2t"] = list(zip(clips[target_key], preds))  # type: ignore[assignment]
     if "t2v" in directions:
         videos: list[Tensor] = []

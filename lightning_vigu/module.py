@@ -8,6 +8,7 @@ logging, evaluation, EMA) live in ``callbacks/``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import zlib
@@ -60,7 +61,23 @@ def save_config_hyperparameters(module: L.LightningModule, injected: Sequence[st
     )
 
 
-class UniViGU(L.LightningModule):
+class InjectedOptimizerModule(L.LightningModule):
+    """A LightningModule whose optimiser factory is injected (``self._optimizer_factory``).
+
+    Copies (EMA's ``AveragedModel`` deep-copies the module) leave the factory out: under
+    LightningCLI it closes over the whole parsed config, DataModule and its shared-memory
+    counters included, which cannot be copied.
+    """
+
+    _optimizer_factory: OptimizerCallable | None = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_optimizer_factory"] = None
+        return state
+
+
+class UniViGU(InjectedOptimizerModule):
     """Uni-ViGU: one transformer for text -> video, video -> text and joint generation.
 
     Args:
@@ -142,8 +159,11 @@ class UniViGU(L.LightningModule):
         overrides = dict(model_overrides or {})
         overrides.setdefault("in_channels", self.codec.latent_channels)
         overrides.setdefault("out_channels", self.codec.latent_channels)
+        self.caption_path = discrete.MixtureDiscretePath(
+            caption_source, self.tokenizer.vocab_size, scheduler_exponent
+        )
         overrides["vocab_size"] = self.tokenizer.vocab_size if caption_stream else None
-        overrides.setdefault("mask_token", caption_source == "mask")
+        overrides["mask_token"] = self.caption_path.mask_id is not None
         self.model = build_model(size, **overrides)
         text_dim = self.model.config.text_dim
         if prompt_encoder is None:
@@ -156,12 +176,9 @@ class UniViGU(L.LightningModule):
                 f"model_overrides.text_dim={prompt_encoder.dim} or use a matching encoder"
             )
         self.prompt_encoder = prompt_encoder
-        self.flow = FlowTimeModel(self.model)
-        self.source = discrete.make_source(caption_source, self.tokenizer.vocab_size)
-        self.scheduler = discrete.PolynomialScheduler(scheduler_exponent)
-        self.objective = UnifiedObjective(
-            objective or ObjectiveConfig(), self.source, self.scheduler
-        )
+        objective = objective or ObjectiveConfig()
+        self.flow = FlowTimeModel(self.model, objective.prediction)
+        self.objective = UnifiedObjective(objective, self.caption_path)
         self.sampler_config = sampler or SamplerConfig()
         self._optimizer_factory = optimizer
         self.model.set_attention_backend(attention_backend)
@@ -179,13 +196,6 @@ class UniViGU(L.LightningModule):
                 block.compile()
         self.phase = get_phase(phase)
         self.apply_phase(self.phase)
-
-    def __getstate__(self) -> dict:
-        """Copies (EMA's ``AveragedModel`` deep-copies the module) leave out the optimiser
-        factory: under LightningCLI it closes over the whole parsed config, DataModule included."""
-        state = super().__getstate__()
-        state["_optimizer_factory"] = None
-        return state
 
     # ------------------------------------------------------------------ phases / params
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -280,7 +290,8 @@ class UniViGU(L.LightningModule):
             if ps
         ]
         opt = self._optimizer_factory(groups)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        factors = [functools.partial(self.lr_factor, group=g["name"]) for g in groups]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(
@@ -292,11 +303,12 @@ class UniViGU(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def lr_factor(self, step: int) -> float:
-        """Warm-up, then cosine to ``min_lr_ratio``, times the phase's ``lr_scale``."""
+    def lr_factor(self, step: int, group: str = "video") -> float:
+        """Warm-up, then cosine to ``min_lr_ratio``, times the phase's multiplier of ``group``."""
         hp = self.hparams
         horizon = hp.decay_steps or (self.trainer.max_steps if self._trainer is not None else -1)
-        return warmup_cosine(step, hp.warmup_steps, horizon, hp.min_lr_ratio) * self.phase.lr_scale
+        schedule = warmup_cosine(step, hp.warmup_steps, horizon, hp.min_lr_ratio)
+        return schedule * self.phase.group_lr(group)
 
     # ------------------------------------------------------------------ training
     def step_generator(self, stage: str, index: int) -> torch.Generator:
@@ -328,15 +340,19 @@ class UniViGU(L.LightningModule):
 
     def compute_loss(self, batch: Batch, phase: Phase, generator: torch.Generator):
         latents, context, empty = self.batch_inputs(batch)
-        target = prompt_tokens = None
+        target = prompt_tokens = null = None
         if self.model.has_text and phase.uses_text:
-            length = self.hparams.caption_length
             texts = batch["prompt"] if phase.caption_target == "prompt" else batch["caption"]
-            target = self.tokenizer.encode(texts, length).to(self.device)
-            prompt_tokens = self.tokenizer.encode(batch["prompt"], length).to(self.device)
+            target = self.encode_canvas(texts)
+            prompt_tokens = self.encode_canvas(batch["prompt"])
+            null = self.encode_canvas([""])
         return self.objective(
-            self.flow, latents, context, empty, target, prompt_tokens, phase, generator
+            self.flow, latents, context, empty, target, prompt_tokens, phase, generator, null
         )
+
+    def encode_canvas(self, texts: Sequence[str]) -> Tensor:
+        """Caption canvases ``(B, caption_length)`` of texts, on the module's device."""
+        return self.tokenizer.encode(list(texts), self.hparams.caption_length).to(self.device)
 
     def training_step(self, batch: Batch, batch_idx: int):
         out = self.compute_loss(batch, self.phase, self.step_generator("train", self.global_step))
@@ -420,7 +436,7 @@ class UniViGU(L.LightningModule):
         cfg = SamplerConfig(
             **{**vars(self.sampler_config), **{k: v for k, v in overrides.items() if v is not None}}
         )
-        return UnifiedSampler(self.flow, self.source, self.scheduler, cfg)
+        return UnifiedSampler(self.flow, self.caption_path, cfg)
 
     def _latent_shape(self, video_shape: tuple[int, int, int] | None) -> tuple[int, int, int, int]:
         f, h, w = video_shape or self.hparams.video_shape
@@ -435,18 +451,17 @@ class UniViGU(L.LightningModule):
         **sampler_overrides,
     ) -> Tensor:
         """Text -> videos ``(B, 3, T, H, W)`` in [-1, 1] (CFG against the empty prompt; the
-        caption stream, when the model has one, holds the clean prompt)."""
+        caption stream, when the model has one, holds the clean prompt, and the empty canvas in
+        the unconditional branch)."""
         b = len(prompts)
         both = self.encode_prompts(list(prompts) + [""])
         context, uncond = both[:b], both[b:].expand(b, -1, -1)
-        text = (
-            self.tokenizer.encode(prompts, self.hparams.caption_length).to(self.device)
-            if self.model.has_text
-            else None
-        )
+        text = null = None
+        if self.model.has_text:
+            text, null = self.encode_canvas(prompts), self.encode_canvas([""] * b)
         gen = torch.Generator().manual_seed(seed)
         latents = self.sampler(**sampler_overrides).generate_video(
-            context, self._latent_shape(video_shape), uncond, text, gen
+            context, self._latent_shape(video_shape), uncond, text, gen, uncond_text=null
         )
         return self.codec.decode(latents)
 

@@ -3,7 +3,9 @@
 Per example a task is drawn from the phase's mix:
 
 * ``t2v``  -- video on the path at ``t_v``; caption stream holds the clean prompt (``t_x = 1``);
-  video loss only; the prompt condition is dropped with probability ``cfg_dropout``.
+  video loss only; the prompt is dropped with probability ``cfg_dropout`` -- from the
+  cross-attention condition *and* the caption stream (which then holds the empty canvas), so
+  the unconditional branch of classifier-free guidance is a true null.
 * ``v2t``  -- clean video (``t_v = 1``); caption target on the mixture path at ``t_x``; text
   loss only; the condition is **always** the empty prompt.
 * ``joint`` -- both streams on their paths at independent times; both losses; the condition is
@@ -33,6 +35,8 @@ class ObjectiveConfig:
     """Options of the objective.
 
     Attributes:
+        prediction: what the video head predicts, ``velocity`` (Wan) or ``data``
+            (x-prediction; the loss stays on the velocity). Read by every sampler too.
         time_scheme: video training-time sampling, ``uniform`` or ``logit_normal``.
         time_shift: Wan's shift applied to training times (1 = none).
         loss_weighting: video loss weighting (``none`` or ``snr``).
@@ -41,6 +45,7 @@ class ObjectiveConfig:
         cfg_dropout: probability of replacing the prompt condition by the empty prompt.
     """
 
+    prediction: str = "velocity"
     time_scheme: str = "logit_normal"
     time_shift: float = 1.0
     loss_weighting: str = "none"
@@ -51,14 +56,15 @@ class ObjectiveConfig:
 
 @dataclass
 class LossOutput:
-    """Losses of one batch (scalars) and how many examples fed each."""
+    """Losses of one batch (scalars) and how many examples fed each (0-d tensors: reading
+    them on the host would wait for the device)."""
 
     loss: Tensor
     video: Tensor
     text: Tensor
     text_accuracy: Tensor
-    num_video: int
-    num_text: int
+    num_video: Tensor
+    num_text: Tensor
     tasks: Tensor
 
 
@@ -92,19 +98,12 @@ class UnifiedObjective:
 
     Args:
         config: objective options.
-        source: caption source distribution.
-        scheduler: caption path scheduler.
+        path: the caption stream's mixture path (source + scheduler).
     """
 
-    def __init__(
-        self,
-        config: ObjectiveConfig,
-        source: discrete.UniformSource | discrete.MaskSource,
-        scheduler: discrete.PolynomialScheduler,
-    ) -> None:
+    def __init__(self, config: ObjectiveConfig, path: discrete.MixtureDiscretePath) -> None:
         self.config = config
-        self.source = source
-        self.scheduler = scheduler
+        self.path = path
 
     def __call__(
         self,
@@ -116,6 +115,7 @@ class UnifiedObjective:
         prompt_tokens: Tensor | None,
         phase: Phase,
         generator: torch.Generator,
+        null_tokens: Tensor | None = None,
     ) -> LossOutput:
         """Args:
         model: the flow-time model.
@@ -125,6 +125,8 @@ class UnifiedObjective:
         prompt_tokens: ``(B, L)`` prompt canvas held clean in the caption stream for ``t2v``.
         phase: the active phase.
         generator: CPU generator for every random draw (deterministic per step).
+        null_tokens: ``(1, L)`` the empty prompt's canvas, held instead of the prompt by
+            ``t2v`` examples whose prompt is dropped (default: keep the prompt).
         """
         c, b, dev = self.config, latents.shape[0], latents.device
         use_text = target_tokens is not None and phase.uses_text
@@ -139,19 +141,20 @@ class UnifiedObjective:
         noise_gen = on_device(generator, dev)
         noise = torch.randn(latents.shape, generator=noise_gen, device=dev, dtype=latents.dtype)
         path_v = continuous.sample_path(latents, t_v, x_0=noise)
-        # 2. caption stream: clean prompt for t2v, the target on the mixture path otherwise
+        # 2. condition: empty prompt where the caption must not copy it, or for CFG dropout
+        hide = condition_mask(tasks, phase, c.cfg_dropout, generator)
+        cond = torch.where(hide[:, None, None], empty_context, context)
+        # 3. caption stream: the clean prompt for t2v (the empty canvas when the prompt is
+        #    dropped), the target on the mixture path otherwise; drawn on the device
         x_text = t_x = path_x = None
         if use_text:
             t_x = torch.rand(b, generator=generator).to(dev) * (1 - c.text_time_eps)
-            path_x = discrete.sample_path(
-                target_tokens.cpu(), t_x.cpu(), self.source, self.scheduler, generator
-            )
-            clean = (tasks == T2V)[:, None]
-            x_text = torch.where(clean, prompt_tokens, path_x.x_t.to(dev))
+            path_x = self.path.sample(target_tokens, t_x, noise_gen)
+            clean = prompt_tokens
+            if null_tokens is not None:
+                clean = torch.where(hide[:, None], null_tokens.to(dev), prompt_tokens)
+            x_text = torch.where((tasks == T2V)[:, None], clean, path_x.x_t)
             t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
-        # 3. condition: empty prompt where the caption must not copy it, or for CFG dropout
-        hide = condition_mask(tasks, phase, c.cfg_dropout, generator)
-        cond = torch.where(hide[:, None, None], empty_context, context)
         # 4. one forward over [video | caption]
         out = model(path_v.x_t, t_v, cond, x_text, t_x)
         # 5. losses, each over the examples whose task trains it
@@ -161,18 +164,25 @@ class UnifiedObjective:
         text = acc = torch.zeros((), device=dev)
         text_mask = (tasks != T2V).float()
         if use_text:
-            logits = discrete.posterior_logits(out.text_logits, self.source)
-            x_1 = target_tokens.to(dev)
+            logits = self.path.posterior_logits(out.text_logits)
+            x_1 = target_tokens
+            weight = self.path.loss_weight(path_x)  # None: every position
             if c.text_loss == "cross_entropy":
-                per_x = discrete.cross_entropy_loss(logits, x_1)
+                per_x = discrete.cross_entropy_loss(logits, x_1, weight)
             elif c.text_loss == "generalized_kl":
-                per_x = discrete.generalized_kl_loss(logits, x_1, x_text, t_x, self.scheduler)
+                per_x = discrete.generalized_kl_loss(logits, x_1, x_text, t_x, self.path.scheduler)
             else:
                 raise ValueError(
                     f"unknown text_loss '{c.text_loss}'; choose 'cross_entropy' or 'generalized_kl'"
                 )
             text = _masked_mean(per_x, text_mask)
-            acc = _masked_mean((logits.argmax(-1) == x_1).float().mean(1), text_mask)
+            hits = (logits.argmax(-1) == x_1).float()  # (B, L)
+            per_acc = (
+                hits.mean(1)
+                if weight is None
+                else (hits * weight).sum(1) / weight.sum(1).clamp_min(1)
+            )
+            acc = _masked_mean(per_acc, text_mask)
         w = phase.loss_weights
         loss = w.get("video", 0.0) * video + w.get("text", 0.0) * text
         return LossOutput(
@@ -180,7 +190,7 @@ class UnifiedObjective:
             video=video.detach(),
             text=text.detach(),
             text_accuracy=acc.detach(),
-            num_video=int(video_mask.sum()),
-            num_text=int(text_mask.sum()) if use_text else 0,
+            num_video=video_mask.sum(),
+            num_text=text_mask.sum() if use_text else torch.zeros((), device=dev),
             tasks=tasks,
         )

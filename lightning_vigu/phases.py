@@ -29,6 +29,8 @@ class Phase:
         trainable: parameter groups that train (see :data:`GROUPS`).
         task_mix: probabilities of ``t2v`` / ``v2t`` / ``joint`` per example (normalised).
         lr_scale: multiplies every group's learning rate during this phase.
+        lr_groups: per-group multipliers on top of ``lr_scale`` during this phase, e.g.
+            ``{"video": 0.1}`` to move the generator's weights gently while captions learn.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Phase:
         default_factory=lambda: {"t2v": 0.3, "v2t": 0.5, "joint": 0.2}
     )
     lr_scale: float = 1.0
+    lr_groups: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.caption_target not in TARGETS:
@@ -49,6 +52,7 @@ class Phase:
             (self.trainable, GROUPS, "trainable group"),
             (self.task_mix, TASKS, "task"),
             (self.loss_weights, ("video", "text"), "loss weight"),
+            (self.lr_groups, GROUPS, "lr group"),
         ):
             bad = sorted(set(key) - set(allowed))
             if bad:
@@ -61,6 +65,15 @@ class Phase:
                 f"phase '{self.name}': task_mix needs non-negative weights summing to > 0, got {self.task_mix}"
             )
         self.task_mix = {k: v / total for k, v in self.task_mix.items()}
+        if self.lr_scale <= 0 or any(v <= 0 for v in self.lr_groups.values()):
+            raise ValueError(
+                f"phase '{self.name}': lr_scale and lr_groups must be > 0 (freeze a group by "
+                f"leaving it out of 'trainable'), got {self.lr_scale} and {self.lr_groups}"
+            )
+
+    def group_lr(self, group: str) -> float:
+        """This phase's lr multiplier for a parameter group."""
+        return self.lr_scale * self.lr_groups.get(group, 1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

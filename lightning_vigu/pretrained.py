@@ -443,20 +443,20 @@ class WanParts:
         codec: the Wan VAE codec.
         prompt_encoder: the frozen umT5 prompt encoder.
         tokenizer: the caption tokenizer (``None`` for a video-only model).
-        source: the caption source distribution (``None`` for a video-only model).
+        caption_path: the caption stream's mixture path (``None`` for a video-only model).
     """
 
     model: UniViGUTransformer
     codec: LatentCodec
     prompt_encoder: PromptEncoder
     tokenizer: CaptionTokenizer | None
-    source: discrete.UniformSource | discrete.MaskSource | None
+    caption_path: discrete.MixtureDiscretePath | None
 
     def sampler(self, config: SamplerConfig | None = None) -> UnifiedSampler:
-        """A :class:`UnifiedSampler` over the model (captioning needs a caption stream)."""
-        source = self.source or discrete.UniformSource(1)
-        scheduler = discrete.PolynomialScheduler(1.0)
-        return UnifiedSampler(FlowTimeModel(self.model), source, scheduler, config)
+        """A :class:`UnifiedSampler` over the model (Wan velocity; captioning needs a caption
+        stream)."""
+        path = self.caption_path or discrete.MixtureDiscretePath("uniform", 1)
+        return UnifiedSampler(FlowTimeModel(self.model), path, config)
 
 
 def load_wan_folder(
@@ -536,8 +536,8 @@ def load_wan_folder(
             f"the text encoder in {root / 'text_encoder'} outputs {encoder.dim} features but the "
             f"transformer expects text_dim={model.config.text_dim}; the folder mixes models"
         )
-    src = discrete.make_source(source, model.config.vocab_size) if model.has_text else None
-    return WanParts(model, codec, encoder, tokenizer, src)
+    path = discrete.MixtureDiscretePath(source, model.config.vocab_size) if model.has_text else None
+    return WanParts(model, codec, encoder, tokenizer, path)
 
 
 def _tokenizer_sizes(path: Path) -> tuple[int, int]:

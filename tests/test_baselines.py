@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.baselines import ARCaptionerModule, build_ar_captioner, sincos_3d
+from benchmarks.baselines import ARCaptionerModule, build_ar_captioner
 from lightning_vigu.batch import collate_batch
+from lightning_vigu.model.embeddings import sincos_3d
 from lightning_vigu.text import CaptionTokenizer
 
 CAPTIONS = [

@@ -57,11 +57,11 @@ def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
     quality.main([*args, "--work", str(work), "--out", str(out)])
     result = json.loads((out / "quality.json").read_text())
     rows = {(r["stage"], r["split"]): r for r in result["rows"]}
-    assert set(rows) == {
-        (s, split) for s in ("generator", "recall") for split in ("test", "unseen")
-    }
+    stages = ("generator", "generator (raw weights)", "recall")  # raw: the EMA ablation
+    assert set(rows) == {(s, split) for s in stages for split in ("test", "unseen")}
     for split in ("test", "unseen"):
         assert 0.0 <= rows["recall", split]["v2t/attr_accuracy"] <= 1.0
+        assert 0.0 < rows["recall", split]["v2t/attr_ceiling"] <= 1.0  # true prompts' score
         assert "v2t/attr_accuracy" not in rows["generator", split]  # no caption stream
         for stage in ("generator", "recall"):
             assert 0.0 <= rows[stage, split]["t2v/adherence_accuracy"] <= 1.0

@@ -72,8 +72,7 @@ class GaussianVelocity(torch.nn.Module):
 def test_euler_sampler_with_exact_velocity_reproduces_the_distribution(shift):
     sampler = UnifiedSampler(
         GaussianVelocity(1.5, 0.5),
-        discrete.UniformSource(3),
-        discrete.PolynomialScheduler(),
+        discrete.MixtureDiscretePath("uniform", 3),
         SamplerConfig(video_steps=200, shift=shift, guidance_scale=1.0),
     )
     x = sampler.generate_video(

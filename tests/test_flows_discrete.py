@@ -58,10 +58,8 @@ class ExactPosterior(torch.nn.Module):
 @pytest.mark.parametrize("kind", ["uniform", "mask"])
 @pytest.mark.parametrize("exponent, steps", [(1.0, 8), (2.0, 3)])
 def test_jump_sampler_with_exact_posterior_reproduces_frequencies(kind, exponent, steps):
-    source, sched = discrete.make_source(kind, V), discrete.PolynomialScheduler(exponent)
-    sampler = UnifiedSampler(
-        ExactPosterior(kind, exponent), source, sched, SamplerConfig(text_steps=steps)
-    )
+    path = discrete.MixtureDiscretePath(kind, V, exponent)
+    sampler = UnifiedSampler(ExactPosterior(kind, exponent), path, SamplerConfig(text_steps=steps))
     n = 30000
     tokens = sampler.caption(
         torch.zeros(n, 1, 1, 1, 1),

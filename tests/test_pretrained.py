@@ -270,7 +270,7 @@ def test_wan_folder_with_univigu_checkpoint(wan, tmp_path):
     path = save_univigu_checkpoint(model, tmp_path / "ckpt.pth")
     parts = load_wan_folder(wan, checkpoint=path)
     assert not parts.codec.normalize  # the reference inference keeps raw VAE latents
-    assert parts.tokenizer.vocab_size == 56 and parts.source.vocab_size == 56
+    assert parts.tokenizer.vocab_size == 56 and parts.caption_path.vocab_size == 56
     for a, b in zip(model.parameters(), parts.model.parameters()):
         assert torch.equal(a, b)
 

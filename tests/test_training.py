@@ -126,25 +126,44 @@ def test_resume_mid_phase_gives_the_same_next_step_loss_and_phase(tmp_path):
         assert rec2.losses[step] == pytest.approx(rec.losses[step], rel=1e-5, abs=1e-6)
 
 
-def test_frozen_video_path_is_bit_identical_after_switch_and_text_parts_change(tmp_path):
+def _weights_around_switch(tmp_path, refine: str):
+    """A tiny module's weights at the first step of ``refine`` (after 2 steps of recall) and
+    at the end (step 5), with the parameter names of each group."""
     module = tiny_module()
     snapshot = {}
 
     class Snap(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:  # first step of 'refine'
+            if trainer.global_step == 2:  # first step of the refine phase
                 snapshot.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
-    _trainer(tmp_path, 5, [PhaseSchedule(["recall", "refine"], [2]), Snap()]).fit(
+    _trainer(tmp_path, 5, [PhaseSchedule(["recall", refine], [2]), Snap()]).fit(
         module, RandomVideoDataModule()
     )
     after = module.state_dict()
     video_keys = [k for k in after if k.startswith("model.") and module.model_group(k) == "video"]
     text_keys = [k for k in after if k.startswith("model.") and module.model_group(k) != "video"]
     assert video_keys and text_keys
+    return module, snapshot, after, video_keys, text_keys
+
+
+def test_frozen_video_path_is_bit_identical_after_switch_and_text_parts_change(tmp_path):
+    _, snapshot, after, video_keys, text_keys = _weights_around_switch(tmp_path, "refine_frozen")
     assert all(torch.equal(after[k], snapshot[k]) for k in video_keys)
     assert all(torch.equal(after[k], snapshot[k]) for k in after if k.startswith("prompt_encoder."))
     assert sum(not torch.equal(after[k], snapshot[k]) for k in text_keys) > len(text_keys) // 2
+
+
+def test_refine_moves_attention_at_its_group_lr(tmp_path):
+    """Refine trains the shared attention (captions must read what the prompt never said) with
+    the video group at the phase's lower learning rate."""
+    module, snapshot, after, video_keys, _ = _weights_around_switch(tmp_path, "refine")
+    attention = [k for k in video_keys if ".attn1.to_q." in k]
+    assert attention and all(not torch.equal(after[k], snapshot[k]) for k in attention)
+    optimizer = module.trainer.optimizers[0]
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    phase = get_phase("refine")
+    assert lrs["video"] == pytest.approx(lrs["text_experts"] * phase.lr_groups["video"])
 
 
 def test_no_copying_caption_loss_does_not_depend_on_the_prompt_condition():
@@ -156,7 +175,7 @@ def test_no_copying_caption_loss_does_not_depend_on_the_prompt_condition():
     latents = torch.randn(4, 48, 2, 2, 2)
     target = module.tokenizer.encode(["red circle moves left"] * 4, 8)
     empty = module.encode_prompts([""] * 4)
-    objective = UnifiedObjective(ObjectiveConfig(cfg_dropout=0.0), module.source, module.scheduler)
+    objective = UnifiedObjective(ObjectiveConfig(cfg_dropout=0.0), module.caption_path)
     for mix in ({"v2t": 1.0}, {"joint": 1.0}):
         phase = Phase(name="recall-like", caption_target="prompt", task_mix=mix)
         losses = []
@@ -194,7 +213,7 @@ def test_no_copying_caption_loss_does_not_depend_on_the_prompt_condition():
 
 def test_tasks_follow_the_phase_mix_and_v2t_never_trains_video():
     module = tiny_module()
-    objective = UnifiedObjective(ObjectiveConfig(), module.source, module.scheduler)
+    objective = UnifiedObjective(ObjectiveConfig(), module.caption_path)
     latents, empty = torch.randn(64, 48, 2, 2, 2), module.encode_prompts([""] * 64)
     tokens = module.tokenizer.encode(["a"] * 64, 8)
     out = objective(
@@ -204,10 +223,10 @@ def test_tasks_follow_the_phase_mix_and_v2t_never_trains_video():
         empty,
         tokens,
         tokens,
-        get_phase("refine"),
+        get_phase("refine_frozen"),
         torch.Generator().manual_seed(0),
     )
-    assert set(out.tasks.tolist()) <= {V2T, 2} and out.num_video == int((out.tasks == 2).sum())
+    assert set(out.tasks.tolist()) <= {V2T, 2} and int(out.num_video) == int((out.tasks == 2).sum())
 
 
 def test_init_from_generator_checkpoint_copies_ffn_into_text_experts(tmp_path):

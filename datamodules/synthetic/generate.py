@@ -8,6 +8,7 @@ marker means the split is (re)generated, so a half-written cache never gets used
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -194,16 +195,25 @@ def ensure_split(
     workers: int | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Reuse the split in ``out_dir`` when its marker matches, else generate it."""
-    marker = completed_split(out_dir, split)
+    """Reuse the split in ``out_dir`` when its marker matches, else generate it.
+
+    Runs that share the cache take turns: a lock file (``<split>.lock``, held with ``flock``)
+    makes a second run wait for the first one's split and then reuse it, rather than delete
+    its half-written shards.
+    """
     wanted = {
         "num": num,
         "seed": seed,
         "samples_per_shard": samples_per_shard,
         "world": config.fingerprint(),
     }
-    if marker is not None and all(marker.get(k) == v for k, v in wanted.items()):
-        paths = [Path(out_dir) / name for name in marker["shards"]]
-        if all(p.is_file() for p in paths):
-            return paths
-    return write_split(out_dir, config, split, num, seed, samples_per_shard, workers, progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"{split}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        marker = completed_split(out, split)
+        if marker is not None and all(marker.get(k) == v for k, v in wanted.items()):
+            paths = [out / name for name in marker["shards"]]
+            if all(p.is_file() for p in paths):
+                return paths
+        return write_split(out, config, split, num, seed, samples_per_shard, workers, progress)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from datamodules.synthetic.scoring import AttributeScore, Scope, score_scene
-from datamodules.synthetic.text import BACKGROUND_WORDS, COUNT_WORDS, words
+from datamodules.synthetic.text import BACKGROUND_WORDS, COUNT_WORDS, words, write_prompt
 from datamodules.synthetic.world import COLOURS, SHAPES
 
 SIZE_SYNONYMS = {
@@ -151,5 +153,23 @@ def parse_text(text: str) -> dict:
 
 def score_caption(text: str, record: dict, scope: Scope = "all") -> AttributeScore:
     """Score a generated caption (``scope="all"``) or prompt (``scope="prompt"``) against a
-    clip's record: every expected attribute that the text misses or gets wrong is ``False``."""
+    clip's record: every expected attribute that the text misses or gets wrong is ``False``.
+    ``scope="stated"`` scores only what the text says (is it true of the clip?)."""
     return score_scene(parse_text(text), record, scope)
+
+
+def prompt_ceiling(record: dict, draws: int = 8) -> float:
+    """What a perfect prompt writer scores on a clip with ``scope="prompt"``.
+
+    A clip's prompt names one object of several at random and states the speed half the time,
+    so a reader that writes an equally true prompt for the video cannot know which object and
+    whether speed will be asked for. This scores ``draws`` prompts written for the clip's scene
+    by the world's own templates (fresh random choices) against its record, and averages.
+    """
+    scene = {"background": record["background"], "count": record["count"]}
+    scene["objects"] = record["objects"]
+    rng = np.random.default_rng([record["seed"], record["index"], 7])
+    scores = [
+        score_caption(write_prompt(rng, scene)[0], record, "prompt").accuracy for _ in range(draws)
+    ]
+    return float(np.mean(scores))

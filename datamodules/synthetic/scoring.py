@@ -16,7 +16,7 @@ from typing import Literal
 
 from datamodules.synthetic.world import OBJECT_ATTRIBUTES
 
-Scope = Literal["all", "prompt"]
+Scope = Literal["all", "prompt", "stated"]
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,43 @@ def _agreement(expected: dict, found: dict | None) -> dict[str, bool]:
     return {a: found is not None and found.get(a) == v for a, v in expected.items()}
 
 
+def score_stated(found: dict, record: dict) -> AttributeScore:
+    """Score only what a description *states* (precision): each stated scene attribute, and
+    each stated attribute of each found object, matched one-to-one to the record's objects by
+    the assignment that agrees on the most; a found object with no counterpart is wrong in
+    every attribute it states. A text that states nothing has nothing to score (``nan``)."""
+    correct = {
+        k: found[k] == record[k] for k in ("background", "count") if found.get(k) is not None
+    }
+    candidates = [{a: v for a, v in o.items() if v is not None} for o in found.get("objects", [])]
+    actual = [{a: o[a] for a in OBJECT_ATTRIBUTES} for o in record["objects"]]
+    slots = list(range(len(actual))) + [None] * len(candidates)
+    best: list[dict[str, bool]] | None = None
+    for assignment in itertools.permutations(slots, len(candidates)):
+        scores = [
+            {a: j is not None and actual[j][a] == v for a, v in c.items()}
+            for c, j in zip(candidates, assignment)
+        ]
+        if best is None or sum(sum(s.values()) for s in scores) > sum(
+            sum(s.values()) for s in best
+        ):
+            best = scores
+    for i, scores in enumerate(best or []):
+        correct.update({f"objects.{i}.{a}": ok for a, ok in scores.items()})
+    return AttributeScore(correct)
+
+
 def score_scene(found: dict, record: dict, scope: Scope = "all") -> AttributeScore:
     """Score a found scene description against a record, attribute by attribute.
 
     Args:
         found: the detected or parsed scene description (see the module docstring).
         record: the clip's json record.
-        scope: which attributes count (see :func:`expected_attributes`).
+        scope: which attributes count (see :func:`expected_attributes`); ``"stated"``: only
+            those the description states (see :func:`score_stated`).
     """
+    if scope == "stated":
+        return score_stated(found, record)
     scene, expected = expected_attributes(record, scope)
     correct = {k: found.get(k) is not None and found.get(k) == v for k, v in scene.items()}
     candidates = list(found.get("objects") or [])

@@ -1,7 +1,8 @@
 """Samplers for the three tasks of the unified model, in flow time.
 
 * text -> video: Euler on the shifted grid, CFG on the video velocity; the caption stream is
-  absent or holds a clean canvas (``t_text = 1``).
+  absent or holds a clean canvas (``t_text = 1``): the prompt in the conditional branch, the
+  empty canvas in the unconditional one (a true null: no prompt anywhere).
 * video -> text: the video is clean (``t_video = 1``); the caption canvas starts at the source
   and follows the mixture-path jump sampler.
 * joint: both streams start from their sources and advance together, each on its own time grid.
@@ -32,6 +33,8 @@ class SamplerConfig:
         shift: Wan's timestep shift for the video grid (3.0 in the reference).
         guidance_scale: CFG scale on the video velocity (5.0 in the reference; 1 = off).
         temperature: caption sampling temperature (0 = argmax draws).
+        unmasking: mask source only: which masked tokens a step fills, ``random`` (the exact
+            path sampler) or ``confidence`` (the surest first).
     """
 
     video_steps: int = 50
@@ -39,6 +42,7 @@ class SamplerConfig:
     shift: float = 3.0
     guidance_scale: float = 5.0
     temperature: float = 1.0
+    unmasking: str = "random"
 
 
 def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -54,21 +58,18 @@ class UnifiedSampler:
 
     Args:
         model: a :class:`FlowTimeModel` (flow time in, ``dx/dt`` and logits out).
-        source: the caption source distribution.
-        scheduler: the caption path's scheduler.
+        path: the caption stream's :class:`~lightning_vigu.flows.discrete.MixtureDiscretePath`.
         config: step counts, shift, guidance, temperature.
     """
 
     def __init__(
         self,
         model: FlowTimeModel,
-        source: discrete.UniformSource | discrete.MaskSource,
-        scheduler: discrete.PolynomialScheduler,
+        path: discrete.MixtureDiscretePath,
         config: SamplerConfig | None = None,
     ) -> None:
         self.model = model
-        self.source = source
-        self.scheduler = scheduler
+        self.path = path
         self.config = config or SamplerConfig()
 
     def _velocity(
@@ -79,17 +80,20 @@ class UnifiedSampler:
         uncond: Tensor | None,
         text: Tensor | None,
         t_text: Tensor | None,
+        uncond_text: Tensor | None = None,
     ):
-        """Guided video velocity and the conditional caption logits."""
+        """Guided video velocity and the conditional caption logits (``uncond_text``: the
+        caption canvas of the unconditional branch, default ``text``)."""
         scale = self.config.guidance_scale
         if uncond is None or scale == 1.0:
             out = self.model(x, t, context, text, t_text)
             return out.velocity, out.text_logits
+        null_text = text if uncond_text is None else uncond_text
         both = self.model(
             torch.cat([x, x]),
             torch.cat([t, t]),
             torch.cat([context, uncond]),
-            None if text is None else torch.cat([text, text]),
+            None if text is None else torch.cat([text, null_text]),
             None if t_text is None else torch.cat([t_text, t_text]),
         )
         v_cond, v_uncond = both.velocity.chunk(2)
@@ -104,6 +108,7 @@ class UnifiedSampler:
         uncond_context: Tensor | None = None,
         text: Tensor | None = None,
         generator: torch.Generator | None = None,
+        uncond_text: Tensor | None = None,
     ) -> Tensor:
         """Text -> video latents ``(B, *latent_shape)``.
 
@@ -112,6 +117,8 @@ class UnifiedSampler:
             latent_shape: ``(c, t, h, w)``.
             uncond_context: the empty-prompt condition for CFG (``None`` = no guidance).
             text: optional clean caption canvas ``(B, L)`` held at ``t_text = 1``.
+            uncond_text: the caption canvas of the unconditional branch (the empty prompt's;
+                default ``text``).
         """
         b, device = context.shape[0], context.device
         generator = on_device(generator, device)
@@ -119,7 +126,9 @@ class UnifiedSampler:
         grid = continuous.time_grid(self.config.video_steps, self.config.shift, device)
         t_text = None if text is None else torch.ones(b, device=device)
         for t, t_next in zip(grid[:-1], grid[1:]):
-            v, _ = self._velocity(x, t.expand(b), context, uncond_context, text, t_text)
+            v, _ = self._velocity(
+                x, t.expand(b), context, uncond_context, text, t_text, uncond_text
+            )
             x = continuous.euler_step(x, v, t, t_next)
         return x
 
@@ -137,9 +146,7 @@ class UnifiedSampler:
         """
         b, device = latents.shape[0], latents.device
         generator = on_device(generator, device)
-        x_t = self.source.sample_like(
-            torch.zeros(b, length, dtype=torch.long, device=device), generator
-        )
+        x_t = self.path.start(b, length, device, generator)
         grid = torch.linspace(0, 1, self.config.text_steps + 1, device=device)
         ones = torch.ones(b, device=device)
         for t, t_next in zip(grid[:-1], grid[1:]):
@@ -164,9 +171,7 @@ class UnifiedSampler:
         b, device = context.shape[0], context.device
         generator = on_device(generator, device)
         x = torch.randn((b, *latent_shape), generator=generator, device=device)
-        x_t = self.source.sample_like(
-            torch.zeros(b, length, dtype=torch.long, device=device), generator
-        )
+        x_t = self.path.start(b, length, device, generator)
         n = self.config.video_steps
         grid_v = continuous.time_grid(n, self.config.shift, device)
         grid_x = torch.linspace(0, 1, n + 1, device=device)
@@ -185,7 +190,5 @@ class UnifiedSampler:
         t_next: Tensor,
         generator: torch.Generator | None,
     ) -> Tensor:
-        logits = discrete.posterior_logits(logits, self.source)
-        return discrete.jump_step(
-            x_t, logits, t, t_next, self.scheduler, self.config.temperature, generator
-        )
+        c = self.config
+        return self.path.step(x_t, logits, t, t_next, c.temperature, generator, c.unmasking)

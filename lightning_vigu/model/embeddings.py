@@ -87,6 +87,31 @@ class ConditionEmbedder(TimeEmbedding):
         self.text_embedder = PromptProjection(text_dim, dim)
 
 
+def sincos_3d(
+    frames: int, height: int, width: int, dim: int, device: torch.device | None = None
+) -> Tensor:
+    """Fixed 3-D sine-cosine positions ``(frames * height * width, dim)``, row-major in
+    ``(t, h, w)``: ``2 * (dim // 6)`` channels each for ``h`` and ``w``, the rest for ``t``.
+
+    Rope only rotates queries and keys, so a token's *value* never says where it is; with
+    ``(1, 1, L)`` these are the caption canvas positions added by
+    :attr:`UniViGUConfig.text_absolute_positions`.
+    """
+    if dim % 2:
+        raise ValueError(f"sine-cosine positions need an even width, got {dim}")
+    d_hw = 2 * (dim // 6)
+    grid = torch.meshgrid(
+        *(torch.arange(n, device=device, dtype=torch.float32) for n in (frames, height, width)),
+        indexing="ij",
+    )
+    parts = []
+    for pos, d in zip(grid, (dim - 2 * d_hw, d_hw, d_hw)):
+        omega = 10000.0 ** (-torch.arange(d // 2, device=device, dtype=torch.float32) / (d // 2))
+        angle = pos.reshape(-1, 1) * omega  # (N, d/2)
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=-1)  # (N, dim)
+
+
 def _rope_frequencies(
     dim: int, positions: int, theta: float, device: torch.device | None = None
 ) -> Tensor:

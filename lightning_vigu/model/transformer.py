@@ -30,6 +30,7 @@ from lightning_vigu.model.embeddings import (
     TextRope1D,
     TimeEmbedding,
     VideoRope3D,
+    sincos_3d,
 )
 
 
@@ -49,6 +50,8 @@ class UniViGUConfig:
     cross_attn_norm: bool = True
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
+    # fixed sine-cosine positions added to the caption tokens (not in Uni-ViGU; see forward)
+    text_absolute_positions: bool = False
     # caption stream; vocab_size=None builds the video-only generator
     vocab_size: int | None = 49408
     text_ffn_dim: int | None = None
@@ -240,11 +243,10 @@ class UniViGUTransformer(nn.Module):
             temb_v, mod_v = self.condition_embedder(_as_batch(t_video, b, video.device))
             mods.append(mod_v)
         if text is not None:
-            tokens.append(
-                self.vocab_embed(text).to(
-                    tokens[0].dtype if tokens else self.vocab_embed.weight.dtype
-                )
-            )
+            x_t = self.vocab_embed(text)  # (B, Lt, D)
+            if c.text_absolute_positions:  # a token's value says where on the canvas it is
+                x_t = x_t + sincos_3d(1, 1, text.shape[1], c.dim, text.device).to(x_t.dtype)
+            tokens.append(x_t.to(tokens[0].dtype if tokens else x_t.dtype))
             rope_text = self.rope_text(text.shape[1], text.device)
             temb_t, mod_t = self.time_embedding_t(_as_batch(t_text, b, text.device))
             mods.append(mod_t)
