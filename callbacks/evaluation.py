@@ -9,8 +9,9 @@
   A prompt target names one object of several at random, so ``attr_ceiling`` reports what a
   perfect prompt writer scores on the same clips;
 * text -> video: the module generates a video per prompt; prompt adherence from the analytic
-  detector (synthetic world), FVD against the real clips and CLIPScore when their weights are
-  configured;
+  detector (synthetic world) next to its chance level ``adherence_floor`` (real clips scored
+  against other clips' prompts: a valid video that ignores the prompt), FVD against the real
+  clips and CLIPScore when their weights are configured;
 * joint: a video and a caption generated together; agreement between what the detector sees
   and what the caption says.
 
@@ -40,6 +41,12 @@ from lightning_vigu.metrics import (
 )
 
 DIRECTIONS = ("v2t", "t2v", "joint")
+HEADLINE = {  # the numbers printed after each round
+    "v2t/attr_accuracy": "caption attribute accuracy",
+    "t2v/adherence_accuracy": "prompt adherence",
+    "t2v/adherence_colour": "colour adherence",
+    "joint/agreement": "joint agreement",
+}
 
 
 def collect(loader: Iterable[dict], num: int) -> dict:
@@ -161,6 +168,10 @@ def evaluate(
         if has_truth:
             acc = mean_accuracy([score_video(v, m, "prompt") for v, m in zip(gen, clips["meta"])])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
+            # chance: a real clip of the world that ignores the prompt (the next clip's video)
+            others = clips["video"].roll(1, dims=0)
+            floor = [score_video(v, m, "prompt") for v, m in zip(others, clips["meta"])]
+            results["t2v/adherence_floor"] = mean_accuracy(floor)["accuracy"]
         if fvd is not None:
             fvd.reset()
             for sl in _chunks(n, batch_size):
@@ -308,6 +319,11 @@ class Evaluation(L.Callback):
         # every rank logs the same keys (NaN included): differing keys would hang sync_dist
         numbers = {k: v for k, v in results.items() if isinstance(v, float)}
         pl_module.log_dict({f"{stage}/{k}": v for k, v in numbers.items()}, sync_dist=True)
+        headline = {k: numbers[k] for k in HEADLINE if k in numbers}
+        rank_zero_info(
+            f"[Evaluation] {stage} at step {trainer.global_step} on {len(clips['prompt'])} clips: "
+            + ", ".join(f"{HEADLINE[k]} {v:.3f}" for k, v in headline.items())
+        )
         self._write(trainer, stage, results, examples)
         return results
 

@@ -69,6 +69,26 @@ def test_detector_scores_a_wrong_video_low():
     assert not any(v for k, v in empty.correct.items() if k.startswith("objects."))
 
 
+def test_colourful_noise_is_no_object_and_scores_no_adherence():
+    """Blobs of every colour that flicker from frame to frame are not objects of the world:
+    without the track check, upsampled colour noise 'followed' 37-46% of the prompt
+    attributes, more than a real clip of another prompt (30%)."""
+    rng = np.random.default_rng(0)
+    records = [clip_record(CPU, 0, "test", i) for i in range(24)]
+    for cells in (4, 8):  # noise in 4x4 and 8x8 cells of a 32x32 frame
+        scores = []
+        for record in records:
+            noise = rng.integers(0, 256, (CPU.num_frames, cells, cells, 3), dtype=np.uint8)
+            frames = noise.repeat(32 // cells, axis=1).repeat(32 // cells, axis=2)
+            assert detect(frames)["objects"] == []
+            scores.append(score_video(frames, record, scope="prompt"))
+        assert mean_accuracy(scores)["accuracy"] == 0.0
+    others = [
+        score_video(make_clip(CPU, 0, "test", i + 1)[0], r, "prompt") for i, r in enumerate(records)
+    ]
+    assert 0.1 < mean_accuracy(others)["accuracy"] < 0.5  # chance: a valid video of another prompt
+
+
 def test_prompt_scope_scores_only_what_the_prompt_states():
     for index in range(20):
         frames, record = _decoded_clip("train", index)
