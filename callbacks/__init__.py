@@ -1,5 +1,5 @@
 """Lightning callbacks of lightning_vigu: phase switching, sample logging, evaluation, EMA,
-time budgets.
+time budgets, skipped-sample counts.
 
 EMA weights: :class:`EMA` (Lightning's weight averaging with a warm-up decay, so short runs
 average their recent weights, not their initialisation).
@@ -10,5 +10,14 @@ from callbacks.ema import EMA
 from callbacks.evaluation import Evaluation, evaluate
 from callbacks.phases import PhaseSchedule
 from callbacks.samples import SampleLogger
+from callbacks.skips import SkippedSamples
 
-__all__ = ["EMA", "Evaluation", "PhaseSchedule", "SampleLogger", "TimeBudget", "evaluate"]
+__all__ = [
+    "EMA",
+    "Evaluation",
+    "PhaseSchedule",
+    "SampleLogger",
+    "SkippedSamples",
+    "TimeBudget",
+    "evaluate",
+]

@@ -15,6 +15,10 @@
 * joint: a video and a caption generated together; agreement between what the detector sees
   and what the caption says.
 
+On latent-cache data the real clips are the cached latents decoded by the module's codec
+(captioning reads the latents themselves). Under FSDP the callback is off (said once): the
+weights are sharded; evaluate a consolidated checkpoint with ``validate`` / ``test`` instead.
+
 :class:`Evaluation` calls it during ``fit`` (every N steps, at validation) and in
 ``validate`` / ``test``, logs the numbers and writes them as JSON next to the run. Metrics whose
 weights are not configured are skipped with one message, never a crash or a download.
@@ -28,10 +32,10 @@ from collections.abc import Iterable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
-from callbacks.samples import run_dir
+from callbacks.samples import run_dir, sharded
 from lightning_vigu.metrics import (
     CaptionMetrics,
     FrechetVideoDistance,
@@ -49,17 +53,31 @@ HEADLINE = {  # the numbers printed after each round
 }
 
 
-def collect(loader: Iterable[dict], num: int) -> dict:
-    """The first ``num`` clips of a loader: videos ``(N, 3, T, H, W)``, prompts, captions, records."""
-    out: dict = {"video": [], "prompt": [], "caption": [], "meta": []}
+def collect(
+    loader: Iterable[dict],
+    num: int,
+    codec: torch.nn.Module | None = None,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """The first ``num`` clips of a loader: videos ``(N, 3, T, H, W)``, prompts, captions,
+    records; from a latent cache also the ``latents``, decoded to videos by ``codec`` on
+    ``device``."""
+    out: dict = {"video": [], "latents": [], "prompt": [], "caption": [], "meta": []}
     n = 0
     for batch in loader:
-        if "video" not in batch:
-            raise ValueError(
-                "evaluation needs decoded videos; point it at shards with mp4 members, not the latent cache"
-            )
         k = min(num - n, len(batch["prompt"]))
-        out["video"].append(batch["video"][:k].cpu())
+        if "video" in batch:
+            out["video"].append(batch["video"][:k].cpu())
+        elif "latents" in batch and codec is not None:
+            latents = batch["latents"][:k].float()
+            out["latents"].append(latents.cpu())
+            with torch.no_grad():
+                out["video"].append(codec.decode(latents.to(device)).float().cpu())
+        else:
+            raise ValueError(
+                "evaluation needs videos: shards with mp4 members, or latent-cache shards and "
+                "the module's codec to decode them (collect(loader, num, codec=module.codec))"
+            )
         for key in ("prompt", "caption"):
             out[key] += list(batch[key][:k])
         out["meta"] += list(batch.get("meta", [{}] * k))[:k]
@@ -69,6 +87,7 @@ def collect(loader: Iterable[dict], num: int) -> dict:
     if n == 0:
         raise ValueError("the evaluation loader yielded no clips")
     out["video"] = torch.cat(out["video"])
+    out["latents"] = torch.cat(out["latents"]) if out["latents"] else None
     return out
 
 
@@ -140,8 +159,12 @@ def evaluate(
     samples: dict = {}
     if "v2t" in directions and getattr(getattr(module, "model", None), "has_text", True):
         preds: list[str] = []
+        latents = clips.get("latents")  # a latent cache: caption the cached latents themselves
         for sl in _chunks(n, batch_size):
-            preds += module.caption(clips["video"][sl].to(device), seed=seed, **overrides)
+            if latents is not None and hasattr(module, "caption_latents"):
+                preds += module.caption_latents(latents[sl].to(device), seed=seed, **overrides)
+            else:
+                preds += module.caption(clips["video"][sl].to(device), seed=seed, **overrides)
         refs = [[t] for t in clips[target_key]]
         try:
             metric = CaptionMetrics()
@@ -253,8 +276,16 @@ class Evaluation(L.Callback):
         self._clip: VideoCLIPScore | None = None
         self._last = -1
         self._said: set[str] = set()
+        self._off = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if sharded(trainer):
+            self._off = True
+            rank_zero_warn(
+                "Evaluation is off under FSDP (sharded weights); evaluate a consolidated "
+                "checkpoint with 'python -m lightning_vigu validate/test' on one device or DDP"
+            )
+            return
         if self._fvd is None and self.i3d_weights is not None:
             try:
                 self._fvd = FrechetVideoDistance(
@@ -295,6 +326,8 @@ class Evaluation(L.Callback):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, loader) -> dict:
         """Evaluate, log ``<stage>/<metric>`` and write ``<run>/eval/<stage>_stepN.json``."""
+        if self._off:
+            return {}
         self._last = trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
@@ -302,7 +335,8 @@ class Evaluation(L.Callback):
             if m is not None:
                 m.to(pl_module.device)
         try:
-            clips = collect(loader, self.num_videos)
+            codec = getattr(pl_module, "codec", None)
+            clips = collect(loader, self.num_videos, codec, pl_module.device)
             results = evaluate(
                 pl_module,
                 clips,

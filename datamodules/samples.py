@@ -29,10 +29,11 @@ from datamodules.video_io import (
 )
 
 SKIP_REASONS = (
-    "corrupt_shard",  # the tar stream broke (truncated or corrupt member): rest of shard skipped
+    "corrupt_shard",  # the tar stream broke (cut inside a member, corrupt header): rest skipped
+    "truncated_shard",  # the tar ends without its end marker (cut between members): rest missing
     "missing_video",  # no video (or latents) member
     "missing_text",  # no prompt (or, with require_caption, no caption)
-    "undecodable",  # video bytes PyAV cannot decode (garbage, truncated mp4)
+    "undecodable",  # video bytes PyAV cannot decode (garbage, a cut-off / half-downloaded mp4)
     "too_short",  # fewer frames than the clip needs
     "bad_member",  # unreadable json / npy / pth member
 )

@@ -167,6 +167,10 @@ def _output_size(src_h: int, src_w: int, size: tuple[int, int] | None) -> tuple[
 def decode_clip(data: bytes, spec: ClipSpec, start: float | None = None) -> np.ndarray:
     """Decode the frames of one clip from video bytes.
 
+    Only the clip's frames are kept, each converted to RGB at the output size as soon as it is
+    decoded; a clip that starts past :data:`SEEK_MIN_FRAMES` is reached by seeking to the
+    keyframe before it (memory stays at one clip, however long the video).
+
     Args:
         data: the bytes of a video file (mp4, webm...).
         spec: frames, rate and size to cut.
@@ -176,61 +180,111 @@ def decode_clip(data: bytes, spec: ClipSpec, start: float | None = None) -> np.n
         ``(T, H, W, 3)`` uint8 RGB frames, resized to cover ``spec.size`` and centre-cropped.
 
     Raises:
-        VideoDecodeError: undecodable or truncated bytes.
+        VideoDecodeError: undecodable bytes, or a video cut short (fewer frames decode than its
+            header promises: a truncated or half-downloaded file).
         ClipTooShortError: too few frames for the clip.
     """
     container, stream = _open(data)
     with container:
         total = stream.frames
+        counted = total <= 0
+        if counted:  # no frame count in the header: count the packets
+            total = _count_packets(container, stream)
+            if total == 0:
+                raise VideoDecodeError("the video has no frames")
         source_fps = float(stream.average_rate or stream.base_rate or Fraction(25))
-        decoded = None
-        if total <= 0:  # no frame count in the header: decode everything once
-            decoded = _decode_all(container, stream)
-            total = len(decoded)
         wanted = frame_indices(total, source_fps, spec, start)
         out_h, out_w = _output_size(stream.height, stream.width, spec.size)
-        frames = decoded if decoded is not None else _decode_until(container, stream, max(wanted))
-    if len(frames) <= max(wanted):
-        raise ClipTooShortError(
-            f"video header says {total} frames but only {len(frames)} decode; "
-            f"the clip needs frame {max(wanted)}"
-        )
+        sws = _sws_options(max(out_h, stream.height), max(out_w, stream.width))
+        convert = _converter(out_w, out_h, sws)
+        frames = None
+        seek = wanted[0] >= SEEK_MIN_FRAMES
+        if seek:
+            frames = _decode_after_seek(container, stream, wanted, source_fps, convert)
+        if frames is None and not (counted or seek):
+            frames = _decode_in_order(container, stream, wanted, total, convert)
+    if frames is None:  # start over from the first frame
+        container, stream = _open(data)
+        with container:
+            frames = _decode_in_order(container, stream, wanted, total, convert)
+    return center_crop(np.stack([frames[i] for i in wanted]), spec.size)  # (T, h, w, 3)
+
+
+SEEK_MIN_FRAMES = 48
+"""Clips starting at this frame or later are reached by seeking instead of decoding from 0."""
+
+
+def _converter(width: int, height: int, sws: dict):
     reformatter = VideoReformatter()  # one swscale context for the clip (much faster)
-    sws = _sws_options(max(out_h, frames[0].height), max(out_w, frames[0].width))
-    rgb = np.stack(
-        [
-            reformatter.reformat(
-                frames[i],
-                width=out_w,
-                height=out_h,
-                format="rgb24",
-                interpolation=Interpolation.AREA,
-                **sws,
-            ).to_ndarray()
-            for i in wanted
-        ]
-    )  # (T, out_h, out_w, 3)
-    return center_crop(rgb, spec.size)
+
+    def convert(frame) -> np.ndarray:
+        return reformatter.reformat(
+            frame,
+            width=width,
+            height=height,
+            format="rgb24",
+            interpolation=Interpolation.AREA,
+            **sws,
+        ).to_ndarray()  # (h, w, 3)
+
+    return convert
 
 
-def _decode_all(container, stream) -> list:
+def _count_packets(container, stream) -> int:
     try:
-        return list(container.decode(stream))
+        return sum(1 for packet in container.demux(stream) if packet.size)
     except (av.FFmpegError, ValueError, OSError) as exn:
-        raise VideoDecodeError(f"decoding failed: {exn}") from exn
+        raise VideoDecodeError(f"demuxing failed: {exn}") from exn
 
 
-def _decode_until(container, stream, last: int) -> list:
-    frames = []
+def _decode_in_order(container, stream, wanted: list[int], total: int, convert) -> dict:
+    """Decode from the start, counting frames, keeping the wanted ones (converted)."""
+    keep, frames, count, error = set(wanted), {}, 0, None
     try:
         for frame in container.decode(stream):
-            frames.append(frame)
-            if len(frames) > last:
+            if count in keep:
+                frames[count] = convert(frame)
+            count += 1
+            if count > wanted[-1]:
                 break
     except (av.FFmpegError, ValueError, OSError) as exn:
-        if not frames:
-            raise VideoDecodeError(f"decoding failed: {exn}") from exn
+        error = exn
+    if len(frames) < len(keep):
+        why = f": {error}" if error is not None else ""
+        raise VideoDecodeError(
+            f"the video is cut short: its header says {total} frames but decoding stops after "
+            f"{count}{why}, and the clip needs frame {wanted[-1]} (a truncated or "
+            "half-downloaded file?)"
+        )
     return frames
+
+
+def _decode_after_seek(container, stream, wanted: list[int], fps: float, convert) -> dict | None:
+    """Seek to the keyframe before ``wanted[0]`` and keep the wanted frames, numbered by their
+    timestamps; ``None`` when timestamps do not allow it (the caller decodes in order)."""
+    base = stream.time_base
+    if base is None or not fps:
+        return None
+    first_pts = stream.start_time or 0
+    try:
+        container.seek(first_pts + int(wanted[0] / fps / base), stream=stream, backward=True)
+        keep, frames, previous = set(wanted), {}, None
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                return None
+            index = round(float((frame.pts - first_pts) * base) * fps)
+            if (previous is None and index > wanted[0]) or (
+                previous is not None and index <= previous
+            ):
+                return None  # landed past the clip, or timestamps that are no frame numbers
+            previous = index
+            if index in keep:
+                frames[index] = convert(frame)
+            if index >= wanted[-1]:
+                break
+    except (av.FFmpegError, ValueError, OSError):
+        return None
+    return frames if len(frames) == len(keep) else None
 
 
 def center_crop(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

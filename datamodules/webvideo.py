@@ -9,13 +9,23 @@ Pipeline of one :class:`ShardStream` iteration (one per DataLoader worker and ep
 
 Validation/test streams are deterministic: no shuffling, clips centred in their videos.
 Bad samples are skipped with a :class:`~datamodules.samples.SkippedSampleWarning` naming the
-shard and key and counted by reason (:meth:`WebVideoDataModule.skipped_counts`); with
-``strict=True`` the same message is raised instead.
+shard and key and counted by reason (:meth:`WebVideoDataModule.skipped_counts`; the CLI logs
+them, see :class:`callbacks.SkippedSamples`); with ``strict=True`` the same message is raised
+instead, and after ``max_consecutive_skips`` bad samples in a row the stream stops with an error
+naming its shards (a shard list with no usable sample never hangs).
+
+Resume: the training loader is stateful (:class:`StreamLoader`): Lightning saves its position
+(epoch, batches delivered) in the checkpoint, and a resumed run draws a stream seeded by that
+position, so it sees new data rather than the start of the stream again (see the README).
+
+``pipe:`` urls run their command through the shell, with the rights of the training process:
+a config that names shards is code; use only configs you trust.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import math
 import os
@@ -49,7 +59,9 @@ def expand_shards(spec: ShardSpec, what: str = "shards") -> list[str]:
 
     Accepts a path, a brace pattern (``data/train-{000000..000009}.tar``), a glob
     (``data/*.tar``), a folder (all its ``*.tar``), a ``pipe:`` command or a remote url, or a
-    list of those (a string may also join several with ``::``).
+    list of those (a string may also join several with ``::``). A ``pipe:`` url is a shell
+    command run as is (``pipe:curl -s https://host/train-000000.tar``): whoever writes the
+    config runs commands on the training machine.
 
     Raises:
         FileNotFoundError: a local pattern matches no file.
@@ -107,6 +119,8 @@ class ShardStream(IterableDataset):
             (split over ranks and workers); ``None`` streams forever.
         counter: shared skip counter (a private one when ``None``).
         strict: raise :class:`~datamodules.samples.BadSampleError` instead of skipping.
+        max_consecutive_skips: raise :class:`~datamodules.samples.BadSampleError` (naming the
+            shards) after this many bad samples or shards in a row, across epochs.
     """
 
     def __init__(
@@ -123,8 +137,11 @@ class ShardStream(IterableDataset):
         samples_per_epoch: int | None = None,
         counter: SkipCounter | None = None,
         strict: bool = False,
+        max_consecutive_skips: int = 1000,
     ) -> None:
         super().__init__()
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         self.urls = list(urls)
         self.decoder = decoder
         self.train = train
@@ -136,7 +153,17 @@ class ShardStream(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         self.counter = counter if counter is not None else SkipCounter()
         self.strict = strict
+        self.max_consecutive_skips = max_consecutive_skips
         self.epoch = -1
+        self._skips_in_a_row = 0
+        self._resume = (0, 1)  # (batches delivered in the resumed epoch, batch size)
+
+    def resume_at(self, epoch: int, batches: int, batch_size: int) -> None:
+        """Continue epoch ``epoch`` after ``batches`` batches were delivered: the next pass is
+        seeded by that position (new data, not the start of the stream again) and, with
+        ``samples_per_epoch``, holds the samples the epoch has left."""
+        self.epoch = epoch - 1
+        self._resume = (batches, batch_size)
 
     def _where(self) -> tuple[int, int, int, int]:
         rank, world, _, _ = wds.utils.pytorch_worker_info()
@@ -152,18 +179,29 @@ class ShardStream(IterableDataset):
         else:
             yield from itertools.islice(src, self.rank, None, self.world_size or 1)
 
-    def _shards(self, rng: random.Random) -> Iterator[dict]:
+    def _shards(self, rng: random.Random, tag: str) -> Iterator[dict]:
         if self.resampled:
             return ({"url": rng.choice(self.urls)} for _ in itertools.count())
         urls = list(self.urls)
         if self.train:  # the same order on every rank, so the node split stays a partition
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
+            random.Random(tag).shuffle(urls)
         return wds.split_by_worker(self._split_by_node({"url": u} for u in urls))
 
     def _skip(self, reason: str, message: str) -> None:
         self.counter.add(reason)
         if self.strict:
             raise BadSampleError(f"{message} (strict=True; set strict=False to skip bad samples)")
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row >= self.max_consecutive_skips:
+            shown = self.urls[:5] + (
+                [f"... {len(self.urls) - 5} more"] if len(self.urls) > 5 else []
+            )
+            raise BadSampleError(
+                f"{self._skips_in_a_row} bad samples in a row and none usable, in shards {shown} "
+                f"(skips by reason: {self.counter.as_dict()}); the last: {message}. Check the "
+                "shards and the DataModule's prompt_key/caption_key/num_frames/fps, or raise "
+                "max_consecutive_skips if long bad stretches are expected"
+            )
         warnings.warn(message, SkippedSampleWarning, stacklevel=3)
 
     def _read_shards(self, shards: Iterator[dict]) -> Iterator[dict]:
@@ -173,10 +211,20 @@ class ShardStream(IterableDataset):
             url, key = shard["url"], None
             try:
                 with wds.gopen(url, "rb") as stream:
-                    files = tar_file_expander([{"url": url, "stream": stream}], eof_value={})
+                    reader = _EndCheckingReader(stream)
+                    files = tar_file_expander([{"url": url, "stream": reader}], eof_value={})
                     for sample in group_by_keys(files):
                         key = sample["__key__"]
                         yield sample
+                    reader.drain()
+                if reader.truncated():
+                    where = f"after sample '{key}'" if key else "before its first sample"
+                    self._skip(
+                        "truncated_shard",
+                        f"shard '{url}' ends {where} without the tar end-of-archive marker: it "
+                        "was cut short (an interrupted copy or download?) and the samples after "
+                        "the cut are missing; copy the shard again",
+                    )
             except Exception as exn:  # tarfile, OSError, pipe failures: all mean a broken shard
                 where = f"after sample '{key}'" if key else "before its first sample"
                 detail = exn.args[0] if exn.args else ""
@@ -187,30 +235,107 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         self.epoch += 1
+        (resumed, batch_size), self._resume = self._resume, (0, 1)
         rank, world, worker, workers = self._where()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
-        raw = self._read_shards(self._shards(rng))
+        tag = f"{self.seed}-{self.epoch}" + (f"-resume{resumed}" if resumed else "")
+        rng = random.Random(f"{tag}-{rank}-{worker}")
+        raw = self._read_shards(self._shards(rng, tag))
         if self.train and self.shuffle_buffer > 0:
             raw = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(
                 raw
             )
         samples = self._decode(raw, rng)
         if self.resampled and self.samples_per_epoch is not None:
-            samples = itertools.islice(
-                samples, math.ceil(self.samples_per_epoch / (world * workers))
-            )
+            mine = math.ceil(self.samples_per_epoch / (world * workers))
+            delivered = batch_size * len(range(worker, resumed, workers))  # batches go round-robin
+            samples = itertools.islice(samples, max(0, mine - delivered))
         yield from samples
 
     def _decode(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         for sample in raw:
             try:
-                yield self.decoder(sample, rng.random() if self.train else None)
+                decoded = self.decoder(sample, rng.random() if self.train else None)
+                self._skips_in_a_row = 0
+                yield decoded
             except BadSample as exn:
                 shard, key = sample.get("__url__", "?"), sample.get("__key__", "?")
                 self._skip(
                     exn.reason,
                     f"skipped sample '{key}' of shard '{shard}' ({exn.reason}): {exn.detail}",
                 )
+
+
+class _EndCheckingReader(io.RawIOBase):
+    """A read-through wrapper of a shard's byte stream that keeps its first and last bytes, so a
+    tar cut at a member boundary (which ``tarfile`` reads as a normal end) can be told apart
+    from a whole one: an uncompressed tar ends with at least two 512-byte blocks of zeros."""
+
+    _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.head = b""
+        self.tail = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if data:
+            if len(self.head) < 8:
+                self.head = (self.head + data)[:8]
+            self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Read what ``tarfile`` left after the end marker (zero padding)."""
+        while self.read(1 << 16):
+            pass
+
+    def truncated(self) -> bool:
+        """The stream was a plain tar and did not end with its end-of-archive marker."""
+        if not self.head or self.head.startswith(self._COMPRESSED):
+            return False  # compressed streams report their own truncation
+        return len(self.tail) < 1024 or bool(self.tail.strip(b"\0"))
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a :class:`ShardStream` whose position is saved in checkpoints.
+
+    Lightning stores ``state_dict()`` of a stateful training loader with the loop state and
+    calls ``load_state_dict`` on resume, before the first batch; the stream then continues the
+    epoch from a pass seeded by the saved position (:meth:`ShardStream.resume_at`). The count
+    is of batches handed out, which runs at most Lightning's one prefetched batch ahead of the
+    steps taken.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch, self._batches, self._resume = -1, 0, 0
+
+    def __iter__(self):
+        self._epoch += 1
+        self._batches, self._resume = self._resume, 0
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: the stream's epoch and the batches handed out in it."""
+        return {"epoch": max(self._epoch, 0), "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` (see :meth:`state_dict`)."""
+        self._epoch, self._resume = state["epoch"] - 1, state["batches"]
+        if isinstance(self.dataset, ShardStream):
+            self.dataset.resume_at(state["epoch"], state["batches"], self.batch_size or 1)
 
 
 def parse_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -248,6 +373,8 @@ class WebVideoDataModule(L.LightningDataModule):
             endless epoch).
         seed: seed of shard order, shuffle buffer and clip placement.
         strict: raise on the first bad sample instead of skipping it.
+        max_consecutive_skips: stop with an error naming the shards after this many bad samples
+            in a row (per worker), instead of skipping forever.
         latents: ``None`` reads ``latents.npy`` members when present (latent-cache shards),
             ``True`` requires them, ``False`` always decodes the video.
         video_key: member name of the video (default: the first video extension present).
@@ -276,6 +403,7 @@ class WebVideoDataModule(L.LightningDataModule):
         latents: bool | None = None,
         video_key: str | None = None,
         pin_memory: bool = False,
+        max_consecutive_skips: int = 1000,
     ) -> None:
         super().__init__()
         self.shards = {"train": train_shards, "val": val_shards, "test": test_shards}
@@ -294,6 +422,7 @@ class WebVideoDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.strict = strict
+        self.max_consecutive_skips = max_consecutive_skips
         self.pin_memory = pin_memory
         self.urls: dict[str, list[str]] = {}
         self.counter: SkipCounter | None = None
@@ -341,12 +470,13 @@ class WebVideoDataModule(L.LightningDataModule):
             samples_per_epoch=self.samples_per_epoch,
             counter=self.counter,
             strict=self.strict,
+            max_consecutive_skips=self.max_consecutive_skips,
         )
 
     def loader(self, split: str) -> DataLoader:
         """A DataLoader over ``split`` that yields collated :class:`~lightning_vigu.batch.Batch`."""
         train = split == "train"
-        return DataLoader(
+        return (StreamLoader if train else DataLoader)(
             self.stream(split),
             batch_size=self.batch_size,
             collate_fn=collate_batch,

@@ -11,6 +11,11 @@ JSONL file with the same keys (``file`` is relative to ``--videos``). Each valid
 (``prompt``, ``caption`` when given, ``source``, ``frames``, ``fps``, ``width``, ``height``).
 Rows whose video is missing, undecodable or shorter than ``--min-frames`` are skipped; the
 report (printed and written to ``<out>/report.json``) says which and why.
+
+The output folder must be empty (a folder of shards is read as ``*.tar``, so older shards
+left there would be trained on too); ``--overwrite`` replaces its ``*.tar`` files and
+``report.json`` once the new shards are complete (written as ``.tmp`` files first, so a failed
+run leaves the old shards as they were).
 """
 
 from __future__ import annotations
@@ -103,23 +108,82 @@ def write_shards(
     min_frames: int = 16,
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Validate the listed videos and write the good ones into ``out/shard-NNNNNN.tar``.
 
+    Args:
+        overwrite: replace the ``*.tar`` shards and ``report.json`` of a non-empty ``out``
+            (without it, a non-empty ``out`` is refused).
+
     Returns:
         The report: ``{"written", "shards", "skipped": [{"file", "reason"}],
-        "skipped_by_reason"}`` (also written to ``out/report.json``).
+        "skipped_by_reason", "replaced"}`` (also written to ``out/report.json``).
+
+    Raises:
+        FileExistsError: ``out`` is not empty and ``overwrite`` is false.
     """
     videos, out = Path(videos), Path(out)
     if not videos.is_dir():
         raise FileNotFoundError(f"video folder '{videos}' does not exist")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not overwrite:
+        shown = existing[:5] + ([f"... {len(existing) - 5} more"] if len(existing) > 5 else [])
+        raise FileExistsError(
+            f"output folder '{out}' is not empty ({shown}); training on it would read the old "
+            "shards too. Choose an empty folder, or pass --overwrite (overwrite=True) to replace "
+            "its .tar shards and report.json"
+        )
     rows = read_captions(captions)
     out.mkdir(parents=True, exist_ok=True)
-    skipped, shards, used, extensions = [], [], set(), set()
-    written, sink = 0, None
-    for row, info, reason in tqdm(
-        _rows(rows, videos, min_frames, workers), total=len(rows), disable=not progress
-    ):
+    replaced = sorted(p for p in out.iterdir() if p.suffix == ".tar" or p.name == "report.json")
+    shards: list[Path] = []
+    try:
+        written, skipped, extensions = _write(
+            _rows(rows, videos, min_frames, workers), len(rows), videos, out,
+            samples_per_shard, shards, progress,
+        )  # fmt: skip
+    except BaseException:
+        for shard in shards:
+            _tmp(shard).unlink(missing_ok=True)
+        raise
+    for old in replaced:  # the new shards are complete: now drop what they replace
+        old.unlink()
+    for shard in shards:
+        _tmp(shard).replace(shard)
+    odd = sorted(extensions - set(VIDEO_EXTENSIONS))
+    report = {
+        "written": written,
+        "shards": [p.name for p in shards],
+        "skipped": skipped,
+        "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
+        "extensions_needing_video_key": odd,
+        "replaced": [p.name for p in replaced],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _tmp(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".tmp")
+
+
+def _write(
+    checked: Iterator[tuple[dict, dict | None, str | None]],
+    total: int,
+    videos: Path,
+    out: Path,
+    samples_per_shard: int,
+    shards: list[Path],
+    progress: bool,
+) -> tuple[int, list[dict], set[str]]:
+    """Write the good rows into ``.tar.tmp`` shards (their final paths appended to ``shards``).
+
+    Returns:
+        ``(samples written, skipped rows with reasons, video extensions written)``.
+    """
+    written, sink, skipped, used, extensions = 0, None, [], set(), set()
+    for row, info, reason in tqdm(checked, total=total, disable=not progress):
         file, prompt = str(row.get("file") or ""), str(row.get("prompt") or "").strip()
         if reason is None and not prompt:
             reason = "no prompt"
@@ -130,7 +194,7 @@ def write_shards(
             if sink is not None:
                 sink.close()
             shards.append(out / f"shard-{len(shards):06d}.tar")
-            sink = wds.TarWriter(str(shards[-1]), encoder=False)
+            sink = wds.TarWriter(str(_tmp(shards[-1])), encoder=False)
         ext = Path(file).suffix.lower().lstrip(".") or "mp4"
         extensions.add(ext)
         record = {"prompt": prompt, "source": file, **info}
@@ -147,16 +211,7 @@ def write_shards(
         written += 1
     if sink is not None:
         sink.close()
-    odd = sorted(extensions - set(VIDEO_EXTENSIONS))
-    report = {
-        "written": written,
-        "shards": [p.name for p in shards],
-        "skipped": skipped,
-        "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
-        "extensions_needing_video_key": odd,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    return report
+    return written, skipped, extensions
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -172,10 +227,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=100)
     parser.add_argument("--min-frames", type=int, default=16, help="skip videos with fewer frames")
     parser.add_argument("--workers", type=int, default=1, help="processes that validate videos")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the .tar shards and report.json of a non-empty --out",
+    )
     args = parser.parse_args(argv)
     report = write_shards(
-        args.videos, args.captions, args.out, args.samples_per_shard, args.min_frames, args.workers
+        args.videos,
+        args.captions,
+        args.out,
+        args.samples_per_shard,
+        args.min_frames,
+        args.workers,
+        overwrite=args.overwrite,
     )
+    if report["replaced"]:
+        print(f"replaced {len(report['replaced'])} files of {args.out}: {report['replaced']}")
     print(f"wrote {report['written']} samples in {len(report['shards'])} shards to {args.out}")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])}: {report['skipped_by_reason']}")

@@ -17,7 +17,7 @@ from lightning_vigu.model import UnifiedBlock, parameter_group
 from lightning_vigu.phases import get_phase
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-OVERLAYS = ("ddp.yaml", "fsdp.yaml", "gpu.yaml", "lora.yaml")
+OVERLAYS = ("ddp.yaml", "fsdp.yaml", "gpu.yaml", "lora.yaml", "wandb.yaml")
 RUNS = sorted(p.name for p in CONF.glob("*.yaml") if p.name not in OVERLAYS)
 WAN = ("wan1.3b_recall.yaml", "wan1.3b_refine.yaml")
 
@@ -73,7 +73,7 @@ def test_wan_configs_parse_without_instantiating(capsys):
             model["prompt_encoder"]["class_path"] == "lightning_vigu.text.PrecomputedPromptEncoder"
         )
         assert model["lr"] == pytest.approx(5e-5) and model["caption_length"] == 256
-        assert model["gradient_checkpointing"] is True and model["compile_blocks"] is True
+        assert model["gradient_checkpointing"] is True and model["compile"] == "blocks"
         assert config["data"]["init_args"]["latents"] is True
         ema = [c for c in trainer["callbacks"] if c["class_path"] == "callbacks.EMA"]
         assert ema and ema[0]["init_args"]["decay"] == 0.9999
@@ -176,7 +176,7 @@ def _wan_args(wan: Path, root: Path, run: str, init_from: Path) -> list[str]:
         f"--model.prompt_encoder.init_args.empty_embedding={root / 'latents/train/empty_prompt_emb.pt'}",
         f"--model.model_overrides={yaml.safe_dump(sizes, default_flow_style=True)}",
         "--model.video_shape=[9, 32, 32]", "--model.caption_length=16",
-        "--model.compile_blocks=false", "--model.warmup_steps=1",
+        "--model.compile=none", "--model.warmup_steps=1",
         f"--data.init_args.train_shards={root / 'latents/train'}",
         f"--data.init_args.val_shards={root / 'latents/val'}",
         "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",

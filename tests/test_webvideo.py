@@ -195,6 +195,7 @@ def test_bad_samples_are_skipped_counted_and_named(data_bad_shard):
     assert batches[0]["caption"] == [_clip(0)[1]["caption"], "only a prompt"]  # no json: the prompt
     assert dm.skipped_counts() == {
         "corrupt_shard": 1,
+        "truncated_shard": 0,
         "missing_video": 0,
         "missing_text": 1,
         "undecodable": 2,

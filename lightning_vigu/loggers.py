@@ -1,0 +1,72 @@
+"""Experiment loggers: a Weights & Biases logger whose run continues when a fit resumes.
+
+Lightning's ``WandbLogger`` starts a new W&B run at every ``fit`` unless it is given the id of
+an earlier one. :class:`ResumableWandbLogger` keeps that id in its ``save_dir``
+(``wandb_run_id``): the first fit writes it, a fit that resumes in the same folder
+(``--ckpt_path``) reads it and continues the same W&B run (``resume="allow"``). Delete the file,
+or give another ``save_dir``, to start a new run; an explicit ``id`` or ``WANDB_RUN_ID`` wins.
+``wandb`` itself is imported only when the logger is created (``conf/wandb.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+def persistent_run_id(folder: str | Path) -> str:
+    """The W&B run id stored in ``folder`` (created on first use; safe when ranks race)."""
+    folder = Path(folder)
+    path = folder / RUN_ID_FILE
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{RUN_ID_FILE}.{uuid.uuid4().hex}"
+        tmp.write_text(uuid.uuid4().hex[:12] + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process wrote it first: keep theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    run_id = path.read_text().strip()
+    if not run_id:
+        raise ValueError(f"{path} is empty; delete it to start a new W&B run")
+    return run_id
+
+
+class ResumableWandbLogger(WandbLogger):
+    """``WandbLogger`` whose run id lives in ``save_dir``, so a resumed fit continues the run.
+
+    Args:
+        save_dir: the run folder (the id file, W&B's local files and the samples go there).
+        project: the W&B project.
+        name: the run's display name.
+        id: a W&B run id to continue (default: ``WANDB_RUN_ID`` or the id stored in
+            ``save_dir``).
+        resume: W&B's resume mode (``allow``: continue the id if it exists, else create it).
+        **kwargs: further ``WandbLogger`` / ``wandb.init`` arguments (``entity``, ``tags``,
+            ``log_model``...).
+    """
+
+    def __init__(
+        self,
+        save_dir: str = "runs/wandb",
+        project: str = "lightning-vigu",
+        name: str | None = None,
+        id: str | None = None,
+        resume: str = "allow",
+        **kwargs,
+    ) -> None:
+        from lightning.pytorch.loggers.wandb import _WANDB_AVAILABLE
+
+        if not _WANDB_AVAILABLE:  # say so before writing an id file
+            raise ModuleNotFoundError(f"{_WANDB_AVAILABLE}; conf/wandb.yaml needs it")
+        run_id = id or os.environ.get("WANDB_RUN_ID") or persistent_run_id(save_dir)
+        super().__init__(
+            save_dir=save_dir, project=project, name=name, id=run_id, resume=resume, **kwargs
+        )

@@ -1,0 +1,122 @@
+"""generate / caption on a Wan2.1 folder plus Uni-ViGU weights in the release format, with the
+official script's options (dtype, batch size, frames/height/width, negative prompt)."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import pytest
+import torch
+from test_training import tiny_module
+from tiny_wan import tiny_wan_folder
+
+from lightning_vigu.cli import main
+from lightning_vigu.export import base_vocabulary, export_univigu
+from lightning_vigu.pretrained import load_wan_transformer
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return tiny_wan_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def release(wan, tmp_path_factory):
+    """A Uni-ViGU checkpoint in the release format, written by our exporter (vocabulary rows
+    cut to the tokenizer's base vocabulary, as the official loader builds them)."""
+    model = load_wan_transformer(wan, vocab_size=base_vocabulary(wan / "tokenizer") + 2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("vocab_embed", "text_head")):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("release") / "step-00001000.pth"
+    return export_univigu(model, path, vocab_rows=base_vocabulary(wan / "tokenizer"))
+
+
+def _probe(path) -> dict:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return {
+            "codec": stream.codec_context.name,
+            "pix_fmt": stream.codec_context.pix_fmt,
+            "size": (stream.height, stream.width),
+            "frames": frames,
+        }
+
+
+def test_help_lists_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {c} " in out for c in ("fit", "generate", "caption", "export"))
+
+
+def test_generate_and_caption_with_wan_folder_and_release_weights(wan, release, tmp_path):
+    common = [f"--wan-folder={wan}", f"--checkpoint={release}", "--steps=2", "--device=cpu"]
+    shape = ["--frames=5", "--height=32", "--width=32"]
+    out = tmp_path / "gen"
+    main(
+        [
+            "generate",
+            *common,
+            *shape,
+            "--prompts=[a red circle moves left, two white balls bounce, a small green square]",
+            "--negative-prompt=blurry",
+            "--batch-size=2",
+            "--joint=true",
+            f"--out={out}",
+        ]
+    )
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["0000.mp4", "0001.mp4", "0002.mp4"]
+    assert all(isinstance(r["caption"], str) for r in records)
+    info = _probe(out / "0000.mp4")
+    assert info == {"codec": "h264", "pix_fmt": "yuv420p", "size": (32, 32), "frames": 5}
+    caps = tmp_path / "caps.jsonl"
+    videos = ",".join(str(out / r["file"]) for r in records)
+    main(["caption", *common, *shape, f"--videos=[{videos}]", "--batch-size=2", f"--out={caps}"])
+    lines = [json.loads(line) for line in caps.read_text().splitlines()]
+    assert len(lines) == 3 and all(isinstance(r["caption"], str) for r in lines)
+
+
+def test_bfloat16_lossless_and_video_only_wan(wan, tmp_path):
+    main(
+        [
+            "generate",
+            f"--wan-folder={wan}",  # no --checkpoint: the folder's own video generator
+            "--steps=2",
+            "--device=cpu",
+            "--dtype=bfloat16",
+            "--frames=5",
+            "--height=16",
+            "--width=48",
+            "--video-format=lossless",
+            "--prompts=[a red circle moves left]",
+            f"--out={tmp_path}",
+        ]
+    )
+    info = _probe(tmp_path / "0000.mp4")
+    assert info == {"codec": "h264", "pix_fmt": "yuv444p", "size": (16, 48), "frames": 5}
+
+
+def test_negative_prompt_is_the_unconditional_branch():
+    module = tiny_module().eval()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a = module.generate_video(["red circle"], seed=0, video_steps=2)
+    b = module.generate_video(["red circle"], seed=0, video_steps=2, negative_prompt="")
+    c = module.generate_video(["red circle"], seed=0, video_steps=2, negative_prompt="blue")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bad_weight_arguments_say_what_to_pass(wan, release, tmp_path):
+    args = ["generate", "--prompts=[x]", f"--out={tmp_path}", "--device=cpu"]
+    with pytest.raises(ValueError, match="either --ckpt .* or --wan-folder"):
+        main(args)
+    with pytest.raises(ValueError, match="--checkpoint .* needs --wan-folder"):
+        main([*args, f"--ckpt={release}", f"--checkpoint={release}"])
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        main(["caption", f"--wan-folder={wan}", f"--checkpoint={release}", "--videos=[nope.mp4]"])
