@@ -17,7 +17,10 @@ from torch import Tensor
 
 
 class WarmupEMA:
-    """``avg_fn`` of :class:`torch.optim.swa_utils.AveragedModel`: one warm-up EMA update.
+    """``multi_avg_fn`` of :class:`torch.optim.swa_utils.AveragedModel`: one warm-up EMA
+    update of all tensors of a device and dtype at once (one ``_foreach_lerp_``, one read of the
+    update count; a per-tensor ``avg_fn`` would launch a kernel and wait for the device once
+    per parameter).
 
     Args:
         decay: the decay the warm-up ramps to.
@@ -34,8 +37,9 @@ class WarmupEMA:
         n = float(num_averaged)
         return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
 
-    def __call__(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
-        return torch.lerp(current, averaged, self.decay_at(num_averaged))
+    def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # averaged <- decay * averaged + (1 - decay) * current, in place
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(num_averaged))
 
 
 class EMA(WeightAveraging):
@@ -57,7 +61,7 @@ class EMA(WeightAveraging):
     ) -> None:
         if update_every_n_steps < 1:
             raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
-        super().__init__(device=device, use_buffers=True, avg_fn=WarmupEMA(decay, warmup))
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=WarmupEMA(decay, warmup))
         self.update_every_n_steps = update_every_n_steps
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from benchmarks import quality, scaling, throughput
+from benchmarks import quality, scaling, throughput, train_loop
 
 
 def test_throughput_toy_measures_steps_ratios_and_sampling_latency(tmp_path):
@@ -67,3 +67,16 @@ def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
             assert 0.0 <= rows[stage, split]["t2v/adherence_accuracy"] <= 1.0
     for plot in ("quality_losses.png", "quality_metrics.png", "quality_samples.png"):
         assert (out / plot).stat().st_size > 0
+
+
+def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
+    case = train_loop.Case("tiny", "cpu", 2, ("eager", "eager fused"))
+    rows = train_loop.run_case(case, steps=4, timed_from=2)
+    train_loop.compare(rows)
+    for row in rows:
+        assert "error" not in row and row["seconds"] > 0 and len(row["losses"]) == 4
+        assert all(math.isfinite(v) for v in row["losses"])
+    assert len(set(rows[0]["losses"])) > 1  # the weights move
+    # the same weights, batches and per-step randomness: fused AdamW + one EMA update give
+    # the loss curve of the default loop
+    assert rows[1]["max_rel_loss_diff"] < 1e-4

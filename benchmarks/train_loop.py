@@ -1,0 +1,232 @@
+"""Training-loop suite: the real unified training step, today's loop against the faster one.
+
+    python -m benchmarks.train_loop --preset gpu      # one GPU: small and base, both loops
+    python -m benchmarks.train_loop --preset toy      # CPU smoke test (eager loops only)
+
+A step is what ``fit`` runs per batch, minus Lightning's bookkeeping: the objective of the
+phase on a batch of synthetic clips (tokenising the texts, drawing tasks, times and noise),
+backward, gradient clipping, the optimiser update and the EMA update. Each loop is a named
+configuration (:data:`LOOPS`): how the transformer is compiled, whether AdamW is fused, and how
+the EMA average is updated. Every configuration of one (size, clip shape) case starts from the
+same initial weights and sees the same batches with the same per-step randomness, so the table
+reports speed *and* whether the loss curves agree (largest difference over the first steps).
+The loops of a case run one after the other in one process, so the speed ratios are honest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from benchmarks.common import markdown_table, write_results
+from benchmarks.flops import peak_flops, train_flops
+from callbacks.ema import WarmupEMA
+from datamodules.synthetic import WorldTokenizer, make_clip, world_config
+from lightning_vigu.model import model_config
+from lightning_vigu.module import UniViGU
+from lightning_vigu.objective import ObjectiveConfig
+
+LOOPS: dict[str, dict] = {
+    # the loop of conf/gpu.yaml before: compiled blocks, AdamW's default, per-tensor EMA
+    "before": dict(compile="blocks", fused=False, ema="per_tensor"),
+    # the same loop with the whole transformer as one graph, fused AdamW, one EMA update
+    "whole graph": dict(compile="model", fused=True, ema="foreach"),
+    # conf/gpu.yaml now: that graph replayed as CUDA graphs
+    "cuda graphs": dict(compile="cudagraphs", fused=True, ema="foreach"),
+    # CPU: the eager loop, default vs fused AdamW
+    "eager": dict(compile="none", fused=False, ema="per_tensor"),
+    "eager fused": dict(compile="none", fused=True, ema="foreach"),
+}
+
+
+@dataclass
+class Case:
+    """One measurement case: model size, world preset (clip shape), batch, loops to compare."""
+
+    size: str
+    world: str
+    batch: int
+    loops: tuple[str, ...]
+
+
+PRESETS = {
+    "gpu": dict(
+        cases=[
+            Case("small", "gpu", 64, ("before", "whole graph")),
+            Case("small", "cpu", 64, ("before", "whole graph")),
+            Case("base", "gpu", 64, ("before", "whole graph")),
+        ],
+        steps=100,
+        timed_from=40,
+    ),
+    "toy": dict(cases=[Case("tiny", "cpu", 4, ("eager", "eager fused"))], steps=6, timed_from=3),
+}
+
+
+def clips(world: str, num: int) -> tuple[torch.Tensor, list[dict]]:
+    """``num`` training clips of a world preset: videos ``(N, 3, T, H, W)`` in [-1, 1], records."""
+    config = world_config(world)
+    pairs = [make_clip(config, 0, "train", i) for i in range(num)]
+    frames = torch.from_numpy(np.stack([f for f, _ in pairs]))  # (N, T, H, W, 3) uint8
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, [r for _, r in pairs]
+
+
+def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
+    """The GPU preset's module (``conf/gpu.yaml``'s recipe) with the loop's compilation."""
+    torch.manual_seed(0)
+    config = world_config(case.world)
+    module = UniViGU(
+        size=case.size,
+        tokenizer=WorldTokenizer(),
+        caption_length=64,
+        prompt_length=32,
+        video_shape=(config.num_frames, config.height, config.width),
+        model_overrides={"text_absolute_positions": True},
+        objective=ObjectiveConfig(prediction="data", time_shift=3.0),
+        phase="recall",
+        compile=loop["compile"] if device.type == "cuda" else "none",
+    )
+    return module.to(device)
+
+
+def averager(module: UniViGU, kind: str) -> AveragedModel:
+    """The EMA of :class:`callbacks.EMA`: one foreach update, or one update per tensor."""
+    fn = WarmupEMA(0.999)
+    if kind == "foreach":
+        return AveragedModel(module, multi_avg_fn=fn, use_buffers=True)
+    return AveragedModel(
+        module, avg_fn=lambda a, c, n: torch.lerp(c, a, fn.decay_at(n)), use_buffers=True
+    )
+
+
+def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
+    """Train ``steps`` steps of one loop; returns its row (losses, seconds per step, memory)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loop = LOOPS[name]
+    videos, records = data
+    row = {"size": case.size, "world": case.world, "batch": case.batch, "loop": name, **loop}
+    try:
+        module = build(case, loop, device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), fused=loop["fused"])
+        ema = averager(module, loop["ema"])
+        order = torch.Generator().manual_seed(1)
+        losses, start = [], None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for step in range(steps):
+            if step == timed_from:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            idx = torch.randint(0, len(records), (case.batch,), generator=order)
+            batch = {
+                "video": videos[idx].to(device, non_blocking=True),
+                "prompt": [records[i]["prompt"] for i in idx],
+                "caption": [records[i]["caption"] for i in idx],
+            }
+            if module._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                out = module.compute_loss(batch, module.phase, module.step_generator("train", step))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema.update_parameters(module)
+            losses.append(out.loss.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / (steps - timed_from)
+        cfg = model_config(case.size)
+        n_video = (
+            videos.shape[2] * (videos.shape[3] // 8) * (videos.shape[4] // 8)
+        )  # (1,4,4) codec, (1,2,2) patches
+        flops = train_flops(cfg, n_video, 64, 32, case.batch)
+        row.update(
+            losses=[float(v) for v in losses],
+            seconds=seconds,
+            examples_per_s=case.batch / seconds,
+            tflops=flops / seconds / 1e12,
+        )
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            peak = peak_flops(torch.cuda.get_device_name())
+            if peak:
+                row["mfu"] = flops / seconds / peak
+    except Exception as exn:  # a compile or memory failure is a result, not a crash
+        row["error"] = f"{type(exn).__name__}: {(str(exn).splitlines() or [''])[0][:160]}"
+    finally:
+        module = opt = ema = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print({k: v for k, v in row.items() if k != "losses"}, flush=True)
+    return row
+
+
+def run_case(case: Case, steps: int, timed_from: int) -> list[dict]:
+    """Every loop of one case, on the same clips."""
+    data = clips(case.world, 8 * case.batch)
+    return [run_loop(case, name, data, steps, timed_from) for name in case.loops]
+
+
+def compare(rows: list[dict]) -> None:
+    """Add, per case, the speed-up over the case's first loop and the loss-curve agreement."""
+    for row in rows:
+        ref = next(
+            r
+            for r in rows
+            if (r["size"], r["world"], r["batch"]) == (row["size"], row["world"], row["batch"])
+        )
+        if "seconds" in row and "seconds" in ref:
+            row["speedup"] = ref["seconds"] / row["seconds"]
+            a, b = np.asarray(ref["losses"]), np.asarray(row["losses"])
+            row["max_loss_diff"] = float(np.abs(a - b).max())
+            row["max_rel_loss_diff"] = float((np.abs(a - b) / np.abs(a)).max())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--steps", type=int, default=None, help="steps per loop (default: preset's)")
+    a = p.parse_args(argv)
+    preset = dict(PRESETS[a.preset])
+    if a.steps:
+        preset.update(steps=a.steps, timed_from=min(preset["timed_from"], a.steps // 2))
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for case in preset["cases"]:
+        # a fresh process per case: compiling a second model of another shape in one process
+        # failed on the GPU (a reshape of the first shape's sizes inside the compiled code)
+        with spawn.Pool(1) as pool:
+            rows += pool.apply(run_case, (case, preset["steps"], preset["timed_from"]))
+    compare(rows)
+    cols = ["size", "world", "batch", "loop", "compile", "fused", "ema", "seconds"]
+    cols += ["examples_per_s", "speedup", "tflops", "mfu", "peak_gib", "max_rel_loss_diff"]
+    table = markdown_table(rows, cols + ["error"])
+    table += (
+        f"\n\nA step: recall objective (t2v/v2t/joint mix) on a batch of synthetic clips, "
+        f"bf16 autocast on GPU, backward, clipping, AdamW, EMA; timed over steps "
+        f"{preset['timed_from']}-{preset['steps']} (after compilation). `max_rel_loss_diff`: "
+        f"the largest relative difference of a step's loss from the case's first loop over all "
+        f"{preset['steps']} steps (same weights, batches and per-step randomness)."
+    )
+    path = write_results(f"train_loop_{a.preset}{a.tag}", {"rows": rows}, table, a.out)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
