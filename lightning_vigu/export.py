@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import pickle
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from lightning_vigu.pretrained import (
     _build_from_state,
     ours_to_univigu,
 )
+from lightning_vigu.runs import load_checkpoint_file
 
 FORMATS = ("univigu", "diffusers", "lora")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what WanPipeline.load_lora_weights reads
@@ -131,13 +131,7 @@ def _load_file(path: Path, trust_pickle: bool) -> dict:
             f"checkpoint '{path}' does not exist; pass a .ckpt written by 'fit' "
             "(e.g. <run>/checkpoints/last.ckpt) or an FSDP checkpoint folder"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses "
-            f"({str(err).splitlines()[0]}); if you trust the file pass --trust-pickle"
-        ) from err
+    return load_checkpoint_file(path, trust_pickle=trust_pickle, mmap=True)
 
 
 def _plain(value):

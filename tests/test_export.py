@@ -25,6 +25,7 @@ from lightning_vigu.export import (
 from lightning_vigu.model import UniViGUTransformer
 from lightning_vigu.model.lora import apply_lora
 from lightning_vigu.pretrained import load_univigu_checkpoint, load_wan_transformer
+from lightning_vigu.runs import CheckpointError
 
 LORA = {"rank": 4, "alpha": 8}
 
@@ -163,7 +164,7 @@ def test_data_prediction_is_refused_for_velocity_formats(tmp_path):
 
     ckpt = _fit(tmp_path, ema=False, objective=ObjectiveConfig(prediction="data"))
     args = ["export", f"--ckpt={ckpt}", "--format=diffusers", f"--out={tmp_path}/d"]
-    with pytest.raises(ValueError, match="pickled Python objects .* --trust-pickle"):
+    with pytest.raises(CheckpointError, match="pickled Python objects .* --trust-pickle"):
         main(args)  # a module built in Python keeps its ObjectiveConfig object in hparams
     with pytest.raises(ValueError, match="prediction='data'.*--allow-data-prediction"):
         main([*args, "--trust-pickle=true"])
