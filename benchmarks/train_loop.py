@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import multiprocessing
 import time
 from dataclasses import dataclass
@@ -29,7 +30,6 @@ from benchmarks.common import markdown_table, write_results
 from benchmarks.flops import peak_flops, train_flops
 from callbacks.ema import WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
-from lightning_vigu.model import model_config
 from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig
 
@@ -145,11 +145,10 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / (steps - timed_from)
-        cfg = model_config(case.size)
-        n_video = (
-            videos.shape[2] * (videos.shape[3] // 8) * (videos.shape[4] // 8)
-        )  # (1,4,4) codec, (1,2,2) patches
-        flops = train_flops(cfg, n_video, 64, 32, case.batch)
+        cfg, hp = module.model.config, module.hparams
+        _, *latent = module.codec.latent_shape(*videos.shape[2:])
+        n_video = math.prod(n // p for n, p in zip(latent, cfg.patch_size))
+        flops = train_flops(cfg, n_video, hp.caption_length, hp.prompt_length, case.batch)
         row.update(
             losses=[float(v) for v in losses],
             seconds=seconds,
