@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from lightning_vigu.batch import Batch, check_batch
 from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.model.embeddings import sincos_3d
-from lightning_vigu.module import (
+from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
+from lightning_vigu.training import (
     InjectedOptimizerModule,
     save_config_hyperparameters,
     warmup_cosine,
 )
-from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 
 SIZES: dict[str, dict] = yaml.safe_load(Path(__file__).with_name("baselines.yaml").read_text())
 CAPTION_TARGETS = ("caption", "prompt")

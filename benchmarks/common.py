@@ -11,9 +11,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from callbacks.evaluation import EvalResult
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,8 +267,8 @@ def evaluate_checkpoint(
     keep_samples: int = 0,
     weights: str = "ema",
     directions: tuple[str, ...] | None = None,
-) -> dict:
-    """Evaluate one checkpoint on each split: ``{split: results}`` (with ``_samples`` when
+) -> dict[str, EvalResult]:
+    """Evaluate one checkpoint on each split: ``{split: result}`` (its ``samples`` filled when
     ``keep_samples``: see :func:`callbacks.evaluation.evaluate`). ``weights`` and
     ``directions`` (default: all the checkpoint can do) as in :func:`load_for_eval`."""
     from callbacks.evaluation import collect, evaluate
@@ -292,11 +296,11 @@ def evaluate_checkpoint(
             steps=sample_steps,
             keep_samples=keep_samples,
         )
-        res["eval_seconds"] = time.time() - start
+        res.metrics["eval_seconds"] = time.time() - start
         out[split] = res
         print(
             f"[eval] {label or ckpt}/{split}: "
-            + ", ".join(f"{k}={v:.3f}" for k, v in res.items() if isinstance(v, float)),
+            + ", ".join(f"{k}={v:.3f}" for k, v in res.metrics.items()),
             flush=True,
         )
     return out

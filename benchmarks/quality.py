@@ -179,8 +179,10 @@ SAMPLES = 4  # clips per split whose generated videos and captions go into the s
 def evaluate_stage(
     work: Path, stage: str, preset: dict, data_args: dict, fvd, weights: str = "ema"
 ) -> dict:
-    """Evaluate one stage's ``last.ckpt`` on the test and unseen splits; its samples are added
-    to ``<work>/samples.pt`` (uint8 videos and texts, rendered by ``report``)."""
+    """Evaluate one stage's ``last.ckpt`` on the test and unseen splits: ``{split: metrics}``,
+    with the (reference, prediction) pairs under ``_predictions_v2t`` for ``report``. Its
+    samples are added to ``<work>/samples.pt`` (uint8 videos and texts, rendered by
+    ``report``)."""
     ckpt = work / stage / "checkpoints" / "last.ckpt"
     out = evaluate_checkpoint(
         ckpt,
@@ -193,16 +195,19 @@ def evaluate_stage(
         keep_samples=SAMPLES if weights == "ema" else 0,
         weights=weights,
     )
-    if weights != "ema":
-        return {
-            split: {k: v for k, v in res.items() if k != "_samples"} for split, res in out.items()
+    if weights == "ema":
+        path = work / "samples.pt"
+        kept = torch.load(path, weights_only=False) if path.is_file() else {}
+        test = out.get("test")
+        kept[stage] = {"test": test.samples if test else {}}  # the grid shows the test split
+        torch.save(kept, path)
+    return {
+        split: {
+            **res.metrics,
+            **({} if res.predictions_v2t is None else {"_predictions_v2t": res.predictions_v2t}),
         }
-    path = work / "samples.pt"
-    kept = torch.load(path, weights_only=False) if path.is_file() else {}
-    samples = {split: res.pop("_samples", {}) for split, res in out.items()}
-    kept[stage] = {"test": samples.get("test", {})}  # the grid shows the test split
-    torch.save(kept, path)
-    return out
+        for split, res in out.items()
+    }
 
 
 def run(args) -> Path:

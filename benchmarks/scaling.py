@@ -170,7 +170,7 @@ def run(args) -> Path:
                 splits=("test",),
                 label=f"{size}@{step}",
             )["test"]
-            entry["evals"][str(step)] = {k: v for k, v in res.items() if isinstance(v, float)}
+            entry["evals"][str(step)] = res.metrics
             entry["stamp"] = stamp()
             raw.update(stamp=stamp(), preset={k: v for k, v in preset.items() if k != "model"})
             raw_path.write_text(json.dumps(raw, indent=1))

@@ -7,13 +7,14 @@ average their recent weights, not their initialisation).
 
 from callbacks.budget import TimeBudget
 from callbacks.ema import EMA
-from callbacks.evaluation import Evaluation, evaluate
+from callbacks.evaluation import EvalResult, Evaluation, evaluate
 from callbacks.phases import PhaseSchedule
 from callbacks.samples import SampleLogger
 from callbacks.skips import SkippedSamples
 
 __all__ = [
     "EMA",
+    "EvalResult",
     "Evaluation",
     "PhaseSchedule",
     "SampleLogger",

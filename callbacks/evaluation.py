@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -43,6 +44,7 @@ from lightning_vigu.metrics import (
     MetricUnavailable,
     VideoCLIPScore,
 )
+from lightning_vigu.video_io import quantize
 
 DIRECTIONS = ("v2t", "t2v", "joint")
 HEADLINE = {  # the numbers printed after each round
@@ -108,6 +110,23 @@ def agreement(video_scene: dict, caption_scene: dict) -> float:
     return sum(checks) / len(checks) if checks else math.nan
 
 
+@dataclass
+class EvalResult:
+    """One evaluation round: its numbers and what the model said and drew.
+
+    Attributes:
+        metrics: ``{"<direction>/<metric>": value}`` and ``num_videos``.
+        predictions_v2t: ``(reference, prediction)`` per clip when ``v2t`` ran, else ``None``.
+        samples: with ``keep_samples``, the first clips' uint8 videos ``(N, T, H, W, 3)``
+            under ``real`` / ``t2v`` / ``joint`` and their ``prompts`` / ``captions`` /
+            ``joint_captions``; empty otherwise.
+    """
+
+    metrics: dict[str, float]
+    predictions_v2t: list[tuple[str, str]] | None = None
+    samples: dict = field(default_factory=dict)
+
+
 def _chunks(n: int, size: int) -> Iterable[slice]:
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
@@ -124,7 +143,7 @@ def evaluate(
     seed: int = 0,
     steps: int | None = None,
     keep_samples: int = 0,
-) -> dict[str, float]:
+) -> EvalResult:
     """One evaluation round on collected clips (see :func:`collect`).
 
     Args:
@@ -138,12 +157,11 @@ def evaluate(
         seed: sampling seed.
         steps: sampling steps (``None``: the module's sampler settings).
         keep_samples: also return the first this many clips' generated videos (uint8) and
-            joint captions under ``_samples`` (for sample grids).
+            captions in :attr:`EvalResult.samples` (for sample grids).
     """
     from datamodules.synthetic.detector import detect, score_video
     from datamodules.synthetic.parse import parse_text, prompt_ceiling, score_caption
     from datamodules.synthetic.scoring import mean_accuracy
-    from datamodules.video_io import quantize
 
     directions = set(directions)
     n, device = len(clips["prompt"]), module.device
@@ -157,6 +175,7 @@ def evaluate(
     overrides = {"video_steps": steps, "text_steps": steps}
     results: dict[str, float] = {"num_videos": float(n)}
     samples: dict = {}
+    predictions: list[tuple[str, str]] | None = None
     if "v2t" in directions and getattr(getattr(module, "model", None), "has_text", True):
         preds: list[str] = []
         latents = clips.get("latents")  # a latent cache: caption the cached latents themselves
@@ -180,7 +199,7 @@ def evaluate(
             if scope == "prompt":
                 ceiling = [prompt_ceiling(m) for m in clips["meta"]]
                 results["v2t/attr_ceiling"] = sum(ceiling) / len(ceiling)
-        results["_predictions_v2t"] = list(zip(clips[target_key], preds))  # type: ignore[assignment]
+        predictions = list(zip(clips[target_key], preds))
     if "t2v" in directions:
         videos: list[Tensor] = []
         for sl in _chunks(n, batch_size):
@@ -224,10 +243,9 @@ def evaluate(
     if keep_samples:
         samples["real"] = quantize(clips["video"][:keep_samples])
         samples["prompts"] = list(clips["prompt"][:keep_samples])
-        if "_predictions_v2t" in results:
-            samples["captions"] = [p for _, p in results["_predictions_v2t"][:keep_samples]]
-        results["_samples"] = samples  # type: ignore[assignment]
-    return results
+        if predictions is not None:
+            samples["captions"] = [p for _, p in predictions[:keep_samples]]
+    return EvalResult(results, predictions, samples)
 
 
 class Evaluation(L.Callback):
@@ -337,7 +355,7 @@ class Evaluation(L.Callback):
         try:
             codec = getattr(pl_module, "codec", None)
             clips = collect(loader, self.num_videos, codec, pl_module.device)
-            results = evaluate(
+            result = evaluate(
                 pl_module,
                 clips,
                 self.directions,
@@ -349,17 +367,16 @@ class Evaluation(L.Callback):
             )
         finally:
             pl_module.train(was_training)
-        examples = results.pop("_predictions_v2t", None)
+        numbers = result.metrics
         # every rank logs the same keys (NaN included): differing keys would hang sync_dist
-        numbers = {k: v for k, v in results.items() if isinstance(v, float)}
         pl_module.log_dict({f"{stage}/{k}": v for k, v in numbers.items()}, sync_dist=True)
         headline = {k: numbers[k] for k in HEADLINE if k in numbers}
         rank_zero_info(
             f"[Evaluation] {stage} at step {trainer.global_step} on {len(clips['prompt'])} clips: "
             + ", ".join(f"{HEADLINE[k]} {v:.3f}" for k, v in headline.items())
         )
-        self._write(trainer, stage, results, examples)
-        return results
+        self._write(trainer, stage, numbers, result.predictions_v2t)
+        return numbers
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, stage: str, results: dict, examples) -> None:

@@ -1,8 +1,9 @@
 """Step-based phase switching (Knowledge Recall -> Capability Refinement).
 
 Lightning's ``BaseFinetuning`` is epoch-based, which does not fit streaming data trained by
-``max_steps``; this callback switches at optimiser steps instead and stores its state in the
-checkpoint, so a resumed run lands in the same phase.
+``max_steps``; this callback switches at optimiser steps instead. It keeps no state of its
+own: the phase of a step follows from the global step, and the module records the phase it
+trains in its checkpoint (the one record), so a resumed run lands in the same phase.
 """
 
 from __future__ import annotations
@@ -66,13 +67,3 @@ class PhaseSchedule(L.Callback):
         if index != self.current:
             self._apply(pl_module, index, trainer.global_step)
         pl_module.log("train/phase", float(self.current))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "current": self.current,
-            "phases": [p.to_dict() for p in self.phases],
-            "switch_steps": self.switch_steps,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.current = int(state_dict["current"])

@@ -21,8 +21,8 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # Lightning is imported only when a DataModule is asked for, so the command-line tools
-    # and ``datamodules.video_io`` start fast.
+    # Lightning is imported only when a DataModule is asked for, so the synthetic world and
+    # the command-line tools start fast (and leave Lightning's logging set-up to the caller).
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'datamodules' has no attribute '{name}'")

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datamodules.video_io import encode_video, to_uint8
 from lightning_vigu.flows import SamplerConfig
 from lightning_vigu.pretrained import WanParts, load_wan_folder
+from lightning_vigu.video_io import encode_video, to_uint8
 
 SHARD_PATTERN = "shard-%06d.tar"
 

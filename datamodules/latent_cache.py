@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from datamodules.samples import SampleDecoder, SkipCounter
-from datamodules.video_io import ClipSpec
 from datamodules.webvideo import ShardStream, expand_shards, parse_size
 from lightning_vigu.batch import collate_batch
+from lightning_vigu.video_io import ClipSpec
 
 
 def instantiate(class_path: str, init_args: dict[str, Any] | None = None) -> Any:

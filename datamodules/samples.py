@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.video_io import (
+from lightning_vigu.video_io import (
     VIDEO_EXTENSIONS,
     ClipSpec,
     ClipTooShortError,
@@ -97,7 +97,7 @@ class SampleDecoder:
         latents: ``None`` auto-detects ``latents.npy``/``latents.pth`` members and reads them
             instead of the video; ``True`` requires them; ``False`` always decodes the video.
         video_key: member name of the video; ``None`` takes the first of
-            :data:`~datamodules.video_io.VIDEO_EXTENSIONS` present.
+            :data:`~lightning_vigu.video_io.VIDEO_EXTENSIONS` present.
     """
 
     clip: ClipSpec

@@ -48,8 +48,8 @@ from datamodules.samples import (
     SkipCounter,
     SkippedSampleWarning,
 )
-from datamodules.video_io import ClipSpec
 from lightning_vigu.batch import collate_batch
+from lightning_vigu.video_io import ClipSpec
 
 ShardSpec = str | Sequence[str]
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from datamodules.video_io import VIDEO_EXTENSIONS, VideoDecodeError, probe_video
+from lightning_vigu.video_io import VIDEO_EXTENSIONS, VideoDecodeError, probe_video
 
 
 def read_captions(path: str | Path) -> list[dict]:

@@ -40,7 +40,6 @@ class Batch(TypedDict):
 
 
 _TENSOR_KEYS = ("video", "latents", "prompt_emb")
-_LIST_KEYS = ("prompt", "caption", "key", "meta")
 
 
 def collate_batch(samples: list[dict]) -> Batch:

@@ -21,6 +21,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_vigu import runs
 from lightning_vigu.module import UniViGU
+from lightning_vigu.video_io import (
+    ClipSpec,
+    ClipTooShortError,
+    VideoDecodeError,
+    decode_clip,
+    to_tensor,
+)
 
 USAGE = """usage: python -m lightning_vigu <command> [options]   (<command> --help for its options)
 
@@ -253,13 +260,6 @@ def generate_main(argv: list[str]) -> None:
 
 def caption_main(argv: list[str]) -> None:
     """``caption``: video files -> captions (printed, and written as JSONL with --out)."""
-    from datamodules.video_io import (
-        ClipSpec,
-        ClipTooShortError,
-        VideoDecodeError,
-        decode_clip,
-        to_tensor,
-    )
     from lightning_vigu.inference import batches, precision
 
     p = _sampling_parser("python -m lightning_vigu caption", caption_main.__doc__)

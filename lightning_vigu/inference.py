@@ -23,6 +23,7 @@ from torch import Tensor
 from lightning_vigu.flows import FlowTimeModel, SamplerConfig
 from lightning_vigu.module import UniViGU
 from lightning_vigu.pretrained import _as_dtype, load_wan_folder
+from lightning_vigu.video_io import encode_video, to_uint8
 
 #: the official script's settings (REFERENCE.md): 81 frames at 480x832, 100 steps, CFG 5, shift 3
 WAN_VIDEO_SHAPE = (81, 480, 832)
@@ -76,7 +77,7 @@ def module_from_wan_folder(
         trust_pickle=trust_pickle,
     )
     config = parts.model.config
-    overrides = {k: v for k, v in vars(config).items() if k not in ("vocab_size", "extra")}
+    overrides = {k: v for k, v in vars(config).items() if k != "vocab_size"}
     overrides.pop("mask_token")
     tokenizer = parts.tokenizer or HFTokenizer(str(Path(folder) / "tokenizer"))
     # the module's own transformer is built without memory and replaced by the loaded one
@@ -127,8 +128,6 @@ def write_mp4(path: str | Path, video: Tensor, fps: int, video_format: str = "h2
     widths are padded by one edge row/column since 4:2:0 chroma needs even sizes. ``lossless``
     is H.264 yuv444p crf 0 (exact colours, fewer players).
     """
-    from datamodules.video_io import encode_video, to_uint8
-
     if video_format not in VIDEO_FORMATS:
         raise ValueError(
             f"unknown video format '{video_format}'; choose one of {list(VIDEO_FORMATS)}"

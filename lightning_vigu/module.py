@@ -9,13 +9,10 @@ logging, evaluation, EMA) live in ``callbacks/``.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
@@ -25,15 +22,20 @@ from torch import Tensor
 from lightning_vigu.batch import Batch, check_batch
 from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.flows import FlowTimeModel, SamplerConfig, UnifiedSampler, discrete
+from lightning_vigu.init_weights import load_init_weights
 from lightning_vigu.model import build_model
 from lightning_vigu.objective import ObjectiveConfig, UnifiedObjective
 from lightning_vigu.phases import GROUPS, Phase, get_phase
-from lightning_vigu.runs import load_checkpoint_file
 from lightning_vigu.text import (
     CaptionTokenizer,
     LearnedPromptEncoder,
     OpenCLIPTokenizer,
     PromptEncoder,
+)
+from lightning_vigu.training import (
+    InjectedOptimizerModule,
+    save_config_hyperparameters,
+    warmup_cosine,
 )
 
 COMPILE_MODES = ("none", "blocks", "model", "cudagraphs")
@@ -52,17 +54,6 @@ def compile_transformer(model: torch.nn.Module, mode: str) -> bool:
     return mode == "cudagraphs"
 
 
-def warmup_cosine(step: int, warmup_steps: int, horizon: int | None, min_ratio: float) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to
-    ``min_ratio`` at ``horizon`` (constant when the horizon is unknown or inside the warm-up)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if horizon is None or horizon <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / (horizon - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
     """Refuse a learning rate that is not positive (it would train by gradient ascent or not at
     all) and a negative group multiplier (0 freezes a group's updates, which is allowed)."""
@@ -73,37 +64,6 @@ def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
         raise ValueError(
             f"model.lr_groups multipliers must be >= 0, got {bad}; 0 freezes a group's updates"
         )
-
-
-def save_config_hyperparameters(module: L.LightningModule, injected: Sequence[str]) -> None:
-    """``save_hyperparameters`` that keeps injected parts when they come from a config.
-
-    Under LightningCLI the hyper-parameters are the parsed config, where injected parts are
-    ``class_path`` entries, so ``load_from_checkpoint`` rebuilds them. Instances passed from
-    Python are not serialisable hyper-parameters and are left out (pass them again on load).
-    """
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    from_cli = _given_hyperparameters.get() is not None
-    module.save_hyperparameters(
-        ignore=None if from_cli else list(injected), frame=inspect.currentframe().f_back
-    )
-
-
-class InjectedOptimizerModule(L.LightningModule):
-    """A LightningModule whose optimiser factory is injected (``self._optimizer_factory``).
-
-    Copies (EMA's ``AveragedModel`` deep-copies the module) leave the factory out: under
-    LightningCLI it closes over the whole parsed config, DataModule and its shared-memory
-    counters included, which cannot be copied.
-    """
-
-    _optimizer_factory: OptimizerCallable | None = None
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_optimizer_factory"] = None
-        return state
 
 
 class UniViGU(InjectedOptimizerModule):
@@ -223,7 +183,7 @@ class UniViGU(InjectedOptimizerModule):
         self.model.set_attention_backend(attention_backend)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing(gradient_checkpointing)
-        self._nonfinite_in_a_row = 0
+        self._nonfinite_in_a_row = self._nonfinite_total = 0
         if init_from:
             self.load_weights(init_from)
         if lora:
@@ -261,59 +221,8 @@ class UniViGU(InjectedOptimizerModule):
                 p.requires_grad_(train)
 
     def load_weights(self, path: str) -> None:
-        """Initialise from a checkpoint's weights (Lightning ``.ckpt``, a plain state dict, or a
-        diffusers Wan2.1 folder whose transformer becomes the video path).
-
-        Caption-stream weights missing from the file (a generator checkpoint) are initialised
-        from the video path, as Uni-ViGU does; any other mismatch is an error naming the keys.
-        """
-        file = Path(path)
-        if file.is_dir():  # a diffusers Wan2.1 folder (pipeline root or transformer/)
-            from lightning_vigu.pretrained import load_wan_transformer
-
-            state = {f"model.{k}": v for k, v in load_wan_transformer(path).state_dict().items()}
-            return self._load_state(path, state)
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"init_from checkpoint '{path}' does not exist; train the previous phase first (e.g. conf/generator.yaml) or fix the path"
-            )
-        ckpt = load_checkpoint_file(
-            file,
-            trust_pickle=self.hparams.get("trust_pickle", False),
-            flag="--model.trust_pickle=true",
-            what="init_from checkpoint",
-        )
-        self._load_state(path, ckpt.get("state_dict", ckpt))
-
-    def _load_state(self, path: str, state: dict) -> None:
-        own = self.state_dict()
-        shape_errors = [
-            f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and own[k].shape != v.shape
-        ]
-        if shape_errors:
-            raise ValueError(
-                f"checkpoint '{path}' does not fit this model (other size or vocabulary?): "
-                + "; ".join(shape_errors[:5])
-            )
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint '{path}' has weights this model lacks: {unexpected[:8]}")
-        caption_missing = [
-            k for k in missing if k.startswith("model.") and self.model_group(k) != "video"
-        ]
-        other_missing = [
-            k
-            for k in missing
-            if k not in caption_missing and not k.startswith(self._external_prefixes())
-        ]
-        if other_missing:
-            raise ValueError(
-                f"checkpoint '{path}' lacks weights of this model: {other_missing[:8]}"
-            )
-        if caption_missing:
-            self.model.init_caption_from_video()
+        """Initialise from a checkpoint's weights (see :mod:`lightning_vigu.init_weights`)."""
+        load_init_weights(self, path, trust_pickle=self.hparams.get("trust_pickle", False))
 
     @staticmethod
     def model_group(key: str) -> str:
@@ -363,6 +272,15 @@ class UniViGU(InjectedOptimizerModule):
         """Prompt condition ``(B, L, text_dim)``."""
         return self.prompt_encoder(list(prompts))
 
+    def encode_prompts_and_uncond(
+        self, prompts: Sequence[str], negative_prompt: str = ""
+    ) -> tuple[Tensor, Tensor]:
+        """Prompt condition ``(B, L, text_dim)`` and the unconditional one (the empty or
+        negative prompt's, expanded to ``(B, L, text_dim)``), in one encoder call."""
+        b = len(prompts)
+        both = self.encode_prompts([*prompts, negative_prompt])  # (B + 1, L, text_dim)
+        return both[:b], both[b:].expand(b, -1, -1)
+
     def _check_data_shape(self, batch: Batch, latents: Tensor) -> None:
         """Warn once per shape when the data's clips differ from ``video_shape`` (the shape that
         generate, caption, sample logging and evaluation use)."""
@@ -393,8 +311,7 @@ class UniViGU(InjectedOptimizerModule):
             context = batch["prompt_emb"].float()
             empty = self.encode_prompts([""]).expand(b, -1, -1)
         else:
-            both = self.encode_prompts(list(batch["prompt"]) + [""])
-            context, empty = both[:b], both[b:].expand(b, -1, -1)
+            context, empty = self.encode_prompts_and_uncond(batch["prompt"])
         return latents, context, empty.to(context.dtype)
 
     def compute_loss(self, batch: Batch, phase: Phase, generator: torch.Generator):
@@ -421,7 +338,7 @@ class UniViGU(InjectedOptimizerModule):
             # a skipped step still counts toward max_steps (Lightning steps the loop): log it as
             # skipped, with its non-finite loss, not the previous step's finite one
             self._nonfinite_in_a_row += 1
-            self._nonfinite_total = getattr(self, "_nonfinite_total", 0) + 1
+            self._nonfinite_total += 1
             b = len(batch["prompt"])
             self.log_dict(
                 {
@@ -480,7 +397,7 @@ class UniViGU(InjectedOptimizerModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
-    def _external_prefixes(self) -> tuple[str, ...]:
+    def external_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of frozen parts loaded from their own paths (the codec, a frozen
         prompt encoder): checkpoints leave them out and they are re-read from the config."""
         return ("codec.",) + (() if self.prompt_encoder.trainable else ("prompt_encoder.",))
@@ -489,7 +406,7 @@ class UniViGU(InjectedOptimizerModule):
         checkpoint["phase"] = self.phase.to_dict()
         if isinstance(self.trainer.strategy, FSDPStrategy):
             return  # FSDP's sharded loader is strict and loads before on_load_checkpoint runs
-        prefixes = self._external_prefixes()
+        prefixes = self.external_prefixes()
         for key in ("state_dict", "current_model_state"):  # the latter when EMA swaps weights in
             if key in checkpoint:
                 checkpoint[key] = {
@@ -500,7 +417,7 @@ class UniViGU(InjectedOptimizerModule):
         if "phase" in checkpoint:
             self.apply_phase(Phase(**checkpoint["phase"]))
         external = {
-            k: v for k, v in self.state_dict().items() if k.startswith(self._external_prefixes())
+            k: v for k, v in self.state_dict().items() if k.startswith(self.external_prefixes())
         }
         for key in ("state_dict", "current_model_state"):
             if key in checkpoint:
@@ -530,8 +447,7 @@ class UniViGU(InjectedOptimizerModule):
         ``negative_prompt``; the caption stream, when the model has one, holds the clean prompt,
         and the negative prompt's canvas in the unconditional branch)."""
         b = len(prompts)
-        both = self.encode_prompts(list(prompts) + [negative_prompt])
-        context, uncond = both[:b], both[b:].expand(b, -1, -1)
+        context, uncond = self.encode_prompts_and_uncond(prompts, negative_prompt)
         text = null = None
         if self.model.has_text:
             text, null = self.encode_canvas(prompts), self.encode_canvas([negative_prompt] * b)
@@ -577,8 +493,9 @@ class UniViGU(InjectedOptimizerModule):
             raise ValueError("this model has no caption stream (caption_stream=False)")
         b = len(prompts)
         use_prompt = self.phase.caption_target == "caption"
-        both = self.encode_prompts((list(prompts) if use_prompt else [""] * b) + [negative_prompt])
-        context, uncond = both[:b], both[b:].expand(b, -1, -1)
+        context, uncond = self.encode_prompts_and_uncond(
+            list(prompts) if use_prompt else [""] * b, negative_prompt
+        )
         gen = torch.Generator().manual_seed(seed)
         latents, tokens = self.sampler(**sampler_overrides).generate_joint(
             context,

@@ -41,7 +41,6 @@ _WAN_KEYS = {f.name for f in fields(UniViGUConfig)} - {
     "vocab_size",
     "text_ffn_dim",
     "mask_token",
-    "extra",
 }
 # diffusers options we do not implement, with the only value we accept and why
 _WAN_FIXED = {
@@ -401,7 +400,7 @@ def load_univigu_checkpoint(
         base = wan_config_to_ours(json.loads(config_file.read_text()), str(config_file))
         config_source = str(config_file)
     else:
-        base = {k: v for k, v in vars(model_config(size)).items() if k != "extra"}
+        base = dict(vars(model_config(size)))
         config_source = f"size '{size}'"
     if "vocab_embed.weight" not in state:
         raise ValueError(

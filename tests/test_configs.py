@@ -92,6 +92,29 @@ def test_refine_configs_move_the_video_path_gently_and_keep_generating(capsys):
         )
 
 
+def _header_commands() -> list[tuple[str, list[str]]]:
+    """Every one-line ``python -m lightning_vigu fit ...`` a config's header tells users to run,
+    as (file, arguments after ``fit``); a trailing ``(note)`` is dropped."""
+    commands = []
+    for path in sorted(CONF.glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            if not line.startswith("#") or "python -m lightning_vigu fit" not in line:
+                continue
+            command = line.split("python -m lightning_vigu fit", 1)[1].split("  (")[0].strip()
+            if not command.endswith("\\"):
+                commands.append((path.name, command.split()))
+    return commands
+
+
+@pytest.mark.parametrize(("name", "args"), _header_commands())
+def test_every_command_a_config_header_hints_parses(capsys, name, args):
+    files = [a.removeprefix("conf/") for a in args if a.startswith("conf/")]
+    assert args[::2][: len(files)] == ["-c"] * len(files), f"{name}: {args}"
+    config = print_config(capsys, *files, extra=tuple(args[2 * len(files) :]))
+    if any(a.startswith("--init_from=") for a in args):  # the generator -> recall hand-over
+        assert config["init_from"] == "runs/generator/checkpoints/last.ckpt"
+
+
 def test_lora_overlay_adds_adapters_to_the_wan_recipe(capsys):
     base = print_config(capsys, WAN[0])
     lora = print_config(capsys, WAN[0], "lora.yaml")
@@ -137,10 +160,10 @@ def wan_recipe(tmp_path_factory, data_synthetic_shards):
     """A tiny Wan folder, its latent cache over the synthetic shards and its generator as an
     init_from checkpoint: what conf/wan1.3b_recall.yaml's header tells users to make."""
     from datamodules.latent_cache import cache_latents
-    from datamodules.video_io import ClipSpec
     from lightning_vigu.codecs import WanVAECodec
     from lightning_vigu.pretrained import load_wan_transformer
     from lightning_vigu.text import UMT5PromptEncoder
+    from lightning_vigu.video_io import ClipSpec
 
     wan = tiny_wan_folder(tmp_path_factory)
     root = tmp_path_factory.mktemp("wan_recipe")

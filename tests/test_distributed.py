@@ -160,7 +160,7 @@ def _clips() -> dict:
     return {"video": video, "prompt": PROMPTS, "caption": PROMPTS, "meta": [{}] * len(PROMPTS)}
 
 
-def _evaluate(clips: dict) -> dict:
+def _evaluate(clips: dict) -> evaluation.EvalResult:
     fvd = FrechetVideoDistance(
         FrameMeans(), protocol=FVDProtocol(num_frames=4, resolution=16), num_features=5
     )
@@ -185,15 +185,15 @@ def test_evaluate_gathers_caption_metrics_and_fvd_over_ranks(
     monkeypatch.setattr(
         evaluation, "CaptionMetrics", functools.partial(CaptionMetrics, use_java=False)
     )
-    single = _evaluate(_clips())
+    result = _evaluate(_clips())
+    single = result.metrics
     keys = ["v2t/bleu4", "v2t/rougeL", "v2t/cider", "t2v/fvd"]
     assert 0 < single["v2t/bleu4"] < 1 and single["t2v/fvd"] > 0
     for rank, part in enumerate(SHARDS):
-        gathered = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        mine = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        gathered = mine.metrics
         for key in keys:  # every rank reports the metric of all clips
             assert gathered[key] == pytest.approx(single[key], rel=1e-6), (rank, key)
         # what each rank lists and counts stays its own (the callback logs these per rank)
         assert gathered["num_videos"] == len(PROMPTS[part])
-        assert [p for _, p in gathered["_predictions_v2t"]] == [
-            p for _, p in single["_predictions_v2t"][part]
-        ]
+        assert [p for _, p in mine.predictions_v2t] == [p for _, p in result.predictions_v2t[part]]

@@ -10,8 +10,8 @@ import pytest
 from tiny_wan import save_univigu_checkpoint, tiny_wan_folder
 
 from datamodules.generate_shards import main, read_prompts
-from datamodules.video_io import ClipSpec, decode_clip, probe_video
 from lightning_vigu.pretrained import load_wan_transformer
+from lightning_vigu.video_io import ClipSpec, decode_clip, probe_video
 
 PROMPTS = ["a red circle moves left", "two white balls bounce", "a small green square jumps"]
 

@@ -16,7 +16,7 @@ from datamodules.synthetic import (
     world_config,
 )
 from datamodules.synthetic.generate import clip_record, make_clip
-from datamodules.video_io import ClipSpec, decode_clip, encode_video, to_tensor
+from lightning_vigu.video_io import ClipSpec, decode_clip, encode_video, to_tensor
 
 CPU = world_config("cpu")
 

@@ -34,12 +34,12 @@ from callbacks import SkippedSamples
 from datamodules.samples import BadSample, BadSampleError, SampleDecoder
 from datamodules.synthetic.generate import ensure_split
 from datamodules.synthetic.world import world_config
-from datamodules.video_io import ClipSpec, decode_clip, encode_video
 from datamodules.webvideo import ShardStream, WebVideoDataModule
 from datamodules.write_shards import write_shards
 from lightning_vigu import runs
 from lightning_vigu.batch import collate_batch
 from lightning_vigu.cli import ViGUCLI, caption_main, load_module
+from lightning_vigu.video_io import ClipSpec, decode_clip, encode_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -422,7 +422,7 @@ def test_decoding_seeks_to_the_clip_and_returns_the_right_frames():
 
 MEMORY_PROBE = """
 import resource, sys
-from datamodules.video_io import ClipSpec, decode_clip
+from lightning_vigu.video_io import ClipSpec, decode_clip
 data = open(sys.argv[1], "rb").read()
 decode_clip(data, ClipSpec(4), start=0.0)  # codecs loaded
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

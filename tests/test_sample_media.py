@@ -15,8 +15,8 @@ from test_training import tiny_module
 from callbacks import Evaluation, SampleLogger
 from datamodules import WebVideoDataModule
 from datamodules.latent_cache import cache_latents
-from datamodules.video_io import ClipSpec
 from lightning_vigu.codecs import PixelCodec
+from lightning_vigu.video_io import ClipSpec
 
 
 class MediaLogger(Logger):

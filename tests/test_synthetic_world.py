@@ -22,8 +22,8 @@ from datamodules.synthetic.world import (
     sample_scene,
     trajectory,
 )
-from datamodules.video_io import ClipSpec, decode_clip
 from lightning_vigu.batch import check_batch
+from lightning_vigu.video_io import ClipSpec, decode_clip
 
 CPU = world_config("cpu")
 

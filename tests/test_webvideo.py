@@ -16,15 +16,15 @@ from datamodules import WebVideoDataModule
 from datamodules.samples import BadSampleError, SampleDecoder, SkippedSampleWarning
 from datamodules.synthetic.generate import make_clip
 from datamodules.synthetic.world import world_config
-from datamodules.video_io import (
+from datamodules.webvideo import ShardStream, expand_shards
+from lightning_vigu.batch import check_batch
+from lightning_vigu.video_io import (
     ClipSpec,
     ClipTooShortError,
     decode_clip,
     encode_video,
     frame_indices,
 )
-from datamodules.webvideo import ShardStream, expand_shards
-from lightning_vigu.batch import check_batch
 
 CPU = world_config("cpu")
 

@@ -10,8 +10,8 @@ import pytest
 from datamodules import WebVideoDataModule
 from datamodules.synthetic.generate import make_clip
 from datamodules.synthetic.world import world_config
-from datamodules.video_io import encode_video
 from datamodules.write_shards import main, read_captions, write_shards
+from lightning_vigu.video_io import encode_video
 
 CPU = world_config("cpu")
 

@@ -29,7 +29,7 @@ from datamodules.synthetic.world import (
     sample_scene,
     trajectory,
 )
-from datamodules.video_io import encode_video
+from lightning_vigu.video_io import encode_video
 
 CACHE_ENV = "LIGHTNING_VIGU_CACHE"
 

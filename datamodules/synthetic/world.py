@@ -51,14 +51,12 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
     "up": (0, -1),
     "down": (0, 1),
 }
-MOTIONS = (*DIRECTIONS, "still")
 CELL_X: dict[str, float] = {"left": 0.2, "centre": 0.5, "right": 0.8}
 CELL_Y: dict[str, float] = {"top": 0.2, "middle": 0.5, "bottom": 0.8}
 CELLS = tuple(f"{y}-{x}" for y in CELL_Y for x in CELL_X)
 """Start cells, named ``"<row>-<column>"``, e.g. ``"top-left"`` or ``"middle-centre"``."""
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "unseen": 3}
 OBJECT_ATTRIBUTES = ("colour", "shape", "size", "start", "motion", "speed")
-SCENE_ATTRIBUTES = ("background", "count")
 
 HELD_OUT_SHAPE_COLOUR = (
     ("circle", "green"),

@@ -8,7 +8,6 @@ noise; it is applied to training-time sampling (optionally) and to the sampler's
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -121,11 +120,3 @@ def euler_step(x_t: Tensor, velocity: Tensor, t: float | Tensor, t_next: float |
 def guided_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance: ``v_uncond + scale * (v_cond - v_uncond)``."""
     return v_uncond + scale * (v_cond - v_uncond)
-
-
-def logit_normal_density(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    """Density of the logit-normal distribution (for tests and plots)."""
-    logit = torch.log(t) - torch.log1p(-t)
-    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (
-        std * math.sqrt(2 * math.pi) * t * (1 - t)
-    )

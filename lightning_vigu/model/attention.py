@@ -16,22 +16,6 @@ from lightning_vigu.model.embeddings import apply_rope_half, apply_rope_interlea
 BACKENDS = ("sdpa", "xformers")
 
 
-def xformers_available() -> bool:
-    """True when xformers imports and its memory-efficient kernel runs on this machine."""
-    try:
-        import xformers.ops as xops
-    except Exception:
-        return False
-    if not torch.cuda.is_available():
-        return False
-    try:
-        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
-        xops.memory_efficient_attention(q, q, q)
-    except Exception:
-        return False
-    return True
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
     """Multi-head attention on ``(B, S, H, D)`` tensors, returns ``(B, S, H, D)``."""
     if backend == "sdpa":

@@ -14,9 +14,8 @@ in :mod:`lightning_vigu` and :class:`lightning_vigu.flows.convention.FlowTimeMod
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -56,7 +55,6 @@ class UniViGUConfig:
     vocab_size: int | None = 49408
     text_ffn_dim: int | None = None
     mask_token: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -356,8 +354,3 @@ def _as_batch(t: Tensor | float | None, b: int, device: torch.device) -> Tensor:
     if t.shape != (b,):
         raise ValueError(f"timestep must be a scalar or (B={b},), got {tuple(t.shape)}")
     return t
-
-
-def config_dict(config: UniViGUConfig) -> dict:
-    """A plain-dict copy of a config (for checkpoints and hparams)."""
-    return copy.deepcopy(asdict(config))
