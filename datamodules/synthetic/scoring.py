@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,20 +89,12 @@ def score_stated(found: dict, record: dict) -> AttributeScore:
     }
     candidates = [{a: v for a, v in o.items() if v is not None} for o in found.get("objects", [])]
     actual = [{a: o[a] for a in OBJECT_ATTRIBUTES} for o in record["objects"]]
-    slots = list(range(len(actual))) + [None] * len(candidates)
-    best: list[dict[str, bool]] | None = None
-    for assignment in itertools.permutations(slots, len(candidates)):
-        scores = [
-            {a: j is not None and actual[j][a] == v for a, v in c.items()}
-            for c, j in zip(candidates, assignment)
-        ]
-        if best is None or sum(sum(s.values()) for s in scores) > sum(
-            sum(s.values()) for s in best
-        ):
-            best = scores
-    for i, scores in enumerate(best or []):
-        correct.update({f"objects.{i}.{a}": ok for a, ok in scores.items()})
-    return AttributeScore(correct)
+    best = _best_assignment(
+        len(candidates),
+        len(actual),
+        lambda i, j: {a: j is not None and actual[j][a] == v for a, v in candidates[i].items()},
+    )
+    return AttributeScore(correct | best)
 
 
 def score_scene(found: dict, record: dict, scope: Scope = "all") -> AttributeScore:
@@ -118,20 +111,29 @@ def score_scene(found: dict, record: dict, scope: Scope = "all") -> AttributeSco
     scene, expected = expected_attributes(record, scope)
     correct = {k: found.get(k) is not None and found.get(k) == v for k, v in scene.items()}
     candidates = list(found.get("objects") or [])
-    slots = list(range(len(candidates))) + [None] * len(expected)
+    best = _best_assignment(
+        len(expected),
+        len(candidates),
+        lambda i, j: _agreement(expected[i], None if j is None else candidates[j]),
+    )
+    return AttributeScore(correct | best)
+
+
+def _best_assignment(
+    num_items: int, num_slots: int, agreement: Callable[[int, int | None], dict[str, bool]]
+) -> dict[str, bool]:
+    """Match items to slots (each slot once, or an item to none) so that the most attributes
+    agree; ``agreement(i, j)`` scores item ``i`` against slot ``j`` (``None``: no slot).
+    Returns ``{"objects.<i>.<attribute>": ok}`` of the best match (the first of ties)."""
+    slots = list(range(num_slots)) + [None] * num_items
     best: list[dict[str, bool]] | None = None
-    for assignment in itertools.permutations(slots, len(expected)):
-        scores = [
-            _agreement(e, None if j is None else candidates[j])
-            for e, j in zip(expected, assignment)
-        ]
+    for assignment in itertools.permutations(slots, num_items):
+        scores = [agreement(i, j) for i, j in enumerate(assignment)]
         if best is None or sum(sum(s.values()) for s in scores) > sum(
             sum(s.values()) for s in best
         ):
             best = scores
-    for i, scores in enumerate(best or []):
-        correct.update({f"objects.{i}.{a}": ok for a, ok in scores.items()})
-    return AttributeScore(correct)
+    return {f"objects.{i}.{a}": ok for i, s in enumerate(best or []) for a, ok in s.items()}
 
 
 def mean_accuracy(scores: list[AttributeScore]) -> dict[str, float]:
