@@ -8,8 +8,8 @@ average their recent weights, not their initialisation).
 from callbacks.budget import TimeBudget
 from callbacks.ema import EMA
 from callbacks.evaluation import EvalResult, Evaluation, evaluate
-from callbacks.phases import PhaseSchedule
-from callbacks.samples import SampleLogger
+from callbacks.phase_schedule import PhaseSchedule
+from callbacks.sample_logger import SampleLogger
 from callbacks.skips import SkippedSamples
 
 __all__ = [

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
-from callbacks.samples import run_dir, sharded
+from callbacks.sample_logger import run_dir, sharded
 from lightning_vigu.metrics import (
     CaptionMetrics,
     FrechetVideoDistance,

@@ -34,7 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from datamodules.samples import SampleDecoder, SkipCounter
+from datamodules.sample_decoder import SampleDecoder, SkipCounter
 from datamodules.webvideo import ShardStream, expand_shards, parse_size
 from lightning_vigu.batch import collate_batch
 from lightning_vigu.video_io import ClipSpec

@@ -8,7 +8,7 @@ Pipeline of one :class:`ShardStream` iteration (one per DataLoader worker and ep
     DataLoader(batch_size, collate_fn=collate_batch) --> Batch
 
 Validation/test streams are deterministic: no shuffling, clips centred in their videos.
-Bad samples are skipped with a :class:`~datamodules.samples.SkippedSampleWarning` naming the
+Bad samples are skipped with a :class:`~datamodules.sample_decoder.SkippedSampleWarning` naming the
 shard and key and counted by reason (:meth:`WebVideoDataModule.skipped_counts`; the CLI logs
 them, see :class:`callbacks.SkippedSamples`); with ``strict=True`` the same message is raised
 instead, and after ``max_consecutive_skips`` bad samples in a row the stream stops with an error
@@ -40,7 +40,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from datamodules.samples import (
+from datamodules.sample_decoder import (
     SKIP_REASONS,
     BadSample,
     BadSampleError,
@@ -103,9 +103,9 @@ class ShardStream(IterableDataset):
 
     Args:
         urls: shard urls (see :func:`expand_shards`).
-        decoder: reads one raw sample (a :class:`~datamodules.samples.SampleDecoder`); gets
+        decoder: reads one raw sample (a :class:`~datamodules.sample_decoder.SampleDecoder`); gets
             the clip position (random in training, ``None``: centred) and raises
-            :class:`~datamodules.samples.BadSample` for unusable samples.
+            :class:`~datamodules.sample_decoder.BadSample` for unusable samples.
         train: shuffle shards (per epoch) and samples, and place clips at random in longer
             videos; otherwise a deterministic pass with centred clips.
         resampled: draw shards at random forever (training by ``max_steps``); every rank and
@@ -118,8 +118,8 @@ class ShardStream(IterableDataset):
         samples_per_epoch: with ``resampled``, end an epoch after this many samples in total
             (split over ranks and workers); ``None`` streams forever.
         counter: shared skip counter (a private one when ``None``).
-        strict: raise :class:`~datamodules.samples.BadSampleError` instead of skipping.
-        max_consecutive_skips: raise :class:`~datamodules.samples.BadSampleError` (naming the
+        strict: raise :class:`~datamodules.sample_decoder.BadSampleError` instead of skipping.
+        max_consecutive_skips: raise :class:`~datamodules.sample_decoder.BadSampleError` (naming the
             shards) after this many bad samples or shards in a row, across epochs.
     """
 

@@ -31,7 +31,7 @@ from test_training import RandomClips, RandomVideoDataModule, tiny_module
 from torch.utils.data import DataLoader
 
 from callbacks import SkippedSamples
-from datamodules.samples import BadSample, BadSampleError, SampleDecoder
+from datamodules.sample_decoder import BadSample, BadSampleError, SampleDecoder
 from datamodules.synthetic.generate import ensure_split
 from datamodules.synthetic.world import world_config
 from datamodules.webvideo import ShardStream, WebVideoDataModule

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from datamodules import WebVideoDataModule
-from datamodules.samples import BadSampleError, SampleDecoder, SkippedSampleWarning
+from datamodules.sample_decoder import BadSampleError, SampleDecoder, SkippedSampleWarning
 from datamodules.synthetic.generate import make_clip
 from datamodules.synthetic.world import world_config
 from datamodules.webvideo import ShardStream, expand_shards
