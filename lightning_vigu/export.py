@@ -80,7 +80,7 @@ class TrainedCheckpoint:
         weights: ``ema`` or ``live``: which of the checkpoint's weights ``state`` holds.
         tokenizer: the run's tokenizer hyper-parameters (``class_path`` / ``init_args``).
         step: the global step of the checkpoint.
-        source: the file or folder it came from.
+        path: the file or folder it came from.
     """
 
     state: dict[str, Tensor]
@@ -90,7 +90,7 @@ class TrainedCheckpoint:
     weights: str
     tokenizer: dict | None
     step: int | None
-    source: str
+    path: str
 
     def adapters(self) -> dict[str, Tensor]:
         """The LoRA tensors alone (our names, peft's ``.default`` adapter name)."""
@@ -105,8 +105,8 @@ class TrainedCheckpoint:
         return _build_from_state(
             self.config,
             self.merged_state(),
-            self.source,
-            f"the hyper-parameters of {self.source}",
+            self.path,
+            f"the hyper-parameters of {self.path}",
             False,
             dtype,
             "cpu",
@@ -194,11 +194,11 @@ def read_checkpoint(
         weights="ema" if has_ema and key == "state_dict" else "live",
         tokenizer=hp.get("tokenizer") if isinstance(hp.get("tokenizer"), dict) else None,
         step=checkpoint.get("global_step"),
-        source=str(path),
+        path=str(path),
     )
 
 
-def _config_from(hp: dict, state: dict[str, Tensor], source: str) -> UniViGUConfig:
+def _config_from(hp: dict, state: dict[str, Tensor], origin: str) -> UniViGUConfig:
     """The model config of the run: its size and overrides, channels and vocabulary from the
     tensors (the codec and tokenizer decided those and are not needed here)."""
     overrides = dict(hp.get("model_overrides") or {})
@@ -215,7 +215,7 @@ def _config_from(hp: dict, state: dict[str, Tensor], source: str) -> UniViGUConf
     try:
         return model_config(hp.get("size", "tiny"), **overrides)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{source}: its hyper-parameters do not describe a model ({err})") from err
+        raise ValueError(f"{origin}: its hyper-parameters do not describe a model ({err})") from err
 
 
 def merge_lora_state(state: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
@@ -401,7 +401,7 @@ def export_lora(trained: TrainedCheckpoint, out: str | Path) -> Path:
     adapters = trained.adapters()
     if not adapters:
         raise ValueError(
-            f"{trained.source} has no LoRA adapters (the run had no model.lora); export the "
+            f"{trained.path} has no LoRA adapters (the run had no model.lora); export the "
             "full weights with --format univigu or diffusers"
         )
     out = Path(out)

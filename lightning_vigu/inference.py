@@ -69,7 +69,7 @@ def module_from_wan_folder(
         folder,
         checkpoint=checkpoint,
         caption=checkpoint is not None,
-        source=caption_source,
+        caption_source=caption_source,
         normalize_latents=normalize_latents,
         dtype=dtype,
         device=device,

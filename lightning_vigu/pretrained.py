@@ -90,7 +90,7 @@ def transformer_folder(folder: str | Path) -> Path:
     return tdir
 
 
-def wan_config_to_ours(config: Mapping, source: str = "config.json") -> dict:
+def wan_config_to_ours(config: Mapping, origin: str = "config.json") -> dict:
     """Map a diffusers ``WanTransformer3DModel`` config onto :class:`UniViGUConfig` fields.
 
     Raises:
@@ -100,13 +100,13 @@ def wan_config_to_ours(config: Mapping, source: str = "config.json") -> dict:
     name = config.get("_class_name", "WanTransformer3DModel")
     if name != "WanTransformer3DModel":
         raise ValueError(
-            f"{source} describes a '{name}', not a WanTransformer3DModel; pass a Wan2.1 "
+            f"{origin} describes a '{name}', not a WanTransformer3DModel; pass a Wan2.1 "
             "text-to-video transformer folder"
         )
     for key, (allowed, why) in _WAN_FIXED.items():
         if config.get(key, allowed) != allowed:
             raise ValueError(
-                f"{source} sets {key}={config[key]!r}: {why}. Use a Wan2.1 T2V checkpoint "
+                f"{origin} sets {key}={config[key]!r}: {why}. Use a Wan2.1 T2V checkpoint "
                 f"(where {key}={allowed!r})."
             )
     values = {k: config[k] for k in _WAN_KEYS if k in config}
@@ -207,21 +207,21 @@ def _describe(state: Mapping[str, Tensor]) -> str:
 
 
 def _check_state(
-    expected: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str, config_source: str
+    expected: Mapping[str, Tensor], state: Mapping[str, Tensor], origin: str, config_origin: str
 ) -> None:
     """Raise when ``state`` holds tensors the model lacks or shapes that differ."""
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise ValueError(
-            f"{source} holds {len(unexpected)} tensor(s) the model does not have, e.g. "
+            f"{origin} holds {len(unexpected)} tensor(s) the model does not have, e.g. "
             f"{unexpected[:5]}; it is not a checkpoint of this model layout"
         )
     for key in (k for k in expected if k in state):  # in model order: embeddings first
         tensor, want = state[key], tuple(expected[key].shape)
         if tuple(tensor.shape) != want:
             raise ValueError(
-                f"tensor '{key}' has shape {tuple(tensor.shape)} in {source} but the model built "
-                f"from {config_source} expects {want}: the file holds {_describe(state)}; build "
+                f"tensor '{key}' has shape {tuple(tensor.shape)} in {origin} but the model built "
+                f"from {config_origin} expects {want}: the file holds {_describe(state)}; build "
                 "the model with that size/config"
             )
 
@@ -229,8 +229,8 @@ def _check_state(
 def _build_from_state(
     config: UniViGUConfig,
     state: dict[str, Tensor],
-    source: str,
-    config_source: str,
+    origin: str,
+    config_origin: str,
     fresh_caption: bool,
     dtype: str | torch.dtype,
     device: str | torch.device,
@@ -246,13 +246,13 @@ def _build_from_state(
     with init_empty_weights(include_buffers=False):
         model = UniViGUTransformer(config)
     expected = model.state_dict()
-    _check_state(expected, state, source, config_source)
+    _check_state(expected, state, origin, config_origin)
     missing = [k for k in expected if k not in state]
     if fresh_caption:
         missing = [k for k in missing if parameter_group(k) == "video"]
     if missing:
         raise ValueError(
-            f"{source} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:5]}; it holds "
+            f"{origin} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:5]}; it holds "
             f"{_describe(state)}"
         )
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
@@ -398,10 +398,10 @@ def load_univigu_checkpoint(
     if wan_folder is not None:
         config_file = transformer_folder(wan_folder) / "config.json"
         base = wan_config_to_ours(json.loads(config_file.read_text()), str(config_file))
-        config_source = str(config_file)
+        config_origin = str(config_file)
     else:
         base = dict(vars(model_config(size)))
-        config_source = f"size '{size}'"
+        config_origin = f"size '{size}'"
     if "vocab_embed.weight" not in state:
         raise ValueError(
             f"{path} has no 'vocab_embed.weight': it is not a Uni-ViGU checkpoint (a plain Wan "
@@ -415,18 +415,18 @@ def load_univigu_checkpoint(
         text_ffn_dim=None if text_ffn is None else text_ffn.shape[0],
     )
     config = _overridden(base, overrides)
-    return _build_from_state(config, state, str(path), config_source, False, dtype, device)
+    return _build_from_state(config, state, str(path), config_origin, False, dtype, device)
 
 
 # ---------------------------------------------------------------------------- whole folders
-def check_caption_vocab(tokenizer_vocab: int, model: UniViGUTransformer, source: str) -> None:
+def check_caption_vocab(tokenizer_vocab: int, model: UniViGUTransformer, origin: str) -> None:
     """Raise when a tokenizer can produce ids the model's vocabulary does not have."""
     vocab = model.config.vocab_size
     if vocab is None:
         raise ValueError("the model has no caption stream (vocab_size=None); it cannot caption")
     if tokenizer_vocab > vocab:
         raise ValueError(
-            f"the tokenizer at {source} has {tokenizer_vocab} ids but the model's vocabulary has "
+            f"the tokenizer at {origin} has {tokenizer_vocab} ids but the model's vocabulary has "
             f"{vocab} rows (vocab_embed {tuple(model.vocab_embed.weight.shape)}): use the "
             "tokenizer the model was trained with, or build the model with "
             f"vocab_size={tokenizer_vocab}"
@@ -463,7 +463,7 @@ def load_wan_folder(
     *,
     checkpoint: str | Path | None = None,
     caption: bool = True,
-    source: str = "uniform",
+    caption_source: str = "uniform",
     text_ffn_dim: int | None = None,
     normalize_latents: bool | None = None,
     dtype: str | torch.dtype = "float32",
@@ -479,7 +479,7 @@ def load_wan_folder(
         checkpoint: a Uni-ViGU checkpoint to load instead of the folder's transformer weights.
         caption: add a caption stream sized to the folder's tokenizer (ignored with a
             ``checkpoint``, which always has one); ``False`` gives the video-only generator.
-        source: caption source, ``uniform`` (Uni-ViGU's default) or ``mask``.
+        caption_source: the caption stream's source, ``uniform`` (Uni-ViGU's default) or ``mask``.
         text_ffn_dim: width of fresh text experts (default: full FFN copies).
         normalize_latents: normalise VAE latents with the VAE config's mean/std. Default:
             on for the Wan generator (as diffusers' WanPipeline), off with a Uni-ViGU
@@ -500,7 +500,7 @@ def load_wan_folder(
             "transformer/, vae/, text_encoder/ and tokenizer/ (e.g. Wan2.1-T2V-1.3B-Diffusers)"
         )
     tok_dir = root / "tokenizer"
-    mask = source == "mask"
+    mask = caption_source == "mask"
     tokenizer = None
     if checkpoint is not None:
         model = load_univigu_checkpoint(
@@ -535,7 +535,11 @@ def load_wan_folder(
             f"the text encoder in {root / 'text_encoder'} outputs {encoder.dim} features but the "
             f"transformer expects text_dim={model.config.text_dim}; the folder mixes models"
         )
-    path = discrete.MixtureDiscretePath(source, model.config.vocab_size) if model.has_text else None
+    path = (
+        discrete.MixtureDiscretePath(caption_source, model.config.vocab_size)
+        if model.has_text
+        else None
+    )
     return WanParts(model, codec, encoder, tokenizer, path)
 
 
