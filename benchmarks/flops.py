@@ -58,3 +58,21 @@ def peak_flops(device_name: str) -> float | None:
         if key in device_name:
             return value
     return None
+
+
+def device_rates(flops: float, seconds: float) -> dict[str, float]:
+    """Peak memory and MFU of a timed GPU step of ``flops`` model FLOPs (empty on the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    out = {"peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = peak_flops(torch.cuda.get_device_name())
+    if peak:
+        out["mfu"] = flops / seconds / peak
+    return out
+
+
+def failure(exn: BaseException) -> str:
+    """A failed measurement's row entry: the exception's type and first line (may be empty)."""
+    return f"{type(exn).__name__}: {(str(exn).splitlines() or [''])[0][:160]}"

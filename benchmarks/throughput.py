@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import markdown_table, timed, write_results
-from benchmarks.flops import forward_flops, peak_flops, train_flops
+from benchmarks.flops import device_rates, failure, forward_flops, train_flops
 from lightning_vigu.model import build_model, model_config
 
 
@@ -183,15 +183,11 @@ def measure(
             tokens_per_s=shape.batch * (n_video + n_text) / sec,
             tflops=flops / sec / 1e12,
         )
-        if device.type == "cuda":
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            peak = peak_flops(torch.cuda.get_device_name())
-            if peak:
-                row["mfu"] = flops / sec / peak
+        row.update(device_rates(flops, sec))
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
     except Exception as exn:  # a backend or compile failure is a result, not a crash
-        row["error"] = f"{type(exn).__name__}: {str(exn).splitlines()[0][:160]}"
+        row["error"] = failure(exn)
     finally:
         m = None  # free the model before the next configuration
         gc.collect()

@@ -27,7 +27,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from benchmarks.common import markdown_table, write_results
-from benchmarks.flops import peak_flops, train_flops
+from benchmarks.flops import device_rates, failure, train_flops
 from callbacks.ema import WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
 from lightning_vigu.module import UniViGU
@@ -155,13 +155,9 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
             examples_per_s=case.batch / seconds,
             tflops=flops / seconds / 1e12,
         )
-        if device.type == "cuda":
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            peak = peak_flops(torch.cuda.get_device_name())
-            if peak:
-                row["mfu"] = flops / seconds / peak
+        row.update(device_rates(flops, seconds))
     except Exception as exn:  # a compile or memory failure is a result, not a crash
-        row["error"] = f"{type(exn).__name__}: {(str(exn).splitlines() or [''])[0][:160]}"
+        row["error"] = failure(exn)
     finally:
         module = opt = ema = None
         gc.collect()

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
-from callbacks.sample_logger import run_dir, sharded
+from callbacks.sample_logger import off_under_fsdp, run_dir
 from lightning_vigu.metrics import (
     CaptionMetrics,
     FrechetVideoDistance,
@@ -297,12 +297,13 @@ class Evaluation(L.Callback):
         self._off = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if sharded(trainer):
-            self._off = True
-            rank_zero_warn(
-                "Evaluation is off under FSDP (sharded weights); evaluate a consolidated "
-                "checkpoint with 'python -m lightning_vigu validate/test' on one device or DDP"
-            )
+        self._off = off_under_fsdp(
+            trainer,
+            "Evaluation",
+            "evaluate a consolidated checkpoint with 'python -m lightning_vigu validate/test' "
+            "on one device or DDP",
+        )
+        if self._off:
             return
         if self._fvd is None and self.i3d_weights is not None:
             try:

@@ -62,11 +62,15 @@ def caption_table(prompts: list[str], targets: list[str], generated: list[str]) 
     return "\n".join(lines) + "\n"
 
 
-def sharded(trainer: L.Trainer) -> bool:
-    """Whether the run shards its weights (FSDP), so a callback cannot sample on its own."""
+def off_under_fsdp(trainer: L.Trainer, what: str, instead: str) -> bool:
+    """Whether the run shards its weights (FSDP), so a sampling callback cannot run on its
+    own; if so, warn once that ``what`` is off and what to do ``instead``."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return isinstance(trainer.strategy, FSDPStrategy)
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return False
+    rank_zero_warn(f"{what} is off under FSDP (sharded weights); {instead}")
+    return True
 
 
 def held_out(batch: dict, k: int) -> dict[str, Any]:
@@ -122,12 +126,11 @@ class SampleLogger(L.Callback):
         self._off = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if sharded(trainer):
-            self._off = True
-            rank_zero_warn(
-                "SampleLogger is off under FSDP (sharded weights); sample from a consolidated "
-                "checkpoint with 'python -m lightning_vigu generate' instead"
-            )
+        self._off = off_under_fsdp(
+            trainer,
+            "SampleLogger",
+            "sample from a consolidated checkpoint with 'python -m lightning_vigu generate' instead",
+        )
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
