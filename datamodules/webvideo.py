@@ -40,6 +40,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from datamodules.in_memory import MemoryClips, MemoryStream
 from datamodules.sample_decoder import (
     SKIP_REASONS,
     BadSample,
@@ -328,14 +329,20 @@ class StreamLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches"}``: the stream's epoch and the batches handed out in it."""
-        return {"epoch": max(self._epoch, 0), "batches": self._batches}
+        """``{"epoch", "batches", "batch_size"}``: the stream's epoch and the batches (of that
+        size) handed out in it."""
+        return {
+            "epoch": max(self._epoch, 0),
+            "batches": self._batches,
+            "batch_size": self.batch_size or 1,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from ``state`` (see :meth:`state_dict`)."""
         self._epoch, self._resume = state["epoch"] - 1, state["batches"]
-        if isinstance(self.dataset, ShardStream):
-            self.dataset.resume_at(state["epoch"], state["batches"], self.batch_size or 1)
+        if hasattr(self.dataset, "resume_at"):  # ShardStream, MemoryStream
+            saved = state.get("batch_size", self.batch_size or 1)  # older checkpoints: ours
+            self.dataset.resume_at(state["epoch"], state["batches"], saved)
 
 
 def parse_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -379,6 +386,11 @@ class WebVideoDataModule(L.LightningDataModule):
             ``True`` requires them, ``False`` always decodes the video.
         video_key: member name of the video (default: the first video extension present).
         pin_memory: DataLoader ``pin_memory``.
+        in_memory: decode the training shards once, when the training loader is first asked
+            for, and draw training batches from memory (:mod:`datamodules.in_memory`): no
+            decoding per step, for worlds that fit in host memory. Clips are decoded centred
+            (no random placement in longer videos); ``resampled``, ``samples_per_epoch`` and
+            ``shuffle_buffer`` do not apply (each epoch is a seeded permutation of the clips).
     """
 
     def __init__(
@@ -404,6 +416,7 @@ class WebVideoDataModule(L.LightningDataModule):
         video_key: str | None = None,
         pin_memory: bool = False,
         max_consecutive_skips: int = 1000,
+        in_memory: bool = False,
     ) -> None:
         super().__init__()
         self.shards = {"train": train_shards, "val": val_shards, "test": test_shards}
@@ -424,6 +437,8 @@ class WebVideoDataModule(L.LightningDataModule):
         self.strict = strict
         self.max_consecutive_skips = max_consecutive_skips
         self.pin_memory = pin_memory
+        self.in_memory = in_memory
+        self.memory: MemoryClips | None = None
         self.urls: dict[str, list[str]] = {}
         self.counter: SkipCounter | None = None
 
@@ -473,11 +488,22 @@ class WebVideoDataModule(L.LightningDataModule):
             max_consecutive_skips=self.max_consecutive_skips,
         )
 
+    def memory_stream(self) -> MemoryStream:
+        """The training split held in memory (decoded on the first call)."""
+        if self.memory is None:
+            stream = self.stream("train")
+            stream.train, stream.resampled, stream.shuffle_buffer = False, False, 0
+            stream.rank, stream.world_size = 0, 1  # every rank holds every clip
+            what = f"{len(self.urls['train'])} training shards"
+            self.memory = MemoryClips.decode(stream, self.num_workers, what)
+        rank, world = self._rank_world()
+        return MemoryStream(self.memory, self.batch_size, self.seed, rank, world)
+
     def loader(self, split: str) -> DataLoader:
         """A DataLoader over ``split`` that yields collated :class:`~lightning_vigu.batch.Batch`."""
         train = split == "train"
         return (StreamLoader if train else DataLoader)(
-            self.stream(split),
+            self.memory_stream() if train and self.in_memory else self.stream(split),
             batch_size=self.batch_size,
             collate_fn=collate_batch,
             num_workers=self.num_workers,

@@ -264,3 +264,65 @@ def test_pattern_kinds_expand(data_synthetic_shards):
         expand_shards(f"pipe:cat {data_synthetic_shards / 'val-000000.tar'}"), decode=True
     )
     assert len(_keys(stream)) == 4
+
+
+# ---------------------------------------------------------------------------- in memory
+def _memory_keys(dm: WebVideoDataModule, epochs: int = 1) -> list[list[str]]:
+    loader = dm.train_dataloader()
+    return [list(b["key"]) for _ in range(epochs) for b in loader]
+
+
+def test_in_memory_training_holds_the_same_clips_and_walks_each_epoch_once(data_synthetic_shards):
+    shards = str(data_synthetic_shards / "train-*.tar")
+    dm = WebVideoDataModule(train_shards=shards, batch_size=4, num_workers=0, in_memory=True)
+    batches = _memory_keys(dm, epochs=2)
+    assert dm.memory is not None and dm.memory.tensors["video"].dtype == torch.uint8
+    first, second = batches[:6], batches[6:]
+    assert sorted(k for b in first for k in b) == [f"train-{i:06d}" for i in range(24)]
+    assert sorted(k for b in second for k in b) == sorted(k for b in first for k in b)
+    assert first != second  # a new permutation per epoch
+    # the clips are the streamed ones: uint8 storage loses nothing of the decoded pixels
+    streamed = {
+        s["key"]: s for s in ShardStream(expand_shards(shards), dm.decoder, rank=0, world_size=1)
+    }
+    batch = next(iter(dm.train_dataloader()))
+    check_batch(batch)
+    for key, video, caption in zip(batch["key"], batch["video"], batch["caption"]):
+        assert torch.allclose(video, streamed[key]["video"], atol=1e-6)
+        assert caption == streamed[key]["caption"]
+
+
+def test_in_memory_ranks_partition_the_epoch_and_workers_keep_the_order(data_synthetic_shards):
+    shards = str(data_synthetic_shards / "train-*.tar")
+    dm = WebVideoDataModule(train_shards=shards, batch_size=3, num_workers=0, in_memory=True)
+    one = _memory_keys(dm)
+    ranks = []
+    for rank in (0, 1):
+        stream = dm.memory_stream()
+        stream.rank, stream.world_size = rank, 2
+        ranks.append([s["key"] for s in stream])
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(k for b in one for k in b)
+    two_workers = WebVideoDataModule(
+        train_shards=shards, batch_size=3, num_workers=2, in_memory=True
+    )
+    assert _memory_keys(two_workers) == one  # the same batches whichever the worker count
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_in_memory_resume_continues_the_epoch(data_synthetic_shards, num_workers):
+    shards = str(data_synthetic_shards / "train-*.tar")
+    make = lambda: WebVideoDataModule(  # noqa: E731
+        train_shards=shards, batch_size=4, num_workers=num_workers, in_memory=True
+    )
+    full = _memory_keys(make())
+    loader = make().train_dataloader()
+    batches = iter(loader)
+    seen = [list(next(batches)["key"]) for _ in range(2)]
+    assert seen == full[:2]
+    resumed = make().train_dataloader()
+    resumed.load_state_dict(loader.state_dict())
+    assert [list(b["key"]) for b in resumed] == full[2:]
+    with pytest.raises(ValueError, match="batch_size"):
+        dm = WebVideoDataModule(train_shards=shards, batch_size=2, num_workers=0, in_memory=True)
+        dm.train_dataloader().load_state_dict(loader.state_dict())

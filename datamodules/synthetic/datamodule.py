@@ -49,6 +49,9 @@ class SyntheticDataModule(WebVideoDataModule):
         generation_workers: processes used to generate shards (default: all cores).
         progress: show a progress bar while generating.
         pin_memory: DataLoader ``pin_memory`` (faster host-to-GPU copies).
+        in_memory: decode the training clips once and draw batches from memory (see
+            :class:`~datamodules.webvideo.WebVideoDataModule`): the GPU preset's default,
+            where decoding at every step would set the pace of a small model.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class SyntheticDataModule(WebVideoDataModule):
         fps: int | None = None,
         generation_workers: int | None = None,
         progress: bool = True,
+        in_memory: bool = False,
     ) -> None:
         self.world = world_config(preset, num_frames=num_frames, height=size, width=size, fps=fps)
         super().__init__(
@@ -90,6 +94,7 @@ class SyntheticDataModule(WebVideoDataModule):
             seed=seed,
             strict=strict,
             latents=False,
+            in_memory=in_memory,
         )
         if test_split not in ("test", "unseen"):
             raise ValueError(f"test_split must be 'test' or 'unseen', got '{test_split}'")
