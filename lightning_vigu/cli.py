@@ -49,6 +49,11 @@ class ViGUCLI(LightningCLI):
 
     ``--phase`` and ``--init_from`` are top-level options linked into the model, so a phase
     config can name them next to a shared model preset file (``model: model/tiny.yaml``).
+
+    Interpolations (``${...}``) are resolved once, after every ``-c`` file and ``--option``
+    (jsonargparse's ``omegaconf+`` mode): the trainer presets (``conf/trainer/``) derive the
+    loggers' and checkpoints' folders from ``trainer.default_root_dir``, so setting the run
+    folder once, in a phase config or on the command line, moves all of them.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -75,7 +80,7 @@ class ViGUCLI(LightningCLI):
                 L.LightningDataModule,
                 subclass_mode_model=False,
                 subclass_mode_data=True,
-                parser_kwargs={"parser_mode": "omegaconf"},
+                parser_kwargs={"parser_mode": "omegaconf+"},
                 save_config_kwargs={"overwrite": True},
                 args=args,
                 run=run,

@@ -30,6 +30,10 @@ def save_config_hyperparameters(module: L.LightningModule, injected: Sequence[st
     Under LightningCLI the hyper-parameters are the parsed config, where injected parts are
     ``class_path`` entries, so ``load_from_checkpoint`` rebuilds them. Instances passed from
     Python are not serialisable hyper-parameters and are left out (pass them again on load).
+
+    Inside ``__init__`` both cases receive instances; only Lightning's private
+    ``_given_hyperparameters`` context (set by LightningCLI around the call) tells them apart,
+    and Lightning has no public equivalent (2.6). ``tests/test_configs.py`` pins both cases.
     """
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 

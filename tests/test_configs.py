@@ -92,6 +92,77 @@ def test_refine_configs_move_the_video_path_gently_and_keep_generating(capsys):
         )
 
 
+# ---------------------------------------------------------------------------- run folders
+PHASES = [name for name in RUNS if name != "arcap.yaml"]  # arcap: the baseline's own trainer
+
+
+def _run_paths(trainer: dict) -> tuple[list[str], set[str]]:
+    """The loggers' save_dirs and the checkpoint callbacks' dirpaths of a printed config."""
+    logs = [logger["init_args"]["save_dir"] for logger in trainer["logger"]]
+    checkpoints = {
+        cb["init_args"]["dirpath"] for cb in trainer["callbacks"] if "dirpath" in cb["init_args"]
+    }
+    return logs, checkpoints
+
+
+@pytest.mark.parametrize("name", PHASES)
+def test_the_run_folder_is_named_once_and_every_path_follows_it(capsys, tmp_path, name):
+    folder = f"runs/{Path(name).stem}"
+    settings = [ln for ln in (CONF / name).read_text().splitlines() if not ln.startswith("#")]
+    assert sum(folder in ln for ln in settings) == 1, f"{name} names {folder} more than once"
+    moved = str(tmp_path / "run")  # one option moves every folder of the run
+    for root, extra in ((folder, ()), (moved, (f"--trainer.default_root_dir={moved}",))):
+        trainer = print_config(capsys, name, extra=extra)["trainer"]
+        assert trainer["default_root_dir"] == root
+        assert _run_paths(trainer) == ([root, root], {f"{root}/checkpoints"})
+        kinds = [cb["class_path"].rsplit(".", 1)[1] for cb in trainer["callbacks"]]
+        assert {"ModelCheckpoint", "OnExceptionCheckpoint", "EMA"} <= set(kinds)
+        (every,) = [
+            cb["init_args"]["every_n_train_steps"]
+            for cb in trainer["callbacks"]
+            if cb["class_path"].endswith("ModelCheckpoint")
+        ]
+        assert every == trainer["val_check_interval"] > 0  # a checkpoint at every validation
+
+
+def test_the_run_folder_override_moves_the_built_trainer_and_the_wandb_overlay(capsys, tmp_path):
+    from lightning_vigu import runs
+
+    root = tmp_path / "elsewhere"
+    cli = ViGUCLI(
+        args=["-c", str(CONF / "recall.yaml"), f"--trainer.default_root_dir={root}"], run=False
+    )
+    folders = runs.run_folders(cli.trainer)
+    assert set(folders) == {root, root / "checkpoints"}
+    assert cli.trainer.checkpoint_callback.dirpath == str(root / "checkpoints")
+    assert [Path(logger.save_dir) for logger in cli.trainer.loggers] == [root, root]
+    wandb = print_config(
+        capsys, "recall.yaml", "wandb.yaml", extra=(f"--trainer.default_root_dir={root}",)
+    )
+    assert wandb["trainer"]["logger"]["init_args"]["save_dir"] == str(root)
+
+
+def test_injected_parts_are_hyperparameters_when_a_config_made_them():
+    """save_config_hyperparameters: the CLI's module keeps the tokenizer's config (so
+    load_from_checkpoint rebuilds it); a module built in Python leaves the instance out."""
+    from datamodules.synthetic import WorldTokenizer
+    from lightning_vigu.module import UniViGU
+
+    cli = ViGUCLI(args=["-c", str(CONF / "recall.yaml")], run=False)
+    assert cli.model.hparams["tokenizer"]["class_path"] == "datamodules.synthetic.WorldTokenizer"
+    module = UniViGU(size="tiny", tokenizer=WorldTokenizer(), video_shape=(2, 8, 8))
+    assert "tokenizer" not in module.hparams and module.hparams["size"] == "tiny"
+
+
+def test_a_config_on_a_trainer_preset_must_name_its_run_folder(tmp_path):
+    from omegaconf.errors import InterpolationToMissingValueError
+
+    config = tmp_path / "unnamed.yaml"
+    config.write_text(f"config: {CONF / 'trainer/synthetic.yaml'}\ntrainer.max_steps: 10\n")
+    with pytest.raises(InterpolationToMissingValueError, match="trainer.default_root_dir"):
+        ViGUCLI(args=["fit", "-c", str(config), "--print_config"])
+
+
 def _header_commands() -> list[tuple[str, list[str]]]:
     """Every one-line ``python -m lightning_vigu fit ...`` a config's header tells users to run,
     as (file, arguments after ``fit``); a trailing ``(note)`` is dropped."""
