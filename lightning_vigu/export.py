@@ -207,10 +207,13 @@ def _config_from(hp: dict, state: dict[str, Tensor], origin: str) -> UniViGUConf
     overrides.update(
         in_channels=c_in, out_channels=state["proj_out.weight"].shape[0] // math.prod(p)
     )
-    mask = hp.get("caption_source", "uniform") == "mask"
+    causal = hp.get("caption_objective", "flow") == "autoregressive"
+    mask = hp.get("caption_source", "uniform") == "mask" and not causal
     rows = state.get("vocab_embed.weight")
     overrides.update(
-        vocab_size=None if rows is None else rows.shape[0] - int(mask), mask_token=mask
+        vocab_size=None if rows is None else rows.shape[0] - int(mask),
+        mask_token=mask,
+        causal_captions=causal,
     )
     try:
         return model_config(hp.get("size", "tiny"), **overrides)
@@ -451,6 +454,13 @@ def export(
             "velocity; pass --allow-data-prediction to write the weights anyway"
         )
     model = trained.model()
+    if fmt == "univigu" and model.config.causal_captions:
+        raise ValueError(
+            f"{ckpt} was trained with model.caption_objective='autoregressive': its caption "
+            "stream writes next tokens under a causal mask, which the official Uni-ViGU script "
+            "(a discrete-flow sampler over full attention) cannot run; export the video path "
+            "with --format diffusers, or caption with `python -m lightning_vigu caption --ckpt`"
+        )
     if fmt == "diffusers":
         return export_diffusers(model, out, dtype)
     return export_univigu(

@@ -6,8 +6,9 @@ Per example a task is drawn from the phase's mix:
   video loss only; the prompt is dropped with probability ``cfg_dropout`` -- from the
   cross-attention condition *and* the caption stream (which then holds the empty canvas), so
   the unconditional branch of classifier-free guidance is a true null.
-* ``v2t``  -- clean video (``t_v = 1``); caption target on the mixture path at ``t_x``; text
-  loss only; the condition is **always** the empty prompt.
+* ``v2t``  -- clean video (``t_v = 1``); caption target on the mixture path at ``t_x`` (or,
+  with causal captions, teacher-forced: see :mod:`lightning_vigu.flows.causal`); text loss
+  only; the condition is **always** the empty prompt.
 * ``joint`` -- both streams on their paths at independent times; both losses; the condition is
   the empty prompt when the caption target is the prompt, else the prompt (with CFG dropout).
 
@@ -98,7 +99,9 @@ class UnifiedObjective:
 
     Args:
         config: objective options.
-        path: the caption stream's mixture path (source + scheduler).
+        path: the caption stream's mixture path (source + scheduler), or
+            :class:`~lightning_vigu.flows.causal.CausalCaptions` (next-token prediction: the
+            caption loss is the cross-entropy of each next token, whatever ``text_loss``).
     """
 
     def __init__(self, config: ObjectiveConfig, path: discrete.MixtureDiscretePath) -> None:
@@ -145,15 +148,20 @@ class UnifiedObjective:
         hide = condition_mask(tasks, phase, c.cfg_dropout, generator)
         cond = torch.where(hide[:, None, None], empty_context, context)
         # 3. caption stream: the clean prompt for t2v (the empty canvas when the prompt is
-        #    dropped), the target on the mixture path otherwise; drawn on the device
+        #    dropped), the target on the mixture path otherwise (drawn on the device); causal
+        #    captions hold the target shifted right behind the start token, clean
         x_text = t_x = path_x = None
         if use_text:
             t_x = torch.rand(b, generator=generator).to(dev) * (1 - c.text_time_eps)
-            path_x = self.path.sample(target_tokens, t_x, noise_gen)
+            if self.path.causal:
+                noisy, t_x = self.path.inputs(target_tokens), torch.ones_like(t_x)
+            else:
+                path_x = self.path.sample(target_tokens, t_x, noise_gen)
+                noisy = path_x.x_t
             clean = prompt_tokens
             if null_tokens is not None:
                 clean = torch.where(hide[:, None], null_tokens.to(dev), prompt_tokens)
-            x_text = torch.where((tasks == T2V)[:, None], clean, path_x.x_t)
+            x_text = torch.where((tasks == T2V)[:, None], clean, noisy)
             t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
         # 4. one forward over [video | caption]
         out = model(path_v.x_t, t_v, cond, x_text, t_x)
@@ -166,8 +174,9 @@ class UnifiedObjective:
         if use_text:
             logits = self.path.posterior_logits(out.text_logits)
             x_1 = target_tokens
-            weight = self.path.loss_weight(path_x)  # None: every position
-            if c.text_loss == "cross_entropy":
+            # None: every position; causal: the caption's tokens and its first end-of-text
+            weight = self.path.loss_weight(target_tokens if self.path.causal else path_x)
+            if c.text_loss == "cross_entropy" or self.path.causal:
                 per_x = discrete.cross_entropy_loss(logits, x_1, weight)
             elif c.text_loss == "generalized_kl":
                 per_x = discrete.generalized_kl_loss(logits, x_1, x_text, t_x, self.path.scheduler)

@@ -11,6 +11,7 @@ attribute found): pixel tokens carry 192 values each, which a velocity head must
 the network as noise. ``prediction: data`` memorises it (MSE 0.01, every attribute).
 """
 
+import pytest
 import torch
 
 from datamodules.synthetic import WorldTokenizer, make_clip, mean_accuracy, score_video, words
@@ -39,7 +40,7 @@ def world_clips(num: int, frames: int) -> tuple[torch.Tensor, list[dict]]:
     return torch.stack(videos), [r for _, r in clips]
 
 
-def memorise(phase, videos, records, steps: int, frames: int) -> UniViGU:
+def memorise(phase, videos, records, steps: int, frames: int, **module_args) -> UniViGU:
     """Train a small unified model on the clips (each batch holds every clip twice) with the
     recipe's objective (x-prediction, shifted training times) and plain AdamW."""
     torch.manual_seed(0)
@@ -53,6 +54,7 @@ def memorise(phase, videos, records, steps: int, frames: int) -> UniViGU:
         video_shape=(frames, 32, 32),
         objective=ObjectiveConfig(prediction="data", time_shift=3.0, cfg_dropout=0.0),
         sampler=SamplerConfig(video_steps=20, text_steps=20, guidance_scale=1.0, temperature=0.0),
+        **module_args,
     )
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -90,9 +92,12 @@ def test_generator_gives_each_of_a_handful_of_prompts_its_own_clip():
     assert adherence["accuracy"] >= 0.75, adherence
 
 
-def test_captioner_rewrites_a_handful_of_detailed_captions_exactly():
+@pytest.mark.parametrize("caption_objective", ["flow", "autoregressive"])
+def test_captioner_rewrites_a_handful_of_detailed_captions_exactly(caption_objective):
     videos, records = world_clips(4, frames=4)
     phase = {"preset": "refine", "task_mix": {"v2t": 1.0}}
-    module = memorise(phase, videos, records, steps=120, frames=4)
+    module = memorise(
+        phase, videos, records, steps=120, frames=4, caption_objective=caption_objective
+    )
     captions = module.caption(videos, seed=1)
     assert [words(c) for c in captions] == [words(r["caption"]) for r in records], captions

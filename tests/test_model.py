@@ -80,6 +80,26 @@ def test_caption_tokens_change_video_only_through_shared_attention():
     assert not torch.allclose(a, b)
 
 
+def test_causal_captions_read_the_video_and_the_past_only():
+    """causal_captions: caption logits at i ignore caption tokens after i, the video ignores
+    the caption stream, and the video still reaches the caption."""
+    m = build_model("tiny", vocab_size=50, causal_captions=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.05)
+    v, ctx = torch.randn(1, 48, 2, 4, 4), torch.randn(1, 3, 64)
+    tok = torch.randint(0, 50, (1, 8))
+    later = tok.clone()
+    later[:, 5:] = (later[:, 5:] + 1) % 50
+    a, b = (m(v, 500.0, ctx, text=t, t_text=0.0) for t in (tok, later))
+    assert torch.equal(a.text_logits[:, :5], b.text_logits[:, :5])
+    assert not torch.allclose(a.text_logits[:, 5:], b.text_logits[:, 5:])
+    assert torch.equal(a.velocity, b.velocity)
+    assert torch.allclose(a.velocity, m(v, 500.0, ctx), atol=1e-5)  # exactly the video DiT
+    other = m(torch.randn_like(v), 500.0, ctx, text=tok, t_text=0.0)
+    assert not torch.allclose(a.text_logits[:, :1], other.text_logits[:, :1])
+
+
 def test_text_experts_initialised_as_ffn_copies_and_lighter_option():
     m = build_model("tiny")
     for blk in m.blocks:

@@ -1,10 +1,11 @@
-"""Flows in flow time (0 = source, 1 = data): continuous (video), discrete (captions), samplers.
+"""Flows in flow time (0 = source, 1 = data): continuous (video), discrete (captions), samplers;
+and the causal caption process, the next-token alternative to the discrete flow.
 
 Pure PyTorch, no Lightning. ``convention.FlowTimeModel`` is the single boundary to the
 transformer's generator-timestep convention.
 """
 
-from lightning_vigu.flows import continuous, discrete
+from lightning_vigu.flows import causal, continuous, discrete
 from lightning_vigu.flows.convention import FlowPrediction, FlowTimeModel, flow_time_to_timestep
 from lightning_vigu.flows.sampling import SamplerConfig, UnifiedSampler
 
@@ -13,6 +14,7 @@ __all__ = [
     "FlowTimeModel",
     "SamplerConfig",
     "UnifiedSampler",
+    "causal",
     "continuous",
     "discrete",
     "flow_time_to_timestep",

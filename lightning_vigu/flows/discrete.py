@@ -219,6 +219,8 @@ class MixtureDiscretePath:
         exponent: ``kappa_t = t ** exponent``.
     """
 
+    causal = False  # the caption stream denoises the whole canvas (see flows.causal)
+
     def __init__(self, source: str = "uniform", vocab_size: int = 1, exponent: float = 1.0) -> None:
         self.kind = source
         self.source = make_source(source, vocab_size)

@@ -4,8 +4,10 @@
   absent or holds a clean canvas (``t_text = 1``): the prompt in the conditional branch, the
   empty canvas in the unconditional one (a true null: no prompt anywhere).
 * video -> text: the video is clean (``t_video = 1``); the caption canvas starts at the source
-  and follows the mixture-path jump sampler.
-* joint: both streams start from their sources and advance together, each on its own time grid.
+  and follows the mixture-path jump sampler (causal captions: one token per pass, left to
+  right).
+* joint: both streams start from their sources and advance together, each on its own time grid
+  (causal captions: the video first, then its caption, since the video never reads it).
 
 All randomness comes from one ``torch.Generator``; when it lives on another device than the
 model, a generator on the model's device is seeded from it once, so results are deterministic
@@ -58,7 +60,8 @@ class UnifiedSampler:
 
     Args:
         model: a :class:`FlowTimeModel` (flow time in, ``dx/dt`` and logits out).
-        path: the caption stream's :class:`~lightning_vigu.flows.discrete.MixtureDiscretePath`.
+        path: the caption stream's :class:`~lightning_vigu.flows.discrete.MixtureDiscretePath`
+            or :class:`~lightning_vigu.flows.causal.CausalCaptions`.
         config: step counts, shift, guidance, temperature.
     """
 
@@ -146,9 +149,14 @@ class UnifiedSampler:
         """
         b, device = latents.shape[0], latents.device
         generator = on_device(generator, device)
+        ones = torch.ones(b, device=device)
+        if self.path.causal:
+            return self.path.decode(
+                lambda canvas: self.model(latents, ones, context, canvas, ones).text_logits,
+                b, length, device, self.config.temperature, generator,
+            )  # fmt: skip
         x_t = self.path.start(b, length, device, generator)
         grid = torch.linspace(0, 1, self.config.text_steps + 1, device=device)
-        ones = torch.ones(b, device=device)
         for t, t_next in zip(grid[:-1], grid[1:]):
             logits = self.model(latents, ones, context, x_t, t.expand(b)).text_logits
             x_t = self._jump(x_t, logits, t.expand(b), t_next.expand(b), generator)
@@ -166,10 +174,16 @@ class UnifiedSampler:
         """Video latents and caption tokens generated together from noise.
 
         Both streams take ``video_steps`` steps; the video follows the shifted grid and the
-        caption a uniform grid, each with its own time.
+        caption a uniform grid, each with its own time. With causal captions the video is
+        generated first and captioned under ``uncond_context`` (the empty prompt; ``context``
+        when there is none).
         """
         b, device = context.shape[0], context.device
         generator = on_device(generator, device)
+        if self.path.causal:  # the video never reads the caption: generate it, then caption it
+            x = self.generate_video(context, latent_shape, uncond_context, None, generator)
+            reader = uncond_context if uncond_context is not None else context
+            return x, self.caption(x, reader, length, generator)
         x = torch.randn((b, *latent_shape), generator=generator, device=device)
         x_t = self.path.start(b, length, device, generator)
         n = self.config.video_steps

@@ -1,4 +1,5 @@
-"""Attention of the unified block: one call over ``[video | caption]`` tokens, no mask.
+"""Attention of the unified block: one call over ``[video | caption]`` tokens (no mask, or the
+causal-caption mask of ``UniViGUConfig.causal_captions``).
 
 Backends: PyTorch SDPA (default; on Hopper it dispatches to cuDNN / flash kernels) and xformers'
 ``memory_efficient_attention`` when the package imports and its kernels load (optional; its
@@ -16,11 +17,14 @@ from lightning_vigu.model.embeddings import apply_rope_half, apply_rope_interlea
 BACKENDS = ("sdpa", "xformers")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
-    """Multi-head attention on ``(B, S, H, D)`` tensors, returns ``(B, S, H, D)``."""
-    if backend == "sdpa":
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", mask: Tensor | None = None
+) -> Tensor:
+    """Multi-head attention on ``(B, S, H, D)`` tensors, returns ``(B, S, H, D)``. ``mask``:
+    ``(S, S_kv)`` bool, True where a query may attend (always computed with SDPA)."""
+    if backend == "sdpa" or mask is not None:
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
         )
         return out.transpose(1, 2)  # (B, S, H, D)
     if backend == "xformers":
@@ -55,11 +59,13 @@ class WanAttention(nn.Module):
         rope_video: tuple[Tensor, Tensor] | None = None,
         rope_text: tuple[Tensor, Tensor] | None = None,
         num_video: int | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Attend ``x`` ``(B, S, dim)`` to itself (``context=None``) or to ``context``.
 
         For self-attention over ``[video | caption]``, the first ``num_video`` tokens get the
-        3-D rope and the rest the 1-D caption rope.
+        3-D rope and the rest the 1-D caption rope. ``mask``: ``(S, S_kv)`` bool, True where a
+        query may attend (``None``: everywhere).
         """
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, S, H, D)
@@ -67,7 +73,7 @@ class WanAttention(nn.Module):
         v = self.to_v(kv).unflatten(2, (self.heads, -1))  # (B, S_kv, H, D)
         if context is None and (rope_video is not None or rope_text is not None):
             q, k = (self._rope(t, rope_video, rope_text, num_video) for t in (q, k))
-        out = attention(q, k, v, self.backend).flatten(2, 3)  # (B, S, H * D)
+        out = attention(q, k, v, self.backend, mask).flatten(2, 3)  # (B, S, H * D)
         return self.to_out[1](self.to_out[0](out.type_as(x)))
 
     @staticmethod

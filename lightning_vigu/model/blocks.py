@@ -145,6 +145,7 @@ class UnifiedBlock(nn.Module):
         router: ModalityRouter,
         rope_video: tuple[Tensor, Tensor] | None,
         rope_text: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """One block.
 
@@ -155,6 +156,8 @@ class UnifiedBlock(nn.Module):
             router: the token split.
             rope_video: 3-D rope cos/sin for the video tokens.
             rope_text: 1-D rope cos/sin for the caption tokens.
+            mask: ``(Lv + Lt, Lv + Lt)`` bool self-attention mask (True: may attend), or
+                ``None`` (every token sees every token, Uni-ViGU's block).
         """
         dtype = x.dtype
         # per active modality: (shift, scale, gate) for attention, (shift, scale, gate) for FFN
@@ -165,7 +168,7 @@ class UnifiedBlock(nn.Module):
             [_modulate(self.norm1(p), m[0], m[1]).to(dtype) for p, m in zip(parts, mod)]
         )
         attn = self.attn1(
-            h, rope_video=rope_video, rope_text=rope_text, num_video=router.lengths[0]
+            h, rope_video=rope_video, rope_text=rope_text, num_video=router.lengths[0], mask=mask
         )
         attn_parts = router.split(attn)
         x = router.merge(

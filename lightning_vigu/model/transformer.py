@@ -51,6 +51,9 @@ class UniViGUConfig:
     rope_max_seq_len: int = 1024
     # fixed sine-cosine positions added to the caption tokens (not in Uni-ViGU; see forward)
     text_absolute_positions: bool = False
+    # caption tokens attend to the video and to earlier caption tokens only, and video tokens
+    # never to captions (next-token captions, lightning_vigu.flows.causal; not in Uni-ViGU)
+    causal_captions: bool = False
     # caption stream; vocab_size=None builds the video-only generator
     vocab_size: int | None = 49408
     text_ffn_dim: int | None = None
@@ -253,9 +256,12 @@ class UniViGUTransformer(nn.Module):
         )
         x = router.merge(tokens).contiguous()  # (B, Lv + Lt, D)
         ctx = self.condition_embedder.text_embedder(context.to(x.dtype))  # (B, Lc, D)
+        mask = (
+            self._causal_mask(router, x.device) if c.causal_captions and text is not None else None
+        )
         # 2. blocks
         for i, block in enumerate(self.blocks):
-            args = (x, ctx, mods, router, rope_video, rope_text)
+            args = (x, ctx, mods, router, rope_video, rope_text, mask)
             if torch.is_grad_enabled() and i < self.gradient_checkpointing:
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -272,6 +278,16 @@ class UniViGUTransformer(nn.Module):
         if text is None:
             return velocity
         return UniViGUOutput(velocity, logits)
+
+    @staticmethod
+    def _causal_mask(router: ModalityRouter, device: torch.device) -> Tensor:
+        """``(Lv + Lt, Lv + Lt)`` bool, True where a query may attend: video tokens see the
+        video only, caption token ``i`` sees the video and caption tokens ``0..i``."""
+        lv, lt = router.lengths
+        mask = torch.ones(lv + lt, lv + lt, dtype=torch.bool, device=device)
+        mask[:lv, lv:] = False
+        mask[lv:, lv:] = torch.ones(lt, lt, dtype=torch.bool, device=device).tril()
+        return mask
 
     def _video_head(self, x: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """Final norm + modulation + ``proj_out``, then unpatchify to ``(B, C, T, H, W)``."""

@@ -1,0 +1,86 @@
+"""Causal captions (model.caption_objective: autoregressive): teacher forcing, the loss the
+objective computes, left-to-right decoding, joint sampling and the export guard."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules.synthetic import WorldTokenizer
+from lightning_vigu.flows.causal import CausalCaptions, make_caption_path
+from lightning_vigu.module import UniViGU
+
+EOS = 9
+
+
+def test_teacher_forcing_canvas_and_loss_positions():
+    path = CausalCaptions(vocab_size=10, eos_id=EOS)
+    target = torch.tensor([[3, 4, EOS, EOS, EOS], [5, 6, 7, 8, 1]])
+    assert path.inputs(target).tolist() == [[EOS, 3, 4, EOS, EOS], [EOS, 5, 6, 7, 8]]
+    # the caption's tokens and its first end-of-text; a caption that fills the canvas: all
+    assert path.loss_weight(target).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_decoding_writes_left_to_right_and_fills_after_the_end():
+    path = CausalCaptions(vocab_size=10, eos_id=EOS)
+    wanted = torch.tensor([[3, 4, EOS, 2, 2], [5, 6, 7, 8, 1]])
+    calls = []
+
+    def logits_of(canvas):  # a model that knows the captions: next token given the prefix
+        calls.append(canvas.clone())
+        return F.one_hot(wanted, 10).float() * 10
+
+    out = path.decode(logits_of, 2, 5, torch.device("cpu"))
+    assert out.tolist() == [[3, 4, EOS, EOS, EOS], [5, 6, 7, 8, 1]]
+    assert calls[2][0].tolist() == [EOS, 3, 4, EOS, EOS]  # each pass sees what was written
+
+
+def test_unknown_caption_objective_is_named():
+    with pytest.raises(ValueError, match="caption_objective 'bert'"):
+        make_caption_path("bert", "uniform", 10, 1.0, EOS)
+
+
+def _module(phase) -> UniViGU:
+    torch.manual_seed(0)
+    return UniViGU(
+        size="tiny",
+        tokenizer=WorldTokenizer(),
+        caption_length=24,
+        prompt_length=8,
+        video_shape=(2, 32, 32),
+        phase=phase,
+        caption_objective="autoregressive",
+    )
+
+
+def test_objective_is_the_next_token_cross_entropy_on_the_clean_video():
+    module = _module({"preset": "refine", "task_mix": {"v2t": 1.0}})
+    videos = torch.rand(2, 3, 2, 32, 32) * 2 - 1
+    captions = ["a red circle moves left .", "two shapes on a black background ."]
+    batch = {"video": videos, "prompt": captions, "caption": captions}
+    out = module.compute_loss(batch, module.phase, module.step_generator("train", 0))
+    latents, _, empty = module.batch_inputs(batch)
+    target = module.encode_canvas(captions)
+    ones = torch.ones(2)
+    logits = module.flow(latents, ones, empty, module.caption_path.inputs(target), ones)
+    ce = F.cross_entropy(
+        logits.text_logits.flatten(0, 1), target.flatten(), reduction="none"
+    ).view_as(target)
+    weight = module.caption_path.loss_weight(target)
+    expected = ((ce * weight).sum(1) / weight.sum(1)).mean()
+    assert torch.allclose(out.text, expected, atol=1e-5)
+    assert out.video.item() == 0.0  # v2t only: no video loss
+
+
+def test_joint_sampling_generates_then_captions_and_univigu_export_refuses(tmp_path):
+    module = _module("recall").eval()
+    videos, captions = module.generate_joint(["", ""], seed=0, text_steps=2, video_steps=2)
+    assert videos.shape == (2, 3, 2, 32, 32) and len(captions) == 2
+    ckpt = tmp_path / "run.ckpt"
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt
+    )
+    from lightning_vigu.export import export
+
+    with pytest.raises(ValueError, match="caption_objective='autoregressive'"):
+        export(ckpt, "univigu", tmp_path / "out.pth", vocab_rows=module.tokenizer.vocab_size)
+    assert export(ckpt, "diffusers", tmp_path / "diffusers").is_dir()
