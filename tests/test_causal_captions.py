@@ -76,9 +76,7 @@ def test_joint_sampling_generates_then_captions_and_univigu_export_refuses(tmp_p
     videos, captions = module.generate_joint(["", ""], seed=0, text_steps=2, video_steps=2)
     assert videos.shape == (2, 3, 2, 32, 32) and len(captions) == 2
     ckpt = tmp_path / "run.ckpt"
-    torch.save(
-        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt
-    )
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
     from lightning_vigu.export import export
 
     with pytest.raises(ValueError, match="caption_objective='autoregressive'"):
