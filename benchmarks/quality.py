@@ -13,9 +13,10 @@
 4. ``refine``     -- Capability Refinement from recall;
 5. ``arcap``      -- baseline (b): an autoregressive captioner trained as long as recall + refine;
 
-and two ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
-generator, trained as long as generator + recall) and ``refine_frozen`` (refine with every
-attention weight frozen, the earlier recipe). Stages run in *waves* of equal wall-clock budget
+and three ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
+generator, trained as long as generator + recall), ``refine_frozen`` (refine with every
+attention weight frozen, the earlier recipe) and ``refine_causal`` (refine with the next-token
+caption stream, ``model.caption_objective: autoregressive``, from the same recall checkpoint). Stages run in *waves* of equal wall-clock budget
 (``--minutes`` per wave); a stage spans one or two waves, and the stages of a wave train side by
 side on the GPU (small models leave most of it idle). Each stage plans its length from its
 budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
@@ -134,6 +135,12 @@ STAGES: dict[str, Stage] = {
     "recall_scratch": Stage("conf/recall.yaml", (1, 2)),
     "refine_frozen": Stage(
         "conf/refine.yaml", (3,), init="recall", extra=("--phase=refine_frozen",)
+    ),
+    "refine_causal": Stage(
+        "conf/refine.yaml",
+        (3,),
+        init="recall",
+        extra=("--model.caption_objective=autoregressive",),
     ),
 }
 WAVES = (1, 2, 3)
