@@ -82,10 +82,6 @@ class MemoryClips:
             out[k] = v[i].float() / 127.5 - 1.0 if k == "video" else v[i]
         return out
 
-    def nbytes(self) -> int:
-        """Bytes held by the tensors."""
-        return sum(v.numel() * v.element_size() for v in self.tensors.values())
-
 
 def _compact(sample: dict) -> dict:
     """A decoded sample with its video as uint8, computed where it was decoded (a DataLoader
