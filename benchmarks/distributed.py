@@ -1,0 +1,551 @@
+"""Several-device suite (issue 16): DDP correctness and scaling, FSDP at the real size.
+
+    python -m benchmarks.distributed all --preset gpu --out benchmarks/results   # two H200s
+    python -m benchmarks.distributed all --preset toy --out /tmp/dist            # CPU, gloo
+    (``run`` writes ``<work>/distributed_raw.json``, ``report`` turns it into the tables;
+    ``--parts ddp_curves ddp_scaling fsdp`` picks parts)
+
+Parts (expected wall time on two H200s, a warm machine):
+
+* ``ddp_curves`` (~3 min): the real UniViGU module and SyntheticDataModule (``in_memory``), the
+  synthetic world at 16x32x32, ``small``, trained through Lightning's Trainer from the same seed
+  with 2 ranks at batch B/2 and 1 rank at batch B. The in-memory stream cuts each seeded epoch
+  permutation into batch-sized chunks and gives rank r every R-th chunk, so at step s the two
+  ranks read chunks 2s and 2s+1 of the permutation: together exactly the B clips the 1-rank run
+  reads at step s. What differs is the per-sample noise (the step generator is seeded by rank),
+  so the curves agree within noise, not bit for bit. Reported: per-step relative difference
+  (max, mean), the difference of the mean loss over the last half, and the overlap of the two
+  ranks' sample keys (must be 0).
+* ``ddp_scaling`` (~3 min): examples/s on 2 ranks vs 1 at the same per-rank batch, timed steps
+  after warm-up: ``small`` on 16x64x64 clips at batch 64 per rank, and ``wan1.3b`` (random
+  weights, 3.05B parameters with the caption stream) on Wan VAE latents of 17x480x832 clips
+  ``(16, 5, 60, 104)`` at batch 1 per rank, bf16, gradient checkpointing. Target >= 1.8x.
+* ``fsdp`` (~5 min): ``wan1.3b`` with AdamW, bf16, full sharding over 2 ranks, gradient
+  checkpointing, at 81x480x832 and 17x480x832: per-rank peak memory and step time. At 17
+  frames the run writes a sharded checkpoint half-way, a second run resumes from it, and the
+  next losses are compared with the uninterrupted run's (same batches, same per-step
+  randomness); the checkpoint is then consolidated into one file
+  (``lightning.pytorch.utilities.consolidate_checkpoint``) and both are read back with
+  :func:`lightning_vigu.export.read_checkpoint`.
+
+Every case runs in fresh processes (``torch.multiprocessing`` spawn, one per rank, Lightning
+told the ranks by ``LOCAL_RANK`` / ``WORLD_SIZE``, as torchrun would); every launch sets
+``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and ``NVSHMEM_DISABLE_NVLS=1``.
+A failing case becomes a row with its error. The toy preset runs on CPU with gloo; Lightning's
+FSDPStrategy refuses the CPU accelerator, so the toy's ``fsdp`` part runs the same
+train / checkpoint / resume / read path under DDP (sharding and consolidation are GPU-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.common import markdown_table, run_then_report, write_results
+from benchmarks.flops import failure
+from lightning_vigu.batch import collate_batch
+from lightning_vigu.codecs.base import LatentCodec
+from lightning_vigu.text.tokenizers import CaptionTokenizer
+
+RAW_NAME = "distributed_raw.json"
+PARTS = ("ddp_curves", "ddp_scaling", "fsdp")
+NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+@dataclass
+class Case:
+    """One training launch: model size, clip shape, per-rank batch, steps, strategy."""
+
+    label: str
+    size: str
+    video: tuple[int, int, int]  # frames, height, width of the clips
+    batch: int  # per rank
+    steps: int
+    warmup: int = 1  # steps left out of the timing
+    world: str = "cpu"  # synthetic world preset (sizes other than wan1.3b)
+    strategy: str = "ddp"  # ddp or fsdp
+    checkpointing: bool = False
+    num_train: int = 0  # clips of the synthetic world in memory (ddp_curves), 0: random clips
+    save_at: int = 0  # write a checkpoint after this step (fsdp resume check)
+    resume: str = ""  # checkpoint to resume from
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "gpu": dict(
+        accelerator="gpu",
+        curves=Case("small 16x32x32", "small", (16, 32, 32), 64, 300, num_train=4096),
+        scaling=[
+            Case("small 16x64x64", "small", (16, 64, 64), 64, 60, warmup=20, world="gpu"),
+            Case("wan1.3b 17x480x832", "wan1.3b", (17, 480, 832), 1, 12, 4, checkpointing=True),
+        ],
+        fsdp=[
+            Case("81x480x832", "wan1.3b", (81, 480, 832), 1, 6, 2, "", "fsdp", True),
+            Case("17x480x832", "wan1.3b", (17, 480, 832), 1, 10, 2, "", "fsdp", True, save_at=5),
+        ],
+    ),
+    "toy": dict(
+        accelerator="cpu",
+        curves=Case("tiny 16x32x32", "tiny", (16, 32, 32), 4, 4, num_train=32),
+        scaling=[Case("tiny 16x32x32", "tiny", (16, 32, 32), 2, 4, warmup=1)],
+        fsdp=[Case("tiny 16x32x32", "tiny", (16, 32, 32), 2, 4, 1, "cpu", "fsdp", save_at=2)],
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- one rank
+class WanLatentGeometry(LatentCodec):
+    """The Wan VAE's latent space (16 channels, 4x8x8 down-sampling, ``T = 4n + 1`` frames)
+    without its weights: the benchmark's batches carry random latents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent_channels, self.factors = 16, (4, 8, 8)
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.factors[0] + 1
+
+    def video_frames(self, latent_frames: int) -> int:
+        return self.factors[0] * (latent_frames - 1) + 1
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        raise ValueError("WanLatentGeometry holds no VAE; batches must carry 'latents'")
+
+
+class WordIds(CaptionTokenizer):
+    """umT5's vocabulary size (256,384 ids, as the Uni-ViGU release) without its files: each
+    word hashed to an id, for random-weight runs at the real parameter count."""
+
+    vocab_size, eos_id = 256_384, 1
+
+    def _encode_one(self, text: str) -> list[int]:
+        return [2 + zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in text.split()]
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+class RandomClips(Dataset):
+    """``num`` training samples, sample ``i`` a fixed function of ``i``: Wan latents and prompt
+    embeddings ``(16, t, h, w)`` / ``(512, 4096)`` drawn from seed ``i`` for ``wan1.3b``, else
+    clip ``i % 64`` of the synthetic world preset ``case.world``."""
+
+    def __init__(self, case: Case, num: int) -> None:
+        self.case, self.num = case, num
+        if case.size != "wan1.3b":
+            from benchmarks.train_loop import clips
+
+            self.videos, self.records = clips(case.world, 64)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> dict:
+        if self.case.size != "wan1.3b":
+            r = self.records[i % 64]
+            return {"video": self.videos[i % 64], "prompt": r["prompt"], "caption": r["caption"], "key": str(i)}  # fmt: skip
+        g = torch.Generator().manual_seed(i)
+        t, h, w = self.case.video
+        latents = torch.randn(16, (t - 1) // 4 + 1, h // 8, w // 8, generator=g)  # (16, t, h, w)
+        words = " ".join(f"w{n}" for n in torch.randint(0, 1000, (200,), generator=g).tolist())
+        emb = torch.randn(512, 4096, generator=g) * 0.1  # (L, text_dim), umT5's sizes
+        return {"latents": latents, "prompt_emb": emb, "prompt": "", "caption": words, "key": str(i)}  # fmt: skip
+
+
+def build_module(case: Case, out: Path, rank: int):
+    """UniViGU as ``conf/gpu.yaml`` (world sizes) or ``conf/model/wan1.3b.yaml`` (random
+    weights, latents in, Wan's vocabulary) set it up, from seed 0."""
+    from datamodules.synthetic import WorldTokenizer
+    from lightning_vigu.module import UniViGU
+    from lightning_vigu.objective import ObjectiveConfig
+    from lightning_vigu.text.encoders import PrecomputedPromptEncoder
+
+    torch.manual_seed(0)
+    common = dict(
+        size=case.size,
+        phase="recall",
+        video_shape=case.video,
+        gradient_checkpointing=case.checkpointing,
+        warmup_steps=max(case.steps // 6, 1),
+    )
+    if case.size != "wan1.3b":
+        return UniViGU(
+            **common,
+            tokenizer=WorldTokenizer(),
+            caption_length=64,
+            prompt_length=32,
+            model_overrides={"text_absolute_positions": True},
+            objective=ObjectiveConfig(prediction="data", time_shift=3.0),
+            lr=5e-4,
+        )
+    empty = out / f"empty_prompt_emb{rank}.pt"
+    torch.save(torch.zeros(512, 4096), empty)
+    return UniViGU(
+        **common,
+        codec=WanLatentGeometry(),
+        tokenizer=WordIds(),
+        prompt_encoder=PrecomputedPromptEncoder(str(empty)),
+        caption_length=256,
+        lr=5e-5,
+    )
+
+
+class StepRecorder(L.Callback):
+    """Per step of this rank: global step, loss, sample keys and end time; written to
+    ``<out>/rank<N>.json`` at the end with the peak memory. Saves a checkpoint after step
+    ``save_at`` (every rank takes part: FSDP writes its shards)."""
+
+    def __init__(self, out: Path, params: int, save_at: int) -> None:
+        self.out, self.params, self.save_at = out, params, save_at
+        self.record = {"steps": [], "losses": [], "keys": [], "end_times": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.record["losses"].append(float(loss))  # waits for the step
+        self.record["end_times"].append(time.perf_counter())
+        self.record["steps"].append(trainer.global_step - 1)
+        self.record["keys"].append(list(batch["key"]))
+        if self.save_at and trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.out / "sharded.ckpt")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        record = {**self.record, "rank": trainer.global_rank, "params": self.params}
+        path = self.out / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({**record, "peak_gib": peak}))
+
+
+def _strategy(case: Case, ranks: int, cuda: bool):
+    if case.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import MixedPrecision
+
+        from lightning_vigu.model import UnifiedBlock
+
+        return FSDPStrategy(
+            sharding_strategy="FULL_SHARD",
+            auto_wrap_policy={UnifiedBlock},
+            mixed_precision=MixedPrecision(torch.bfloat16, torch.float32) if cuda else None,
+            state_dict_type="sharded",
+            use_orig_params=True,
+        )
+    return "ddp" if ranks > 1 else "auto"
+
+
+def train_rank(index: int, spec: dict) -> None:
+    """One rank of a launch (a spawned process): Lightning's Trainer on the case."""
+    ranks, out = spec["ranks"], Path(spec["out"])
+    os.environ.update(LOCAL_RANK=str(index), RANK=str(index), WORLD_SIZE=str(ranks), NODE_RANK="0")
+    cuda = spec["accelerator"] == "gpu"
+    if not cuda:
+        torch.set_num_threads(1)
+    names = Case.__dataclass_fields__
+    case = Case(**{k: v for k, v in spec.items() if k in names})
+    case.video = tuple(case.video)
+    module = build_module(case, out, index)
+    params = sum(p.numel() for p in module.parameters())
+    if case.num_train:  # the real synthetic world, decoded into memory
+        data = dict(datamodule=world_datamodule(case, out.parent / "cache"))
+    else:
+        loader = DataLoader(
+            # an epoch ends at the checkpoint, every epoch the same batches: a resumed run
+            # reads what the uninterrupted one reads after the checkpoint
+            RandomClips(case, case.batch * ranks * (case.save_at or case.steps)),
+            batch_size=case.batch,
+            collate_fn=collate_batch,
+            num_workers=2 if cuda else 0,
+        )
+        data = dict(train_dataloaders=loader)
+    trainer = L.Trainer(
+        accelerator=spec["accelerator"],
+        devices=ranks,
+        strategy=_strategy(case, ranks, cuda),
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=case.steps,
+        gradient_clip_val=None if case.strategy == "fsdp" else 1.0,
+        callbacks=[StepRecorder(out, params, case.save_at)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out),
+    )
+    # the checkpoint is this suite's own: its pickled hyper-parameters are trusted
+    trainer.fit(module, **data, ckpt_path=case.resume or None, weights_only=False)
+
+
+def world_datamodule(case: Case, cache: Path):
+    """The synthetic world's training split in memory, batches of ``case.batch`` per rank."""
+    from datamodules import SyntheticDataModule
+
+    return SyntheticDataModule(
+        preset=case.world,
+        num_train=case.num_train,
+        num_val=0,
+        num_test=0,
+        num_unseen=0,
+        batch_size=case.batch,
+        num_workers=0,
+        cache_dir=str(cache),
+        in_memory=True,
+        progress=False,
+    )
+
+
+def prepare_world(case: Case, cache: Path) -> None:
+    """Generate the synthetic clips once, before the ranks start."""
+    world_datamodule(case, cache).prepare_data()
+
+
+# ---------------------------------------------------------------------------- launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(case: Case, ranks: int, accelerator: str, out: Path, timeout: float = 900) -> list[dict]:
+    """Train ``case`` on ``ranks`` fresh spawned processes; returns each rank's record
+    (:class:`StepRecorder`), raising with the first error."""
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.update(NO_MULTICAST)  # inherited by the spawned ranks (and NCCL in them)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    spec = {**asdict(case), "ranks": ranks, "accelerator": accelerator, "out": str(out)}
+    ctx = mp.start_processes(
+        train_rank, args=(spec,), nprocs=ranks, join=False, start_method="spawn"
+    )
+    deadline = time.time() + timeout
+    try:
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                raise TimeoutError(f"'{case.label}' on {ranks} rank(s) ran past {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def _attempt(row: dict, fn) -> dict:
+    try:
+        row.update(fn())
+    except Exception as exn:  # a failed case is a row with its error, not a crash
+        lines = [line for line in str(exn).splitlines() if line.strip()]
+        row["error"] = failure(exn) if len(lines) < 2 else lines[-1][:200]  # a rank's traceback
+    print({k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
+    return row
+
+
+def _timing(records: list[dict], case: Case) -> dict:
+    """Steps/s, examples/s over all ranks and peak memory, after the warm-up steps."""
+    times = np.diff(records[0]["end_times"])[case.warmup :]
+    seconds = float(times.mean())
+    return {
+        "seconds": seconds,
+        "steps_per_s": 1 / seconds,
+        "examples_per_s": case.batch * len(records) / seconds,
+        "peak_gib": max(r["peak_gib"] for r in records),
+        "params_b": records[0]["params"] / 1e9,
+    }
+
+
+# ---------------------------------------------------------------------------- parts
+def ddp_curves(preset: dict, work: Path) -> list[dict]:
+    """The same seed on 2 ranks at B/2 and on 1 rank at B: losses, their difference, overlap."""
+    case = preset["curves"]
+    prepare_world(case, work / "cache")
+    half = Case(**{**asdict(case), "batch": case.batch // 2})
+    row = {"case": case.label, "batch": case.batch, "steps": case.steps}
+
+    def run() -> dict:
+        two = launch(half, 2, preset["accelerator"], work / "curves_2")
+        one = launch(case, 1, preset["accelerator"], work / "curves_1")
+        loss_two = np.mean([r["losses"] for r in two], axis=0)  # equal halves: the global mean
+        loss_one = np.asarray(one[0]["losses"])
+        rel = np.abs(loss_two - loss_one) / np.abs(loss_one)
+        late = slice(len(loss_one) // 2, None)
+        keys = [{k for step in r["keys"] for k in step} for r in two]
+        union = [sorted(a + b) for a, b in zip(two[0]["keys"], two[1]["keys"])]
+        return {
+            "losses_2ranks": loss_two.tolist(),
+            "losses_1rank": loss_one.tolist(),
+            "max_rel_diff": float(rel.max()),
+            "mean_rel_diff": float(rel.mean()),
+            "late_mean_rel_diff": float(
+                abs(loss_two[late].mean() - loss_one[late].mean()) / loss_one[late].mean()
+            ),
+            "rank_overlap": len(keys[0] & keys[1]),
+            "same_batches_as_1rank": union == [sorted(k) for k in one[0]["keys"]],
+        }
+
+    return [_attempt(row, run)]
+
+
+def ddp_scaling(preset: dict, work: Path) -> list[dict]:
+    """Examples/s on 2 ranks vs 1 at the same per-rank batch."""
+    rows = []
+    for i, case in enumerate(preset["scaling"]):
+        base = None
+        for ranks in (1, 2):
+            row = {"case": case.label, "ranks": ranks, "batch_per_rank": case.batch}
+            out = work / f"scaling{i}_{ranks}"
+
+            def run(case=case, ranks=ranks, out=out) -> dict:
+                return _timing(launch(case, ranks, preset["accelerator"], out), case)
+
+            rows.append(_attempt(row, run))
+            if ranks == 1:
+                base = row.get("examples_per_s")
+            elif base and "examples_per_s" in row:
+                row["speedup"] = row["examples_per_s"] / base
+    return rows
+
+
+def _consolidate(folder: Path) -> dict:
+    """Consolidate a sharded checkpoint into one file and read both back."""
+    from lightning_vigu.export import read_checkpoint
+
+    if folder.is_file():  # a DDP checkpoint (toy preset): nothing to consolidate
+        read_checkpoint(folder, trust_pickle=True).model()
+        return {"consolidated_equals_sharded": "n/a (DDP file)"}
+    target = folder.with_suffix(".consolidated.ckpt")
+    cmd = [sys.executable, "-m", "lightning.pytorch.utilities.consolidate_checkpoint", str(folder)]
+    done = subprocess.run(
+        [*cmd, "--output_file", str(target)], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"consolidation failed: {done.stderr[-500:]}")
+    sharded = read_checkpoint(folder, trust_pickle=True)
+    single = read_checkpoint(target, trust_pickle=True)
+    same = sharded.state.keys() == single.state.keys() and all(
+        torch.equal(sharded.state[k], single.state[k]) for k in single.state
+    )
+    single.model()  # every tensor checked against the config
+    return {
+        "consolidated_gib": target.stat().st_size / 2**30,
+        "consolidated_params_b": sum(v.numel() for v in single.state.values()) / 1e9,
+        "consolidated_equals_sharded": same,
+        "consolidated_step": single.step,
+    }
+
+
+def _per_step(records: list[dict]) -> dict[int, float]:
+    """``global step -> loss`` averaged over the ranks."""
+    steps: dict[int, list[float]] = {}
+    for r in records:
+        for step, loss in zip(r["steps"], r["losses"]):
+            steps.setdefault(step, []).append(loss)
+    return {step: float(np.mean(v)) for step, v in steps.items()}
+
+
+def fsdp(preset: dict, work: Path) -> list[dict]:
+    """Full sharding on 2 ranks: memory and step time; checkpoint, resume, consolidate."""
+    rows = []
+    for i, case in enumerate(preset["fsdp"]):
+        out = work / f"fsdp{i}"
+        row = {"case": case.label, "size": case.size, "ranks": 2, "batch_per_rank": case.batch}
+        if preset["accelerator"] == "cpu":  # Lightning's FSDPStrategy requires a GPU
+            case = Case(**{**asdict(case), "strategy": "ddp"})
+            row["strategy"] = "ddp (FSDP needs a GPU)"
+        else:
+            row["strategy"] = "fsdp"
+
+        def run(case=case, out=out) -> dict:
+            first = launch(case, 2, preset["accelerator"], out / "uninterrupted")
+            result = _timing(first, case)
+            if not case.save_at:
+                return result
+            ckpt = out / "uninterrupted" / "sharded.ckpt"
+            resumed = Case(**{**asdict(case), "resume": str(ckpt)})
+            second = launch(resumed, 2, preset["accelerator"], out / "resumed")
+            one, two = _per_step(first), _per_step(second)
+            diffs = [abs(two[s] - one[s]) / abs(one[s]) for s in two]
+            result.update(
+                resumed_steps=sorted(two),
+                resume_max_rel_diff=float(max(diffs)),
+                **_consolidate(ckpt),
+            )
+            return result
+
+        rows.append(_attempt(row, run))
+    return rows
+
+
+# ---------------------------------------------------------------------------- run / report
+def run(args) -> Path:
+    preset = PRESETS[args.preset]
+    work = Path(args.work)
+    raw = {"preset": args.preset, "parts": {}}
+    for part in args.parts:
+        raw["parts"][part] = globals()[part](preset, work)
+    path = work / RAW_NAME
+    path.write_text(json.dumps(raw, indent=2) + "\n")
+    return path
+
+
+COLUMNS = {
+    "ddp_curves": ["case", "batch", "steps", "max_rel_diff", "mean_rel_diff"]
+    + ["late_mean_rel_diff", "rank_overlap", "same_batches_as_1rank", "error"],
+    "ddp_scaling": ["case", "ranks", "batch_per_rank", "seconds", "steps_per_s"]
+    + ["examples_per_s", "speedup", "peak_gib", "error"],
+    "fsdp": ["case", "size", "strategy", "params_b", "seconds", "peak_gib", "resume_max_rel_diff"]
+    + ["consolidated_equals_sharded", "consolidated_gib", "error"],
+}
+NOTES = {
+    "ddp_curves": "2 ranks at B/2 vs 1 rank at B, same seed; the ranks' batches together are "
+    "the 1-rank run's (`same_batches_as_1rank`), the per-sample noise differs (seeded by rank). "
+    "`late_mean_rel_diff`: mean loss over the second half of the steps.",
+    "ddp_scaling": "Examples/s over all ranks; `speedup`: 2 ranks over 1 (target >= 1.8).",
+    "fsdp": "Full sharding on 2 ranks, AdamW; `peak_gib`: the largest rank's peak allocated "
+    "memory. Resume: a sharded checkpoint half-way, the next losses against the uninterrupted "
+    "run's; consolidated with Lightning's consolidate_checkpoint, read with "
+    "`lightning_vigu.export.read_checkpoint`. On CPU (toy) Lightning refuses FSDPStrategy "
+    "('requires a GPU accelerator'): the toy runs the save/resume/read path with DDP, and "
+    "sharding, the sharded checkpoint and its consolidation are not exercised.",
+}
+
+
+def report(raw: Path, out: Path) -> None:
+    data = json.loads(Path(raw).read_text())
+    for part, rows in data["parts"].items():
+        table = markdown_table(rows, COLUMNS[part]) + f"\n\n{NOTES[part]}"
+        name = f"distributed_{part}_{data['preset']}"
+        write_results(name, {"preset": data["preset"], "rows": rows}, table, out)
+        print(f"{table}\nwrote {out / name}.json", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("part", choices=["run", "report", "all"])
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--work", default="runs/bench_distributed", help="runs and raw results")
+    p.add_argument("--raw", default=None, help="raw results for report (default <work>/...)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    run_then_report(p.parse_args(argv), run, report, RAW_NAME)
+
+
+if __name__ == "__main__":
+    main()

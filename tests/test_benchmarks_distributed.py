@@ -1,0 +1,39 @@
+"""The several-device suite's toy preset on CPU (gloo, 2 processes): DDP curves, scaling and
+the checkpoint / resume path of the FSDP part (Lightning's FSDP needs a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from benchmarks import distributed
+
+
+def test_toy_preset_runs_all_parts_on_two_gloo_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    distributed.main(["all", "--preset", "toy", "--work", str(tmp_path), "--out", str(out)])
+    for key in distributed.NO_MULTICAST:
+        assert key in os.environ
+    parts = {
+        p: json.loads((out / f"distributed_{p}_toy.json").read_text()) for p in distributed.PARTS
+    }
+    assert all("machine" in p["stamp"] and "commit" in p["stamp"] for p in parts.values())
+
+    (curves,) = parts["ddp_curves"]["rows"]
+    assert "error" not in curves, curves
+    steps = distributed.PRESETS["toy"]["curves"].steps
+    assert len(curves["losses_2ranks"]) == len(curves["losses_1rank"]) == steps
+    assert curves["rank_overlap"] == 0 and curves["same_batches_as_1rank"] is True
+    assert 0 <= curves["mean_rel_diff"] <= curves["max_rel_diff"] < 0.5  # same data, other noise
+
+    scaling = parts["ddp_scaling"]["rows"]
+    assert [r["ranks"] for r in scaling] == [1, 2]
+    assert all(r["examples_per_s"] > 0 for r in scaling) and scaling[1]["speedup"] > 0
+
+    (fsdp,) = parts["fsdp"]["rows"]
+    assert "error" not in fsdp, fsdp
+    assert fsdp["strategy"].startswith("ddp") and "FSDP needs a GPU" in fsdp["strategy"]
+    assert fsdp["resumed_steps"] == [2, 3]
+    assert fsdp["resume_max_rel_diff"] < 1e-5  # same batches and per-step randomness
