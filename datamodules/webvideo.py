@@ -465,14 +465,15 @@ class WebVideoDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return None, wds.utils.pytorch_worker_info()[1]
 
-    def stream(self, split: str) -> ShardStream:
-        """The :class:`ShardStream` of ``split`` (``"train"``, ``"val"``, ``"test"``...)."""
+    def stream(self, split: str, whole: bool = False) -> ShardStream:
+        """The :class:`ShardStream` of ``split`` (``"train"``, ``"val"``, ``"test"``...);
+        ``whole``: one deterministic pass over all of it on every rank (to hold it in memory)."""
         if split not in self.urls:
             self.setup()
         if split not in self.urls:
             raise ValueError(f"no {split}_shards were given to {type(self).__name__}")
-        train = split == "train"
-        rank, world = self._rank_world()
+        train = split == "train" and not whole
+        rank, world = (0, 1) if whole else self._rank_world()
         return ShardStream(
             self.urls[split],
             self.decoder,
@@ -491,9 +492,7 @@ class WebVideoDataModule(L.LightningDataModule):
     def memory_stream(self) -> MemoryStream:
         """The training split held in memory (decoded on the first call)."""
         if self.memory is None:
-            stream = self.stream("train")
-            stream.train, stream.resampled, stream.shuffle_buffer = False, False, 0
-            stream.rank, stream.world_size = 0, 1  # every rank holds every clip
+            stream = self.stream("train", whole=True)  # also expands the shard patterns
             what = f"{len(self.urls['train'])} training shards"
             self.memory = MemoryClips.decode(stream, self.num_workers, what)
         rank, world = self._rank_world()

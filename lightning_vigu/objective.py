@@ -153,7 +153,7 @@ class UnifiedObjective:
         x_text = t_x = path_x = None
         if use_text:
             t_x = torch.rand(b, generator=generator).to(dev) * (1 - c.text_time_eps)
-            if self.path.causal:
+            if self.path.causal:  # t_x was still drawn: the step's other draws stay the same
                 noisy, t_x = self.path.inputs(target_tokens), torch.ones_like(t_x)
             else:
                 path_x = self.path.sample(target_tokens, t_x, noise_gen)
