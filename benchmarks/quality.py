@@ -13,10 +13,12 @@
 4. ``refine``     -- Capability Refinement from recall;
 5. ``arcap``      -- baseline (b): an autoregressive captioner trained as long as recall + refine;
 
-and three ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
+and four ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
 generator, trained as long as generator + recall), ``refine_frozen`` (refine with every
-attention weight frozen, the earlier recipe) and ``refine_causal`` (refine with the next-token
-caption stream, ``model.caption_objective: autoregressive``, from the same recall checkpoint). Stages run in *waves* of equal wall-clock budget
+attention weight frozen, the earlier recipe), ``refine_causal`` (refine with the next-token
+caption stream, ``model.caption_objective: autoregressive``, from the same recall checkpoint)
+and ``generator_b256`` (the generator at 4x the batch and 2x the lr: more examples a second on
+a GPU that a batch of 64 leaves idle). Stages run in *waves* of equal wall-clock budget
 (``--minutes`` per wave); a stage spans one or two waves, and the stages of a wave train side by
 side on the GPU (small models leave most of it idle). Each stage plans its length from its
 budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
@@ -128,6 +130,11 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "generator": Stage("conf/generator.yaml", (1,)),
+    "generator_b256": Stage(
+        "conf/generator.yaml",
+        (1,),
+        extra=("--data.init_args.batch_size=256", "--model.lr=1e-3"),
+    ),
     "twin": Stage("conf/generator.yaml", (2,), init="generator"),
     "recall": Stage("conf/recall.yaml", (2,), init="generator"),
     "refine": Stage("conf/refine.yaml", (3,), init="recall"),
@@ -154,7 +161,7 @@ def stage_command(work: Path, name: str, preset: dict) -> list[str]:
     cmd = [sys.executable, "-m", module, "fit", "-c", stage.config]
     if stage.init:
         cmd.append(f"--init_from={work / stage.init / 'checkpoints' / 'last.ckpt'}")
-    cmd += [*stage.extra, *preset["arcap_overlay" if name == "arcap" else "overlay"]]
+    cmd += [*preset["arcap_overlay" if name == "arcap" else "overlay"], *stage.extra]  # extra wins
     minutes = preset["minutes"] * len(stage.waves) if preset["minutes"] else None
     overlay = stage_overlay(
         work, name, preset["max_steps"], every_n=200 if minutes else None, minutes=minutes, ema=True
