@@ -67,7 +67,9 @@ class MemoryClips:
             key=[k for k, _, _ in kept],
             meta=[s["meta"] or {} for _, s, _ in kept],
         )
-        clips.tensors = {k: torch.stack([t[k] for _, _, t in kept]) for k in kept[0][2]}
+        clips.tensors = {
+            k: torch.from_numpy(np.stack([t[k] for _, _, t in kept])) for k in kept[0][2]
+        }
         return clips
 
     def sample(self, i: int) -> dict:
@@ -84,12 +86,17 @@ class MemoryClips:
 
 
 def _compact(sample: dict) -> dict:
-    """A decoded sample with its video as uint8, computed where it was decoded (a DataLoader
-    worker) in numpy: per-clip torch ops in the main process ran at ~20 clips/s on a busy
-    16-core machine (each small op waits on the intra-op thread pool)."""
+    """A decoded sample with its arrays as numpy (the video as uint8), computed where it was
+    decoded (a DataLoader worker): per-clip torch ops in the main process ran at ~20 clips/s on
+    a busy 16-core machine (each small op waits on the intra-op thread pool), and a torch tensor
+    leaving a worker holds a shared-memory file descriptor for as long as it lives, so holding
+    a split of them exhausts the open-file limit (numpy arrays are copied through the pipe)."""
+    for k in _FLOAT_KEYS:
+        if k in sample:
+            sample[k] = sample[k].numpy()
     if "video" in sample:
         video = (sample["video"].numpy() + 1.0) * 127.5
-        sample["video"] = torch.from_numpy(np.rint(video).clip(0, 255).astype(np.uint8))
+        sample["video"] = np.rint(video).clip(0, 255).astype(np.uint8)
     return sample
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import warnings
 from pathlib import Path
@@ -307,6 +308,28 @@ def test_in_memory_ranks_partition_the_epoch_and_workers_keep_the_order(data_syn
         train_shards=shards, batch_size=3, num_workers=2, in_memory=True
     )
     assert _memory_keys(two_workers) == one  # the same batches whichever the worker count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_in_memory_decoding_holds_no_open_file_per_clip(data_synthetic_shards):
+    # A tensor leaving a DataLoader worker keeps a shared-memory file descriptor open while it
+    # lives: a split held that way ran out of open files (20,000 clips, `ulimit -n` 1,024).
+    # Here 24 clips are decoded with room for 40 more open files: the workers and their shards
+    # need about 20, the clips held as tensors would need 24 more.
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 40, hard))
+    try:
+        dm = WebVideoDataModule(
+            train_shards=str(data_synthetic_shards / "train-*.tar"),
+            batch_size=4,
+            num_workers=2,
+            in_memory=True,
+        )
+        dm.train_dataloader()  # decodes the split
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(dm.memory) == 24
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
