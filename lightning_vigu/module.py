@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -259,9 +260,22 @@ class UniViGU(InjectedOptimizerModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        """FSDP clips by the global norm over shards (Lightning's plugin refuses norm clipping)."""
-        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+        """FSDP clips by the global norm over shards (Lightning's plugin refuses norm clipping).
+        Under bf16 autocast nothing is scaled, so the gradients are clipped here as they are:
+        Lightning's mixed-precision plugin refuses to clip for any optimiser that could unscale
+        internally (fused AdamW), which only matters with fp16's loss scaler."""
+        if not gradient_clip_val:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

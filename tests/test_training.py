@@ -147,6 +147,22 @@ def _weights_around_switch(tmp_path, refine: str):
     return module, snapshot, after, video_keys, text_keys
 
 
+def test_bf16_clips_gradients_for_a_fused_optimizer_as_for_a_plain_one(tmp_path):
+    """conf/gpu.yaml's fused AdamW under bf16-mixed with gradient clipping (Lightning's plugin
+    refuses it, though bf16 scales nothing): both optimisers take the same clipped steps."""
+    from functools import partial
+
+    weights = {}
+    for fused, clip in ((False, 1e-3), (True, 1e-3), (False, None)):
+        L.seed_everything(0)
+        model = tiny_module(optimizer=partial(torch.optim.AdamW, fused=fused), warmup_steps=0)
+        trainer = _trainer(tmp_path, 2, [], precision="bf16-mixed", gradient_clip_val=clip)
+        trainer.fit(model, RandomVideoDataModule())
+        weights[fused, clip] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(weights[True, 1e-3], weights[False, 1e-3], atol=1e-6)
+    assert not torch.allclose(weights[False, 1e-3], weights[False, None], atol=1e-6)
+
+
 def test_frozen_video_path_is_bit_identical_after_switch_and_text_parts_change(tmp_path):
     _, snapshot, after, video_keys, text_keys = _weights_around_switch(tmp_path, "refine_frozen")
     assert all(torch.equal(after[k], snapshot[k]) for k in video_keys)
