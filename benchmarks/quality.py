@@ -15,10 +15,9 @@
 
 and four ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
 generator, trained as long as generator + recall), ``refine_frozen`` (refine with every
-attention weight frozen, the earlier recipe), ``refine_causal`` (refine with the next-token
-caption stream, ``model.caption_objective: autoregressive``, from the same recall checkpoint)
-and ``generator_b256`` (the generator at 4x the batch and 2x the lr: more examples a second on
-a GPU that a batch of 64 leaves idle). Stages run in *waves* of equal wall-clock budget
+attention weight frozen, the earlier recipe), and ``recall_causal`` -> ``refine_causal`` (the
+same two phases with the next-token caption stream, ``model.caption_objective:
+autoregressive``, instead of the discrete flow). Stages run in *waves* of equal wall-clock budget
 (``--minutes`` per wave); a stage spans one or two waves, and the stages of a wave train side by
 side on the GPU (small models leave most of it idle). Each stage plans its length from its
 budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
@@ -128,13 +127,9 @@ class Stage:
     extra: tuple[str, ...] = ()
 
 
+CAUSAL = ("--model.caption_objective=autoregressive",)  # the next-token caption stream
 STAGES: dict[str, Stage] = {
     "generator": Stage("conf/generator.yaml", (1,)),
-    "generator_b256": Stage(
-        "conf/generator.yaml",
-        (1,),
-        extra=("--data.init_args.batch_size=256", "--model.lr=1e-3"),
-    ),
     "twin": Stage("conf/generator.yaml", (2,), init="generator"),
     "recall": Stage("conf/recall.yaml", (2,), init="generator"),
     "refine": Stage("conf/refine.yaml", (3,), init="recall"),
@@ -143,12 +138,8 @@ STAGES: dict[str, Stage] = {
     "refine_frozen": Stage(
         "conf/refine.yaml", (3,), init="recall", extra=("--phase=refine_frozen",)
     ),
-    "refine_causal": Stage(
-        "conf/refine.yaml",
-        (3,),
-        init="recall",
-        extra=("--model.caption_objective=autoregressive",),
-    ),
+    "recall_causal": Stage("conf/recall.yaml", (2,), init="generator", extra=CAUSAL),
+    "refine_causal": Stage("conf/refine.yaml", (3,), init="recall_causal", extra=CAUSAL),
 }
 WAVES = (1, 2, 3)
 RAW_WEIGHTS = ("generator", "refine")  # also scored with live weights (the EMA ablation)
