@@ -56,7 +56,12 @@ PRESETS = {
         ],
     ),
     "tiny": dict(
-        size="tiny", shapes=[Shape(16, 8, 8, 32, 32, 8, label="16x32x32 (pixel codec), batch 8")]
+        size="tiny",
+        shapes=[
+            Shape(16, 8, 8, 32, 32, 8, label="16x32x32 (pixel codec), batch 8"),
+            Shape(16, 16, 16, 32, 32, 8, label="16x64x64 (pixel codec), batch 8"),
+        ],
+        latency_steps=[20, 50],
     ),
     "toy": dict(size="tiny", shapes=[Shape(2, 4, 4, 8, 8, 2, label="toy")], latency_steps=[2, 4]),
 }
@@ -202,9 +207,15 @@ def latency(size: str, shape: Shape, steps: list[int], batch: int = 1) -> list[d
 
     Runs the real :class:`UnifiedSampler` (jump sampler for captions; Euler with CFG for video,
     the conditional and unconditional halves in one forward of twice the batch) on the
-    random-weight model in bf16 under ``no_grad``.
+    random-weight model in bf16 under ``no_grad``. With causal captions
+    (``model.caption_objective: autoregressive``) a caption of ``shape.caption`` tokens is
+    written one token a pass, by the sampler (``caption_causal``: the video read once into a
+    :class:`~lightning_vigu.model.attention.VideoMemory`, then passes over the caption alone)
+    and by full passes over video and caption (``caption_causal_full``); both draw the same
+    tokens, so the ratio of the two rows is the memory's saving.
     """
     from lightning_vigu.flows import discrete
+    from lightning_vigu.flows.causal import CausalCaptions
     from lightning_vigu.flows.convention import FlowTimeModel
     from lightning_vigu.flows.sampling import SamplerConfig, UnifiedSampler
 
@@ -212,8 +223,11 @@ def latency(size: str, shape: Shape, steps: list[int], batch: int = 1) -> list[d
     cfg = model_config(size)
     shape = Shape(**{**vars(shape), "batch": batch})
     m = build("ours", size, device, dtype, 0).eval()
+    with torch.device(device):
+        causal = build_model(size, causal_captions=True).to(dtype).eval()
     video, _, ctx, _ = inputs("ours", cfg, shape, device, dtype)
     path = discrete.MixtureDiscretePath("uniform", cfg.vocab_size)
+    causal_path = CausalCaptions(cfg.vocab_size, eos_id=cfg.vocab_size - 1)
 
     def sample(task: str, n: int) -> None:
         sampler = UnifiedSampler(
@@ -222,16 +236,26 @@ def latency(size: str, shape: Shape, steps: list[int], batch: int = 1) -> list[d
             SamplerConfig(video_steps=n, text_steps=n, guidance_scale=5.0),
         )
         gen = torch.Generator(device).manual_seed(0)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        flow, ones = FlowTimeModel(causal), torch.ones(batch, device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
             if task == "caption":
                 sampler.caption(video, ctx, shape.caption, generator=gen)
+            elif task == "caption_causal":
+                UnifiedSampler(flow, causal_path, SamplerConfig(temperature=1.0)).caption(
+                    video, ctx, shape.caption, generator=gen
+                )
+            elif task == "caption_causal_full":
+                causal_path.decode(
+                    lambda canvas: flow(video, ones, ctx, canvas, ones).text_logits,
+                    batch, shape.caption, device, 1.0, gen,
+                )  # fmt: skip
             else:
                 sampler.generate_video(ctx, tuple(video.shape[1:]), ctx, generator=gen)
 
     rows = []
-    for task in ("caption", "t2v"):
+    for task in ("caption", "t2v", "caption_causal", "caption_causal_full"):
         sample(task, 1)  # warm-up: kernels, allocator
-        for n in steps:
+        for n in [shape.caption] if task.startswith("caption_causal") else steps:
             sec = timed(functools.partial(sample, task, n), 0, 1)
             row = {
                 "task": task,
@@ -308,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     latencies: list[dict] = []
     for shape in shapes:
-        if "latency" in a.suites and shape is shapes[0]:
+        if "latency" in a.suites:
             latencies += latency(size, shape, preset.get("latency_steps", [10, 20, 50, 100]))
         if "train" in a.suites:
             for ck in ckpts:
@@ -369,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if latencies:
         table += (
-            "\n\nSampling latency (batch 1, random weights, bf16 on GPU):\n\n"
+            "\n\nSampling latency (batch 1, random weights, bf16 on GPU, float32 on CPU; "
+            "caption_causal*: steps = caption tokens):\n\n"
             + markdown_table(
                 latencies, ["task", "shape", "steps", "seconds_per_video", "ms_per_step"]
             )

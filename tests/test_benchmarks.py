@@ -18,7 +18,8 @@ def test_throughput_toy_measures_steps_ratios_and_sampling_latency(tmp_path):
     assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 for r in timed)
     assert all(r["unified_over_video"] > 0 for r in result["ratios"])
     latency = result["latency"]
-    assert {r["task"] for r in latency} == {"caption", "t2v"}
+    tasks = {"caption", "t2v", "caption_causal", "caption_causal_full"}
+    assert {r["task"] for r in latency} == tasks
     assert all(r["seconds_per_video"] > 0 for r in latency)
     assert "Sampling latency" in (tmp_path / "throughput_toy.md").read_text()
 

@@ -71,6 +71,26 @@ def test_objective_is_the_next_token_cross_entropy_on_the_clean_video():
     assert out.video.item() == 0.0  # v2t only: no video loss
 
 
+def test_captioning_from_the_video_memory_writes_what_full_passes_write():
+    """The sampler reads the video once (its keys and values, every block) and passes only
+    the caption canvas at each step; the captions equal decoding by full joint passes."""
+    module = _module("refine")
+    with torch.no_grad():
+        for p in module.model.parameters():  # a model whose captions depend on the video
+            p.add_(torch.randn_like(p) * 0.05)
+    latents = module.codec.encode(torch.rand(3, 3, 2, 32, 32) * 2 - 1)
+    context = module.encode_prompts([""]).expand(3, -1, -1)
+    ones = torch.ones(3)
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - sampled, the same draws
+    with torch.no_grad():
+        fast = module.sampler(temperature=1.0).caption(latents, context, 24, seed())
+        full = module.caption_path.decode(
+            lambda canvas: module.flow(latents, ones, context, canvas, ones).text_logits,
+            3, 24, latents.device, 1.0, seed(),
+        )  # fmt: skip
+    assert torch.equal(fast, full) and len({tuple(t) for t in fast.tolist()}) > 1
+
+
 def test_joint_sampling_generates_then_captions_and_univigu_export_refuses(tmp_path):
     module = _module("recall").eval()
     videos, captions = module.generate_joint(["", ""], seed=0, text_steps=2, video_steps=2)

@@ -100,6 +100,29 @@ def test_causal_captions_read_the_video_and_the_past_only():
     assert not torch.allclose(a.text_logits[:, :1], other.text_logits[:, :1])
 
 
+def test_a_video_memory_gives_the_joint_pass_caption_logits():
+    """Causal captions decode from the video's recorded keys and values: a caption-only pass
+    reading them gives the joint pass's logits, pass after pass; the memory needs the causal
+    mask and takes the place of the video."""
+    m = build_model("tiny", vocab_size=50, causal_captions=True, text_absolute_positions=True)
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # q / k norms at 1: attention logits of order 1
+            p.fill_(1.0) if ".norm_" in name else p.normal_(std=0.05)
+    v, ctx = torch.randn(2, 48, 2, 4, 4), torch.randn(2, 3, 64)
+    memory = m.video_memory(v, 0.0, ctx)
+    assert len(memory.layers) == len(m.blocks) and memory.num_video == 2 * 2 * 2
+    with torch.no_grad():
+        for _ in range(2):  # the memory is read again from the first block
+            tok = torch.randint(0, 50, (2, 8))
+            joint = m(v, 0.0, ctx, text=tok, t_text=0.0).text_logits
+            alone = m(None, None, ctx, text=tok, t_text=0.0, memory=memory).text_logits
+            assert torch.allclose(alone, joint, atol=1e-5)
+    with pytest.raises(ValueError, match="pass text only"):
+        m(v, 0.0, ctx, text=tok, t_text=0.0, memory=memory)
+    with pytest.raises(ValueError, match="causal_captions"):
+        build_model("tiny", vocab_size=50).video_memory(v, 0.0, ctx)
+
+
 def test_text_experts_initialised_as_ffn_copies_and_lighter_option():
     m = build_model("tiny")
     for blk in m.blocks:

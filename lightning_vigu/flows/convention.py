@@ -76,6 +76,11 @@ class FlowTimeModel:
         noise = (1.0 - t).clamp_min(self.data_min_noise).reshape(-1, *([1] * (raw.ndim - 1)))
         return (raw - x_t.float()) / noise
 
+    def video_memory(self, x_video: Tensor, t_video: Tensor, context: Tensor):
+        """The model's :meth:`~lightning_vigu.model.UniViGUTransformer.video_memory` at flow
+        time ``t_video`` ``(B,)``."""
+        return self.model.video_memory(x_video, flow_time_to_timestep(t_video), context)
+
     def __call__(
         self,
         x_video: Tensor | None,
@@ -83,11 +88,16 @@ class FlowTimeModel:
         context: Tensor,
         x_text: Tensor | None = None,
         t_text: Tensor | None = None,
+        memory=None,
     ) -> FlowPrediction:
-        """Args are the model's, with ``t_video`` / ``t_text`` as ``(B,)`` flow times."""
+        """Args are the model's, with ``t_video`` / ``t_text`` as ``(B,)`` flow times
+        (``memory``: a video memory of :meth:`video_memory` read in place of the video)."""
         tv = None if t_video is None else flow_time_to_timestep(t_video)
         tt = None if t_text is None else flow_time_to_timestep(t_text)
-        out = self.model(x_video, tv, context, text=x_text, t_text=tt)
+        if memory is None:
+            out = self.model(x_video, tv, context, text=x_text, t_text=tt)
+        else:  # eager: the memory is Python state that a compiled graph would break on
+            out = self.model.forward(x_video, tv, context, text=x_text, t_text=tt, memory=memory)
         raw, logits = (out, None) if x_text is None else (out.velocity, out.text_logits)
         velocity = None if raw is None else self.velocity(raw, x_video, t_video)
         return FlowPrediction(velocity=velocity, text_logits=logits)

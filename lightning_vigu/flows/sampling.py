@@ -150,9 +150,10 @@ class UnifiedSampler:
         b, device = latents.shape[0], latents.device
         generator = on_device(generator, device)
         ones = torch.ones(b, device=device)
-        if self.path.causal:
+        if self.path.causal:  # the video is read once, then each step passes the caption
+            memory = self.model.video_memory(latents, ones, context)
             return self.path.decode(
-                lambda canvas: self.model(latents, ones, context, canvas, ones).text_logits,
+                lambda canvas: self.model(None, None, context, canvas, ones, memory).text_logits,
                 b, length, device, self.config.temperature, generator,
             )  # fmt: skip
         x_t = self.path.start(b, length, device, generator)

@@ -34,6 +34,43 @@ def attention(
     raise ValueError(f"unknown attention backend '{backend}'; choose one of {BACKENDS}")
 
 
+class VideoMemory:
+    """The video's self-attention keys and values of every block, for decoding causal captions.
+
+    With causal captions the video never reads the caption stream, so each block's video keys
+    and values are the same at every decoding step. One video-only pass *records* them (one
+    ``(k, v)`` per block, in block order); each later caption-only pass *reads* them, and every
+    caption token attends to the video's keys before the caption's, as in the joint pass. A
+    decoding step then costs a pass over the caption tokens instead of over video and caption.
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[Tensor, Tensor]] = []
+        self.recording = True
+        self._next = 0
+
+    def exchange(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Record ``(k, v)`` ``(B, S, H, D)``, or return them after the recorded video's."""
+        if self.recording:
+            self.layers.append((k, v))
+            return k, v
+        vk, vv = self.layers[self._next]
+        self._next = (self._next + 1) % len(self.layers)
+        return torch.cat([vk, k], dim=1), torch.cat([vv, v], dim=1)
+
+    @property
+    def num_video(self) -> int:
+        """Video tokens recorded."""
+        return self.layers[0][0].shape[1] if self.layers else 0
+
+    def read(self) -> VideoMemory:
+        """Stop recording: the following passes read (from the first block on)."""
+        if not self.layers:
+            raise ValueError("the video memory is empty: record a video-only pass first")
+        self.recording, self._next = False, 0
+        return self
+
+
 class WanAttention(nn.Module):
     """Self- or cross-attention with RMS-normalised q/k (over all heads), Wan's layout.
 
@@ -60,12 +97,15 @@ class WanAttention(nn.Module):
         rope_text: tuple[Tensor, Tensor] | None = None,
         num_video: int | None = None,
         mask: Tensor | None = None,
+        memory: VideoMemory | None = None,
     ) -> Tensor:
         """Attend ``x`` ``(B, S, dim)`` to itself (``context=None``) or to ``context``.
 
         For self-attention over ``[video | caption]``, the first ``num_video`` tokens get the
         3-D rope and the rest the 1-D caption rope. ``mask``: ``(S, S_kv)`` bool, True where a
-        query may attend (``None``: everywhere).
+        query may attend (``None``: everywhere). ``memory`` (self-attention only): record this
+        layer's keys and values, or read the video's recorded ones and attend to them before
+        ``x`` (see :class:`VideoMemory`).
         """
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, S, H, D)
@@ -73,6 +113,8 @@ class WanAttention(nn.Module):
         v = self.to_v(kv).unflatten(2, (self.heads, -1))  # (B, S_kv, H, D)
         if context is None and (rope_video is not None or rope_text is not None):
             q, k = (self._rope(t, rope_video, rope_text, num_video) for t in (q, k))
+        if memory is not None:
+            k, v = memory.exchange(k, v)
         out = attention(q, k, v, self.backend, mask).flatten(2, 3)  # (B, S, H * D)
         return self.to_out[1](self.to_out[0](out.type_as(x)))
 

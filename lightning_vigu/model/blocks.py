@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_vigu.model.attention import WanAttention
+from lightning_vigu.model.attention import VideoMemory, WanAttention
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -146,6 +146,7 @@ class UnifiedBlock(nn.Module):
         rope_video: tuple[Tensor, Tensor] | None,
         rope_text: tuple[Tensor, Tensor] | None,
         mask: Tensor | None = None,
+        memory: VideoMemory | None = None,
     ) -> Tensor:
         """One block.
 
@@ -158,6 +159,8 @@ class UnifiedBlock(nn.Module):
             rope_text: 1-D rope cos/sin for the caption tokens.
             mask: ``(Lv + Lt, Lv + Lt)`` bool self-attention mask (True: may attend), or
                 ``None`` (every token sees every token, Uni-ViGU's block).
+            memory: the video's self-attention keys and values, recorded or read (causal
+                captions only, see :class:`~lightning_vigu.model.attention.VideoMemory`).
         """
         dtype = x.dtype
         # per active modality: (shift, scale, gate) for attention, (shift, scale, gate) for FFN
@@ -168,7 +171,12 @@ class UnifiedBlock(nn.Module):
             [_modulate(self.norm1(p), m[0], m[1]).to(dtype) for p, m in zip(parts, mod)]
         )
         attn = self.attn1(
-            h, rope_video=rope_video, rope_text=rope_text, num_video=router.lengths[0], mask=mask
+            h,
+            rope_video=rope_video,
+            rope_text=rope_text,
+            num_video=router.lengths[0],
+            mask=mask,
+            memory=memory,
         )
         attn_parts = router.split(attn)
         x = router.merge(

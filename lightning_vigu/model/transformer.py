@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_vigu.model.attention import BACKENDS
+from lightning_vigu.model.attention import BACKENDS, VideoMemory
 from lightning_vigu.model.blocks import FP32LayerNorm, ModalityRouter, UnifiedBlock
 from lightning_vigu.model.embeddings import (
     ConditionEmbedder,
@@ -213,6 +213,7 @@ class UniViGUTransformer(nn.Module):
         context: Tensor,
         text: Tensor | None = None,
         t_text: Tensor | float | None = None,
+        memory: VideoMemory | None = None,
     ) -> Tensor | UniViGUOutput:
         """Denoise video latents and/or caption tokens in one pass.
 
@@ -222,6 +223,8 @@ class UniViGUTransformer(nn.Module):
             context: ``(B, Lc, text_dim)`` prompt-encoder features (zeros/empty prompt for none).
             text: ``(B, Lt)`` long noisy caption tokens, or ``None`` (video only).
             t_text: ``(B,)`` or scalar generator timestep of the caption.
+            memory: causal captions only: a :class:`VideoMemory` from :meth:`video_memory`; the
+                caption canvas (``video=None``) then reads the video from it.
 
         Returns:
             With ``text=None``: the video velocity ``(B, out_channels, T, H, W)`` (same as
@@ -231,6 +234,10 @@ class UniViGUTransformer(nn.Module):
         c = self.config
         b = context.shape[0]
         self._check_inputs(video, context, text)
+        if memory is not None and not memory.recording:
+            if video is not None or text is None:
+                raise ValueError("a read video memory takes the place of the video: pass text only")
+            memory.read()  # from the first block again
         # 1. embed the streams
         tokens, mods, rope_video, rope_text, grid = [], [], None, None, None
         temb_v = temb_t = None
@@ -256,14 +263,19 @@ class UniViGUTransformer(nn.Module):
         )
         x = router.merge(tokens).contiguous()  # (B, Lv + Lt, D)
         ctx = self.condition_embedder.text_embedder(context.to(x.dtype))  # (B, Lc, D)
+        prefix = 0 if memory is None or memory.recording else memory.num_video
         mask = (
-            self._causal_mask(router, x.device) if c.causal_captions and text is not None else None
+            self._causal_mask(router, x.device, prefix)
+            if c.causal_captions and text is not None
+            else None
         )
         # 2. blocks
         for i, block in enumerate(self.blocks):
-            args = (x, ctx, mods, router, rope_video, rope_text, mask)
+            args = (x, ctx, mods, router, rope_video, rope_text, mask, memory)
             if torch.is_grad_enabled() and i < self.gradient_checkpointing:
                 x = checkpoint(block, *args, use_reentrant=False)
+            elif memory is not None:  # eager: a compiled block would break on the memory
+                x = block.forward(*args)
             else:
                 x = block(*args)
         # 3. heads
@@ -280,14 +292,30 @@ class UniViGUTransformer(nn.Module):
         return UniViGUOutput(velocity, logits)
 
     @staticmethod
-    def _causal_mask(router: ModalityRouter, device: torch.device) -> Tensor:
-        """``(Lv + Lt, Lv + Lt)`` bool, True where a query may attend: video tokens see the
-        video only, caption token ``i`` sees the video and caption tokens ``0..i``."""
+    def _causal_mask(router: ModalityRouter, device: torch.device, prefix: int = 0) -> Tensor:
+        """``(Lv + Lt, prefix + Lv + Lt)`` bool, True where a query may attend: video tokens
+        see the video only, caption token ``i`` sees the video and caption tokens ``0..i``.
+        ``prefix``: video keys read from a :class:`VideoMemory` before the sequence's own."""
         lv, lt = router.lengths
-        mask = torch.ones(lv + lt, lv + lt, dtype=torch.bool, device=device)
-        mask[:lv, lv:] = False
-        mask[lv:, lv:] = torch.ones(lt, lt, dtype=torch.bool, device=device).tril()
+        mask = torch.ones(lv + lt, prefix + lv + lt, dtype=torch.bool, device=device)
+        mask[:lv, prefix + lv :] = False
+        mask[lv:, prefix + lv :] = torch.ones(lt, lt, dtype=torch.bool, device=device).tril()
         return mask
+
+    @torch.no_grad()
+    def video_memory(self, video: Tensor, t_video: Tensor | float, context: Tensor) -> VideoMemory:
+        """One video-only pass that records every block's video keys and values, ready to be
+        read by caption-only passes (``forward(None, None, context, text, t_text, memory=m)``):
+        with ``causal_captions`` those passes give the joint pass's caption logits, at the cost
+        of the caption tokens alone."""
+        if not self.config.causal_captions:
+            raise ValueError(
+                "a video memory needs causal_captions: otherwise the video reads the caption "
+                "and its keys change at every step"
+            )
+        memory = VideoMemory()
+        self.forward(video, t_video, context, memory=memory)  # eager, like the reading passes
+        return memory.read()
 
     def _video_head(self, x: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """Final norm + modulation + ``proj_out``, then unpatchify to ``(B, C, T, H, W)``."""
