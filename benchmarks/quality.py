@@ -233,7 +233,12 @@ def run(args) -> Path:
     data_cfg = {**yaml.safe_load((ROOT / data_file).read_text())["init_args"], **data_overrides}
     from datamodules import SyntheticDataModule
 
-    SyntheticDataModule(**data_cfg).prepare_data()  # once, before stages start side by side
+    data = SyntheticDataModule(**data_cfg)
+    data.prepare_data()  # once, before stages start side by side
+    if data.in_memory:  # decoded once here and kept: every stage loads it in a second
+        data.setup()
+        data.memory_stream()
+    del data
     train_waves(work, [s for s in STAGES if s in needed], preset, tuple(args.waves))
     if args.skip_eval:
         return work / "quality_raw.json"

@@ -67,10 +67,10 @@ class SkipCounter:
     def __init__(self) -> None:
         self._values = multiprocessing.Array("q", len(SKIP_REASONS))
 
-    def add(self, reason: str) -> None:
-        """Count one skip for ``reason``."""
+    def add(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` skips for ``reason``."""
         with self._values.get_lock():
-            self._values[SKIP_REASONS.index(reason)] += 1
+            self._values[SKIP_REASONS.index(reason)] += count
 
     def as_dict(self) -> dict[str, int]:
         """``{reason: count}`` for every reason (zeros included)."""

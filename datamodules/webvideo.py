@@ -40,7 +40,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from datamodules.in_memory import MemoryClips, MemoryStream
+from datamodules.in_memory import MemoryClips, MemoryStream, decoded_cache_file
 from datamodules.sample_decoder import (
     SKIP_REASONS,
     BadSample,
@@ -391,6 +391,11 @@ class WebVideoDataModule(L.LightningDataModule):
             decoding per step, for worlds that fit in host memory. Clips are decoded centred
             (no random placement in longer videos); ``resampled``, ``samples_per_epoch`` and
             ``shuffle_buffer`` do not apply (each epoch is a seeded permutation of the clips).
+        in_memory_cache: with ``in_memory``, keep the decoded split in a file under
+            ``$LIGHTNING_VIGU_CACHE/decoded/`` (named by the shards' paths, sizes and
+            modification times and the decoder's settings) and load it instead of decoding
+            when the same shards are decoded again (local shards only). The file is as large
+            as the split in memory; delete the folder to reclaim the space.
     """
 
     def __init__(
@@ -417,6 +422,7 @@ class WebVideoDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         max_consecutive_skips: int = 1000,
         in_memory: bool = False,
+        in_memory_cache: bool = True,
     ) -> None:
         super().__init__()
         self.shards = {"train": train_shards, "val": val_shards, "test": test_shards}
@@ -438,6 +444,7 @@ class WebVideoDataModule(L.LightningDataModule):
         self.max_consecutive_skips = max_consecutive_skips
         self.pin_memory = pin_memory
         self.in_memory = in_memory
+        self.in_memory_cache = in_memory_cache
         self.memory: MemoryClips | None = None
         self.urls: dict[str, list[str]] = {}
         self.counter: SkipCounter | None = None
@@ -494,9 +501,47 @@ class WebVideoDataModule(L.LightningDataModule):
         if self.memory is None:
             stream = self.stream("train", whole=True)  # also expands the shard patterns
             what = f"{len(self.urls['train'])} training shards"
-            self.memory = MemoryClips.decode(stream, self.num_workers, what)
+            cached = self._decoded_cache()
+            if cached is not None and cached.is_file():
+                self.memory = self._load_decoded(cached, what)
+            if self.memory is None:
+                before = self.counter.as_dict()
+                self.memory = MemoryClips.decode(stream, self.num_workers, what)
+                if cached is not None:
+                    skipped = {k: n - before[k] for k, n in self.counter.as_dict().items()}
+                    try:
+                        self.memory.save(cached, skipped)
+                    except OSError as e:
+                        warnings.warn(
+                            f"could not keep the decoded {what} in {cached} ({e}); the next run "
+                            "decodes them again (in_memory_cache=False stops trying)",
+                            stacklevel=2,
+                        )
         rank, world = self._rank_world()
         return MemoryStream(self.memory, self.batch_size, self.seed, rank, world)
+
+    def _decoded_cache(self) -> Path | None:
+        """The file of the decoded training split, or ``None`` (no caching)."""
+        if not self.in_memory_cache:
+            return None
+        return decoded_cache_file(self.urls["train"], self.decoder)
+
+    def _load_decoded(self, path: Path, what: str) -> MemoryClips | None:
+        """The decoded split from ``path`` with its skip counts, or ``None`` (with a warning)
+        when the file cannot be read: the shards are then decoded and the file rewritten."""
+        try:
+            memory, skipped = MemoryClips.load(path)
+        except Exception as e:  # a truncated, foreign or crafted file: decode instead
+            warnings.warn(
+                f"the decoded {what} in {path} could not be read ({type(e).__name__}: {e}); "
+                "decoding the shards again and rewriting it",
+                stacklevel=3,
+            )
+            return None
+        for reason, count in skipped.items():
+            self.counter.add(reason, count)
+        print(f"loaded the decoded {what} ({len(memory)} clips) from {path}", flush=True)
+        return memory
 
     def loader(self, split: str) -> DataLoader:
         """A DataLoader over ``split`` that yields collated :class:`~lightning_vigu.batch.Batch`."""

@@ -14,6 +14,7 @@ import torch
 import webdataset as wds
 
 from datamodules import WebVideoDataModule
+from datamodules.in_memory import MemoryClips
 from datamodules.sample_decoder import BadSampleError, SampleDecoder, SkippedSampleWarning
 from datamodules.synthetic.generate import make_clip
 from datamodules.synthetic.world import world_config
@@ -268,6 +269,12 @@ def test_pattern_kinds_expand(data_synthetic_shards):
 
 
 # ---------------------------------------------------------------------------- in memory
+@pytest.fixture(autouse=True)
+def _decoded_splits_in_tmp(monkeypatch, tmp_path):
+    """Decoded splits are kept under $LIGHTNING_VIGU_CACHE: one folder per test."""
+    monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
+
+
 def _memory_keys(dm: WebVideoDataModule, epochs: int = 1) -> list[list[str]]:
     loader = dm.train_dataloader()
     return [list(b["key"]) for _ in range(epochs) for b in loader]
@@ -304,8 +311,8 @@ def test_in_memory_ranks_partition_the_epoch_and_workers_keep_the_order(data_syn
         ranks.append([s["key"] for s in stream])
     assert not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == sorted(k for b in one for k in b)
-    two_workers = WebVideoDataModule(
-        train_shards=shards, batch_size=3, num_workers=2, in_memory=True
+    two_workers = WebVideoDataModule(  # decodes again (the kept split would be the same)
+        train_shards=shards, batch_size=3, num_workers=2, in_memory=True, in_memory_cache=False
     )
     assert _memory_keys(two_workers) == one  # the same batches whichever the worker count
 
@@ -330,6 +337,64 @@ def test_in_memory_decoding_holds_no_open_file_per_clip(data_synthetic_shards):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(dm.memory) == 24
+
+
+def test_a_decoded_split_is_kept_and_loaded_until_a_shard_changes(
+    data_synthetic_shards, tmp_path, monkeypatch
+):
+    shards = sorted(data_synthetic_shards.glob("train-*.tar"))
+    copies = tmp_path / "shards"  # a copy this test may touch
+    copies.mkdir()
+    for shard in shards:
+        (copies / shard.name).write_bytes(shard.read_bytes())
+    make = lambda: WebVideoDataModule(  # noqa: E731
+        train_shards=str(copies / "train-*.tar"), batch_size=4, num_workers=0, in_memory=True
+    )
+    first = make()
+    first.train_dataloader()
+    kept = list((tmp_path / "cache" / "decoded").glob("*.pt"))
+    assert len(kept) == 1
+    decodes = []
+    real = MemoryClips.decode
+    monkeypatch.setattr(MemoryClips, "decode", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    second = make()
+    second.train_dataloader()  # loaded, not decoded
+    assert not decodes and second.memory.key == first.memory.key
+    for k, t in first.memory.tensors.items():
+        assert torch.equal(second.memory.tensors[k], t)
+    os.utime(copies / shards[0].name, ns=(1, 1))  # a changed shard: another file
+    make().train_dataloader()
+    assert decodes == [1] and len(list(kept[0].parent.glob("*.pt"))) == 2
+
+
+def test_an_unreadable_decoded_split_is_named_then_decoded_and_rewritten(
+    data_synthetic_shards, tmp_path
+):
+    shards = str(data_synthetic_shards / "train-*.tar")
+    make = lambda: WebVideoDataModule(  # noqa: E731
+        train_shards=shards, batch_size=4, num_workers=0, in_memory=True
+    )
+    make().train_dataloader()
+    (kept,) = (tmp_path / "cache" / "decoded").glob("*.pt")
+    kept.write_bytes(kept.read_bytes()[:1000])  # truncated
+    dm = make()
+    with pytest.warns(UserWarning, match=f"{kept.name}.*decoding the shards again"):
+        dm.train_dataloader()
+    assert len(dm.memory) == 24
+    assert len(MemoryClips.load(kept)[0]) == 24  # rewritten whole
+
+
+def test_a_loaded_split_keeps_the_skip_counts_of_its_decoding(data_bad_shard):
+    make = lambda: WebVideoDataModule(  # noqa: E731
+        train_shards=str(data_bad_shard / "bad-*.tar"), batch_size=1, num_workers=0, in_memory=True
+    )
+    first = make()
+    with pytest.warns(SkippedSampleWarning):
+        first.train_dataloader()
+    loaded = make()
+    loaded.train_dataloader()
+    assert loaded.skipped_counts() == first.skipped_counts()
+    assert sum(first.skipped_counts().values()) > 0
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -52,6 +52,8 @@ class SyntheticDataModule(WebVideoDataModule):
         in_memory: decode the training clips once and draw batches from memory (see
             :class:`~datamodules.webvideo.WebVideoDataModule`): the GPU preset's default,
             where decoding at every step would set the pace of a small model.
+        in_memory_cache: keep the decoded clips in a file for the next run over the same
+            shards (see :class:`~datamodules.webvideo.WebVideoDataModule`).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class SyntheticDataModule(WebVideoDataModule):
         generation_workers: int | None = None,
         progress: bool = True,
         in_memory: bool = False,
+        in_memory_cache: bool = True,
     ) -> None:
         self.world = world_config(preset, num_frames=num_frames, height=size, width=size, fps=fps)
         super().__init__(
@@ -95,6 +98,7 @@ class SyntheticDataModule(WebVideoDataModule):
             strict=strict,
             latents=False,
             in_memory=in_memory,
+            in_memory_cache=in_memory_cache,
         )
         if test_split not in ("test", "unseen"):
             raise ValueError(f"test_split must be 'test' or 'unseen', got '{test_split}'")
