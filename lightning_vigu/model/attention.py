@@ -54,8 +54,8 @@ class VideoMemory:
         if self.recording:
             self.layers.append((k, v))
             return k, v
-        vk, vv = self.layers[self._next]
-        self._next = (self._next + 1) % len(self.layers)
+        vk, vv = self.layers[self._next]  # blocks run in order; each pass starts at read()
+        self._next += 1
         return torch.cat([vk, k], dim=1), torch.cat([vv, v], dim=1)
 
     @property

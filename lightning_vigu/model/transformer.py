@@ -272,10 +272,10 @@ class UniViGUTransformer(nn.Module):
         # 2. blocks
         for i, block in enumerate(self.blocks):
             args = (x, ctx, mods, router, rope_video, rope_text, mask, memory)
-            if torch.is_grad_enabled() and i < self.gradient_checkpointing:
-                x = checkpoint(block, *args, use_reentrant=False)
-            elif memory is not None:  # eager: a compiled block would break on the memory
+            if memory is not None:  # eager, once: a compiled block would break on the memory
                 x = block.forward(*args)
+            elif torch.is_grad_enabled() and i < self.gradient_checkpointing:
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
         # 3. heads
