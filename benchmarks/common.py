@@ -31,20 +31,28 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
 
 
-def commit() -> str:
-    """The git commit of the repo (``unknown`` outside a checkout, e.g. on the device)."""
+def commit(root: Path | None = None) -> str:
+    """The git commit of the repo at ``root`` (default: this one), with ``+uncommitted`` when
+    tracked files outside ``benchmarks/results`` differ from it (a copy of the tree whose git metadata lags, as on a remote
+    machine, must not pass for the commit); ``$LIGHTNING_VIGU_COMMIT`` when set; ``unknown``
+    outside a checkout."""
     env = os.environ.get("LIGHTNING_VIGU_COMMIT")
     if env:
         return env
-    try:
+
+    def git(*args: str) -> str:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=RESULTS.parent,
-            timeout=10,
+            ["git", *args], capture_output=True, text=True, cwd=root or RESULTS.parent, timeout=10
         )
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if not head:
+            return "unknown"
+        # results written by an earlier benchmark of the same tree do not count
+        changed = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)benchmarks/results")
+        return head + ("+uncommitted" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -3,6 +3,7 @@ writes a result whose numbers are measured (positive times, metrics in [0, 1]), 
 
 import json
 import math
+import subprocess
 
 import torch
 
@@ -81,3 +82,21 @@ def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
     # the same weights, batches and per-step randomness: fused AdamW + one EMA update give
     # the loss curve of the default loop
     assert rows[1]["max_rel_loss_diff"] < 1e-4
+
+
+def test_a_stamp_names_its_commit_and_says_when_the_tree_differs(tmp_path, monkeypatch):
+    from benchmarks.common import commit
+
+    monkeypatch.delenv("LIGHTNING_VIGU_COMMIT", raising=False)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout.strip()
+    assert commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")  # the tree that runs is not the commit
+    assert commit(tmp_path) == f"{head}+uncommitted"
+    assert commit(tmp_path / "nowhere") == "unknown"
