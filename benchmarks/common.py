@@ -51,7 +51,9 @@ def commit(root: Path | None = None) -> str:
         if not head:
             return "unknown"
         # results written by an earlier benchmark of the same tree do not count
-        changed = git("status", "--porcelain", "-uno", "--", ".", ":(exclude)benchmarks/results")
+        changed = git(
+            "status", "--porcelain", "-uno", "--", ":/", ":(top,exclude)benchmarks/results"
+        )
         return head + ("+uncommitted" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
