@@ -91,12 +91,16 @@ def test_a_stamp_names_its_commit_and_says_when_the_tree_differs(tmp_path, monke
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
     git("init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
-    git("add", "a.py")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "r.md").write_text("old\n")
+    git("add", "a.py", "benchmarks")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True
     ).stdout.strip()
     assert commit(tmp_path) == head
+    (tmp_path / "benchmarks" / "results" / "r.md").write_text("new\n")  # results: no matter
+    assert commit(tmp_path / "benchmarks") == head
     (tmp_path / "a.py").write_text("x = 2\n")  # the tree that runs is not the commit
     assert commit(tmp_path) == f"{head}+uncommitted"
     assert commit(tmp_path / "nowhere") == "unknown"
