@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
+
+from datamodules.sample_decoder import SkipCounter
 
 _FLOAT_KEYS = ("latents", "prompt_emb")
 CACHE_VERSION = 1  # of the file MemoryClips.save writes
@@ -78,6 +81,45 @@ class MemoryClips:
         clips.tensors = {
             k: torch.from_numpy(np.stack([t[k] for _, _, t in kept])) for k in kept[0][2]
         }
+        return clips
+
+    @classmethod
+    def load_or_decode(
+        cls,
+        stream: IterableDataset,
+        num_workers: int,
+        what: str,
+        counter: SkipCounter,
+        cache: Path | None,
+    ) -> MemoryClips:
+        """The split kept in ``cache`` (its skip counts added to ``counter``), else decoded
+        (:meth:`decode`) and kept there. An unreadable file is named in a warning, decoded
+        again and rewritten; a file that cannot be written costs the next run a decode."""
+        if cache is not None and cache.is_file():
+            try:
+                clips, skipped = cls.load(cache)
+            except Exception as e:  # a truncated, foreign or crafted file: decode instead
+                warnings.warn(
+                    f"the decoded {what} in {cache} could not be read ({type(e).__name__}: {e}); "
+                    "decoding the shards again and rewriting it",
+                    stacklevel=3,
+                )
+            else:
+                for reason, count in skipped.items():
+                    counter.add(reason, count)
+                print(f"loaded the decoded {what} ({len(clips)} clips) from {cache}", flush=True)
+                return clips
+        before = counter.as_dict()
+        clips = cls.decode(stream, num_workers, what)
+        if cache is not None:
+            try:
+                clips.save(cache, {k: n - before[k] for k, n in counter.as_dict().items()})
+            except OSError as e:
+                warnings.warn(
+                    f"could not keep the decoded {what} in {cache} ({e}); the next run decodes "
+                    "them again (in_memory_cache=False stops trying)",
+                    stacklevel=3,
+                )
         return clips
 
     def save(self, path: Path, skipped: dict[str, int]) -> None:

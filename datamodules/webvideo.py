@@ -501,47 +501,13 @@ class WebVideoDataModule(L.LightningDataModule):
         if self.memory is None:
             stream = self.stream("train", whole=True)  # also expands the shard patterns
             what = f"{len(self.urls['train'])} training shards"
-            cached = self._decoded_cache()
-            if cached is not None and cached.is_file():
-                self.memory = self._load_decoded(cached, what)
-            if self.memory is None:
-                before = self.counter.as_dict()
-                self.memory = MemoryClips.decode(stream, self.num_workers, what)
-                if cached is not None:
-                    skipped = {k: n - before[k] for k, n in self.counter.as_dict().items()}
-                    try:
-                        self.memory.save(cached, skipped)
-                    except OSError as e:
-                        warnings.warn(
-                            f"could not keep the decoded {what} in {cached} ({e}); the next run "
-                            "decodes them again (in_memory_cache=False stops trying)",
-                            stacklevel=2,
-                        )
+            urls = self.urls["train"]
+            cache = decoded_cache_file(urls, self.decoder) if self.in_memory_cache else None
+            self.memory = MemoryClips.load_or_decode(
+                stream, self.num_workers, what, self.counter, cache
+            )
         rank, world = self._rank_world()
         return MemoryStream(self.memory, self.batch_size, self.seed, rank, world)
-
-    def _decoded_cache(self) -> Path | None:
-        """The file of the decoded training split, or ``None`` (no caching)."""
-        if not self.in_memory_cache:
-            return None
-        return decoded_cache_file(self.urls["train"], self.decoder)
-
-    def _load_decoded(self, path: Path, what: str) -> MemoryClips | None:
-        """The decoded split from ``path`` with its skip counts, or ``None`` (with a warning)
-        when the file cannot be read: the shards are then decoded and the file rewritten."""
-        try:
-            memory, skipped = MemoryClips.load(path)
-        except Exception as e:  # a truncated, foreign or crafted file: decode instead
-            warnings.warn(
-                f"the decoded {what} in {path} could not be read ({type(e).__name__}: {e}); "
-                "decoding the shards again and rewriting it",
-                stacklevel=3,
-            )
-            return None
-        for reason, count in skipped.items():
-            self.counter.add(reason, count)
-        print(f"loaded the decoded {what} ({len(memory)} clips) from {path}", flush=True)
-        return memory
 
     def loader(self, split: str) -> DataLoader:
         """A DataLoader over ``split`` that yields collated :class:`~lightning_vigu.batch.Batch`."""
