@@ -41,6 +41,7 @@ from datamodules.sample_decoder import SkipCounter
 
 _FLOAT_KEYS = ("latents", "prompt_emb")
 CACHE_VERSION = 1  # of the file MemoryClips.save writes
+CACHE_ENV = "LIGHTNING_VIGU_CACHE"
 
 
 @dataclass
@@ -194,9 +195,14 @@ def decoded_cache_file(urls: list[str], decoder: object) -> Path | None:
         st = path.stat()
         files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     key = json.dumps([CACHE_VERSION, repr(decoder), files])
-    root = os.environ.get("LIGHTNING_VIGU_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "lightning_vigu"
-    return base / "decoded" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    return cache_root() / "decoded" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+
+def cache_root() -> Path:
+    """The project's cache folder: ``$LIGHTNING_VIGU_CACHE`` or ``~/.cache/lightning_vigu``
+    (synthetic shards under ``synthetic/``, decoded splits under ``decoded/``)."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lightning_vigu"
 
 
 class MemoryStream(IterableDataset):

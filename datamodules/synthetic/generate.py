@@ -20,6 +20,7 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from datamodules.in_memory import cache_root
 from datamodules.synthetic.render import render_scene
 from datamodules.synthetic.text import write_caption, write_prompt
 from datamodules.synthetic.world import (
@@ -31,14 +32,10 @@ from datamodules.synthetic.world import (
 )
 from lightning_vigu.video_io import encode_video
 
-CACHE_ENV = "LIGHTNING_VIGU_CACHE"
-
 
 def default_cache_root() -> Path:
     """``$LIGHTNING_VIGU_CACHE/synthetic`` or ``~/.cache/lightning_vigu/synthetic``."""
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "lightning_vigu"
-    return base / "synthetic"
+    return cache_root() / "synthetic"
 
 
 def dataset_dir(config: WorldConfig, seed: int, cache_root: str | Path | None = None) -> Path:
