@@ -62,7 +62,7 @@ from lightning_vigu.codecs.base import LatentCodec
 from lightning_vigu.text.tokenizers import CaptionTokenizer
 
 RAW_NAME = "distributed_raw.json"
-PARTS = ("ddp_curves", "ddp_scaling", "fsdp")
+PARTS = ("ddp_curves", "ddp_scaling", "fsdp", "memory", "fsdp_cli")
 NO_MULTICAST = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -86,7 +86,29 @@ class Case:
     num_train: int = 0  # clips of the synthetic world in memory (ddp_curves), 0: random clips
     save_at: int = 0  # write a checkpoint after this step (fsdp resume check)
     resume: str = ""  # checkpoint to resume from
+    seed: int = 0  # the module's per-step randomness (times, noise); the weights are seed 0's
+    phase: str = "recall"  # refine_frozen: the video path frozen
+    lora: dict | None = None  # adapters on the video path (conf/lora.yaml)
     extra: dict = field(default_factory=dict)
+
+
+def wan_memory_cases() -> list[tuple[int, Case]]:
+    """``(ranks, case)``: ``wan1.3b`` (bf16, AdamW, gradient checkpointing) at batch 1 for full
+    training, refine with the video path frozen, and LoRA (rank 64): on one GPU at 17 and 81
+    frames, and fully sharded over two at 81 (full training over two: the ``fsdp`` part)."""
+    kinds = {
+        "full": {},
+        "refine_frozen": {"phase": "refine_frozen"},
+        "lora": {"lora": {"rank": 64, "alpha": 64}},
+    }
+    cases = []
+    for ranks, strategy, frames in ((1, "ddp", 17), (1, "ddp", 81), (2, "fsdp", 81)):
+        for what, kw in kinds.items():
+            if ranks == 1 or what != "full":
+                label, video = f"{what} {frames}x480x832", (frames, 480, 832)
+                case = Case(label, "wan1.3b", video, 1, 5, 2, "", strategy, True, **kw)
+                cases.append((ranks, case))
+    return cases
 
 
 PRESETS = {
@@ -101,12 +123,18 @@ PRESETS = {
             Case("81x480x832", "wan1.3b", (81, 480, 832), 1, 6, 2, "", "fsdp", True),
             Case("17x480x832", "wan1.3b", (17, 480, 832), 1, 10, 2, "", "fsdp", True, save_at=5),
         ],
+        fsdp_cli=["-c", "conf/fsdp.yaml", "--trainer.accelerator=gpu", "--trainer.max_steps=40"],
+        memory=wan_memory_cases(),
     ),
     "toy": dict(
         accelerator="cpu",
         curves=Case("tiny 16x32x32", "tiny", (16, 32, 32), 4, 4, num_train=32),
         scaling=[Case("tiny 16x32x32", "tiny", (16, 32, 32), 2, 4, warmup=1)],
         fsdp=[Case("tiny 16x32x32", "tiny", (16, 32, 32), 2, 4, 1, "cpu", "fsdp", save_at=2)],
+        fsdp_cli=["-c", "conf/ddp.yaml", "--trainer.accelerator=cpu", "--trainer.max_steps=4"],
+        memory=[
+            (1, Case("lora tiny", "tiny", (16, 32, 32), 2, 3, 1, lora={"rank": 4, "alpha": 4}))
+        ],
     ),
 }
 
@@ -181,7 +209,9 @@ def build_module(case: Case, out: Path, rank: int):
     torch.manual_seed(0)
     common = dict(
         size=case.size,
-        phase="recall",
+        phase=case.phase,
+        seed=case.seed,
+        lora=case.lora,
         video_shape=case.video,
         gradient_checkpointing=case.checkpointing,
         warmup_steps=max(case.steps // 6, 1),
@@ -370,31 +400,51 @@ def _timing(records: list[dict], case: Case) -> dict:
 
 
 # ---------------------------------------------------------------------------- parts
+def _rel(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-step relative difference of two loss curves (max, mean) and of their late means."""
+    rel = np.abs(a - b) / np.abs(b)
+    late = slice(len(b) // 2, None)
+    return {
+        "max": float(rel.max()),
+        "mean": float(rel.mean()),
+        "late_mean": float(abs(a[late].mean() - b[late].mean()) / b[late].mean()),
+    }
+
+
 def ddp_curves(preset: dict, work: Path) -> list[dict]:
-    """The same seed on 2 ranks at B/2 and on 1 rank at B: losses, their difference, overlap."""
+    """The same seed on 2 ranks at B/2 and on 1 rank at B: losses, their difference, overlap.
+    The noise floor: 1 rank at B again with other per-step randomness (same weights, same
+    batches), against the first 1-rank run."""
     case = preset["curves"]
     prepare_world(case, work / "cache")
     half = Case(**{**asdict(case), "batch": case.batch // 2})
+    reseeded = Case(**{**asdict(case), "seed": 1})
     row = {"case": case.label, "batch": case.batch, "steps": case.steps}
 
     def run() -> dict:
-        two = launch(half, 2, preset["accelerator"], work / "curves_2")
-        one = launch(case, 1, preset["accelerator"], work / "curves_1")
+        accelerator = preset["accelerator"]
+        two = launch(half, 2, accelerator, work / "curves_2")
+        one = launch(case, 1, accelerator, work / "curves_1")
+        other = launch(reseeded, 1, accelerator, work / "curves_1_seed1")
         loss_two = np.mean([r["losses"] for r in two], axis=0)  # equal halves: the global mean
         loss_one = np.asarray(one[0]["losses"])
-        rel = np.abs(loss_two - loss_one) / np.abs(loss_one)
-        late = slice(len(loss_one) // 2, None)
-        keys = [{k for step in r["keys"] for k in step} for r in two]
+        loss_other = np.asarray(other[0]["losses"])
+        ranks_vs_one, floor = _rel(loss_two, loss_one), _rel(loss_other, loss_one)
+        # within an epoch the ranks read disjoint clips (every clip is read once per epoch)
+        per_epoch = case.num_train // case.batch
+        overlap = 0
+        for epoch in range(case.steps // per_epoch + 1):
+            steps = slice(epoch * per_epoch, (epoch + 1) * per_epoch)
+            a, b = ({k for keys in r["keys"][steps] for k in keys} for r in two)
+            overlap += len(a & b)
         union = [sorted(a + b) for a, b in zip(two[0]["keys"], two[1]["keys"])]
         return {
             "losses_2ranks": loss_two.tolist(),
             "losses_1rank": loss_one.tolist(),
-            "max_rel_diff": float(rel.max()),
-            "mean_rel_diff": float(rel.mean()),
-            "late_mean_rel_diff": float(
-                abs(loss_two[late].mean() - loss_one[late].mean()) / loss_one[late].mean()
-            ),
-            "rank_overlap": len(keys[0] & keys[1]),
+            "losses_1rank_seed1": loss_other.tolist(),
+            **{f"{k}_rel_diff": v for k, v in ranks_vs_one.items()},
+            **{f"floor_{k}_rel_diff": v for k, v in floor.items()},
+            "rank_overlap_per_epoch": overlap,
             "same_batches_as_1rank": union == [sorted(k) for k in one[0]["keys"]],
         }
 
@@ -441,11 +491,15 @@ def _consolidate(folder: Path) -> dict:
         torch.equal(sharded.state[k], single.state[k]) for k in single.state
     )
     single.model()  # every tensor checked against the config
+    from lightning_vigu.cli import load_module
+
+    load_module(str(target), device="cpu", trust_pickle=True)  # what generate / caption load
     return {
         "consolidated_gib": target.stat().st_size / 2**30,
         "consolidated_params_b": sum(v.numel() for v in single.state.values()) / 1e9,
         "consolidated_equals_sharded": same,
         "consolidated_step": single.step,
+        "loads_for_sampling": True,
     }
 
 
@@ -491,37 +545,123 @@ def fsdp(preset: dict, work: Path) -> list[dict]:
     return rows
 
 
+def memory(preset: dict, work: Path) -> list[dict]:
+    """What fits: per-rank peak memory and step time of full training, refine with the video
+    path frozen and LoRA, on one GPU and sharded over two (the README's table)."""
+    rows = []
+    for i, (ranks, case) in enumerate(preset["memory"]):
+        strategy = "fsdp" if case.strategy == "fsdp" and preset["accelerator"] == "gpu" else "ddp"
+        case = Case(**{**asdict(case), "strategy": strategy})
+        row = {"case": case.label, "ranks": ranks, "strategy": strategy if ranks > 1 else "-"}
+
+        def run(case=case, ranks=ranks, out=work / f"memory{i}") -> dict:
+            records = launch(case, ranks, preset["accelerator"], out)
+            return _timing(records, case)
+
+        rows.append(_attempt(row, run))
+    return rows
+
+
+def fsdp_cli(preset: dict, work: Path) -> list[dict]:
+    """A user's run end to end through the command line: ``fit`` of the tiny synthetic recall on
+    2 ranks (FSDP on GPUs, DDP on CPU), its sharded checkpoint consolidated, then ``generate``
+    and ``caption`` on the consolidated file."""
+    run_dir = work / "cli"
+    row = {"case": "tiny recall via CLI", "ranks": 2, "overlay": preset["fsdp_cli"][1]}
+
+    def cli(*args: str) -> str:
+        env = {**os.environ, **NO_MULTICAST, "LIGHTNING_VIGU_CACHE": str(work / "cache")}
+        cmd = [sys.executable, "-m", "lightning_vigu", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"'{' '.join(args[:1])}' failed: {done.stderr[-600:]}")
+        return done.stdout
+
+    def run() -> dict:
+        data = dict(num_train=256, num_val=8, num_test=0, num_unseen=0, batch_size=8, num_workers=0, progress=False)  # fmt: skip
+        checkpoints = run_dir / "checkpoints"
+        callback = (
+            "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+            f"{{dirpath: {checkpoints}, save_last: true}}}}]"
+        )
+        start = time.perf_counter()
+        cli(
+            "fit", "-c", "conf/recall.yaml", *preset["fsdp_cli"], "--trainer.devices=2",
+            f"--trainer.default_root_dir={run_dir}", f"--trainer.callbacks={callback}",
+            "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+            *(f"--data.init_args.{k}={v}" for k, v in data.items()),
+        )  # fmt: skip
+        fit_s = time.perf_counter() - start
+        last = checkpoints / "last.ckpt"
+        result = {"fit_s": fit_s, "checkpoint": "folder of shards" if last.is_dir() else "file"}
+        if last.is_dir():
+            result.update(_consolidate(last))
+            last = last.with_suffix(".consolidated.ckpt")
+        samples = run_dir / "samples"
+        prompt = "a red circle moves to the left"
+        cli("generate", "--ckpt", str(last), "--prompts", prompt, "--out", str(samples))
+        videos = sorted(samples.glob("*.mp4"))
+        if not videos:
+            raise RuntimeError(f"generate wrote no mp4 under {samples}")
+        captions = cli("caption", "--ckpt", str(last), "--videos", str(videos[0]))
+        lines = [line for line in captions.splitlines() if line.strip()]
+        return {
+            **result,
+            "generated": videos[0].name,
+            "caption": lines[-1].split("\t", 1)[-1][:120] if lines else "",
+        }
+
+    return [_attempt(row, run)]
+
+
 # ---------------------------------------------------------------------------- run / report
 def run(args) -> Path:
     preset = PRESETS[args.preset]
     work = Path(args.work)
     raw = {"preset": args.preset, "parts": {}}
-    for part in args.parts:
-        raw["parts"][part] = globals()[part](preset, work)
     path = work / RAW_NAME
-    path.write_text(json.dumps(raw, indent=2) + "\n")
+    for part in args.parts:  # written after every part: a run cut short keeps what it measured
+        raw["parts"][part] = globals()[part](preset, work)
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(raw, indent=2) + "\n")
     return path
 
 
 COLUMNS = {
-    "ddp_curves": ["case", "batch", "steps", "max_rel_diff", "mean_rel_diff"]
-    + ["late_mean_rel_diff", "rank_overlap", "same_batches_as_1rank", "error"],
+    "ddp_curves": ["case", "batch", "steps", "max_rel_diff", "mean_rel_diff", "late_mean_rel_diff"]
+    + ["floor_max_rel_diff", "floor_mean_rel_diff", "floor_late_mean_rel_diff"]
+    + ["rank_overlap_per_epoch", "same_batches_as_1rank", "error"],
     "ddp_scaling": ["case", "ranks", "batch_per_rank", "seconds", "steps_per_s"]
     + ["examples_per_s", "speedup", "peak_gib", "error"],
     "fsdp": ["case", "size", "strategy", "params_b", "seconds", "peak_gib", "resume_max_rel_diff"]
-    + ["consolidated_equals_sharded", "consolidated_gib", "error"],
+    + ["consolidated_equals_sharded", "consolidated_gib", "loads_for_sampling", "error"],
+    "memory": ["case", "ranks", "strategy", "params_b", "seconds", "peak_gib", "error"],
+    "fsdp_cli": ["case", "ranks", "overlay", "fit_s", "checkpoint", "consolidated_equals_sharded"]
+    + ["generated", "caption", "error"],
 }
 NOTES = {
     "ddp_curves": "2 ranks at B/2 vs 1 rank at B, same seed; the ranks' batches together are "
     "the 1-rank run's (`same_batches_as_1rank`), the per-sample noise differs (seeded by rank). "
-    "`late_mean_rel_diff`: mean loss over the second half of the steps.",
+    "`late_mean_rel_diff`: mean loss over the second half of the steps. `floor_*`: the same "
+    "differences between two 1-rank runs that differ only in their per-step randomness (seed "
+    "0 vs 1): the noise that the 2-rank run is judged against. `rank_overlap_per_epoch`: clips "
+    "both ranks read within one epoch (0: disjoint).",
     "ddp_scaling": "Examples/s over all ranks; `speedup`: 2 ranks over 1 (target >= 1.8).",
     "fsdp": "Full sharding on 2 ranks, AdamW; `peak_gib`: the largest rank's peak allocated "
     "memory. Resume: a sharded checkpoint half-way, the next losses against the uninterrupted "
     "run's; consolidated with Lightning's consolidate_checkpoint, read with "
     "`lightning_vigu.export.read_checkpoint`. On CPU (toy) Lightning refuses FSDPStrategy "
     "('requires a GPU accelerator'): the toy runs the save/resume/read path with DDP, and "
-    "sharding, the sharded checkpoint and its consolidation are not exercised.",
+    "sharding, the sharded checkpoint and its consolidation are not exercised. "
+    "`loads_for_sampling`: the consolidated file read by `lightning_vigu.cli.load_module`, "
+    "what `generate` and `caption` load.",
+    "memory": "`wan1.3b` (3.05B parameters with the caption stream, random weights), batch 1, "
+    "AdamW, bf16-mixed, gradient checkpointing; `peak_gib`: the largest rank's peak allocated "
+    "memory; `seconds`: one step. refine_frozen trains the caption experts and embeddings only; "
+    "LoRA: rank-64 adapters on the video path, the caption stream trained in full.",
+    "fsdp_cli": "`python -m lightning_vigu fit -c conf/recall.yaml <overlay> --trainer.devices=2` "
+    "(tiny model, synthetic world), the last checkpoint consolidated when sharded, then "
+    "`generate --ckpt` and `caption --ckpt` on it through the command line.",
 }
 
 

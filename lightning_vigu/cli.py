@@ -222,7 +222,10 @@ def generate_main(argv: list[str]) -> None:
 
     p = _sampling_parser("python -m lightning_vigu generate", generate_main.__doc__)
     p.add_argument(
-        "--prompts", type=list[str], required=True, help="prompts, or @file.txt with one per line"
+        "--prompts",
+        type=list[str] | str,
+        required=True,
+        help="a prompt, a list '[p1, p2]', or @file.txt with one per line",
     )
     p.add_argument("--negative-prompt", type=str, default="", help="the CFG unconditional prompt")
     p.add_argument("--out", type=str, required=True, help="folder for the mp4 files")
@@ -270,9 +273,9 @@ def caption_main(argv: list[str]) -> None:
     p = _sampling_parser("python -m lightning_vigu caption", caption_main.__doc__)
     p.add_argument(
         "--videos",
-        type=list[str],
+        type=list[str] | str,
         required=True,
-        help="video files, or @file.txt with one path per line",
+        help="a video file, a list '[a.mp4, b.mp4]', or @file.txt with one path per line",
     )
     p.add_argument("--out", type=str | None, default=None, help="JSONL file for the captions")
     a = p.parse_args(argv)
@@ -307,8 +310,10 @@ def caption_main(argv: list[str]) -> None:
         print(f"captioned {len(lines)} of {len(paths)} videos; skipped {skipped}", file=sys.stderr)
 
 
-def _expand_list(values: list[str]) -> list[str]:
+def _expand_list(values: list[str] | str) -> list[str]:
+    """The inputs of ``--prompts`` / ``--videos``: one value, a list, ``@file`` lines."""
     out = []
+    values = [values] if isinstance(values, str) else values
     for v in values:
         if v.startswith("@"):
             out += [line.strip() for line in Path(v[1:]).read_text().splitlines() if line.strip()]

@@ -93,7 +93,8 @@ def test_bfloat16_lossless_and_video_only_wan(wan, tmp_path):
             "--height=16",
             "--width=48",
             "--video-format=lossless",
-            "--prompts=[a red circle moves left]",
+            "--prompts",  # one prompt as a plain value, as the README writes it
+            "a red circle moves left",
             f"--out={tmp_path}",
         ]
     )
