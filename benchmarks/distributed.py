@@ -102,7 +102,7 @@ def wan_memory_cases() -> list[tuple[int, Case]]:
         "lora": {"lora": {"rank": 64, "alpha": 64}},
     }
     cases = []
-    for ranks, strategy, frames in ((1, "ddp", 17), (1, "ddp", 81), (2, "fsdp", 81)):
+    for ranks, strategy, frames in ((1, "ddp", 81), (2, "fsdp", 81), (1, "ddp", 17)):
         for what, kw in kinds.items():
             if ranks == 1 or what != "full":
                 label, video = f"{what} {frames}x480x832", (frames, 480, 832)
