@@ -3,30 +3,49 @@
     python -m benchmarks.distributed all --preset gpu --out benchmarks/results   # two H200s
     python -m benchmarks.distributed all --preset toy --out /tmp/dist            # CPU, gloo
     (``run`` writes ``<work>/distributed_raw.json``, ``report`` turns it into the tables;
-    ``--parts ddp_curves ddp_scaling fsdp`` picks parts)
+    ``--parts ddp_curves ddp_scaling fsdp memory fsdp_cli`` picks parts)
 
-Parts (expected wall time on two H200s, a warm machine):
+Parts. The wall times were measured on two H200s at a377d7d, when every ``wan1.3b`` launch still
+initialised its weights on the host (~80 s a launch; now they are built on the GPU). One call
+to the device allows 10 minutes, so run the parts in separate calls:
 
-* ``ddp_curves`` (~3 min): the real UniViGU module and SyntheticDataModule (``in_memory``), the
-  synthetic world at 16x32x32, ``small``, trained through Lightning's Trainer from the same seed
-  with 2 ranks at batch B/2 and 1 rank at batch B. The in-memory stream cuts each seeded epoch
-  permutation into batch-sized chunks and gives rank r every R-th chunk, so at step s the two
-  ranks read chunks 2s and 2s+1 of the permutation: together exactly the B clips the 1-rank run
-  reads at step s. What differs is the per-sample noise (the step generator is seeded by rank),
-  so the curves agree within noise, not bit for bit. Reported: per-step relative difference
-  (max, mean), the difference of the mean loss over the last half, and the overlap of the two
-  ranks' sample keys (must be 0).
-* ``ddp_scaling`` (~3 min): examples/s on 2 ranks vs 1 at the same per-rank batch, timed steps
-  after warm-up: ``small`` on 16x64x64 clips at batch 64 per rank, and ``wan1.3b`` (random
-  weights, 3.05B parameters with the caption stream) on Wan VAE latents of 17x480x832 clips
-  ``(16, 5, 60, 104)`` at batch 1 per rank, bf16, gradient checkpointing. Target >= 1.8x.
-* ``fsdp`` (~5 min): ``wan1.3b`` with AdamW, bf16, full sharding over 2 ranks, gradient
-  checkpointing, at 81x480x832 and 17x480x832: per-rank peak memory and step time. At 17
-  frames the run writes a sharded checkpoint half-way, a second run resumes from it, and the
-  next losses are compared with the uninterrupted run's (same batches, same per-step
-  randomness); the checkpoint is then consolidated into one file
-  (``lightning.pytorch.utilities.consolidate_checkpoint``) and both are read back with
-  :func:`lightning_vigu.export.read_checkpoint`.
+* ``ddp_curves`` (with ``ddp_scaling``: 7.3 min, data generation included). The real UniViGU
+  module and SyntheticDataModule (``in_memory``) train the synthetic world at 16x32x32 with
+  ``small``, through Lightning's Trainer, from the same seed: 2 ranks at batch B/2 and 1 rank at
+  batch B. The in-memory stream cuts each seeded epoch permutation into batch-sized chunks and
+  gives rank r every R-th chunk. At step s the two ranks read chunks 2s and 2s+1 of the
+  permutation: together exactly the B clips that the 1-rank run reads at step s. The per-sample
+  noise differs (the step generator is seeded by rank), so the curves agree within noise, not
+  bit for bit.
+  Reported:
+  - the per-step relative difference (max, mean) and the difference of the mean loss over the
+    last half;
+  - the same three numbers for a noise floor: a second 1-rank run that differs only in its
+    per-step randomness (module seed 1);
+  - the clips that both ranks read within one epoch (must be 0).
+* ``ddp_scaling``: examples/s on 2 ranks vs 1 at the same per-rank batch, timed steps after
+  warm-up.
+  - ``small`` on 16x64x64 clips at batch 64 per rank;
+  - ``wan1.3b`` (random weights, 3.05B parameters with the caption stream) on Wan VAE latents of
+    17x480x832 clips ``(16, 5, 60, 104)`` at batch 1 per rank, bf16, gradient checkpointing.
+  Target >= 1.8x.
+* ``fsdp`` (more than 8 min; the consolidation was not reached in one call). ``wan1.3b`` with
+  AdamW, bf16, full sharding over 2 ranks and gradient checkpointing, at 81x480x832 and
+  17x480x832: per-rank peak memory and step time. At 17 frames:
+  - the run writes a sharded checkpoint half-way;
+  - a second run resumes from it, and its next losses are compared with the uninterrupted run's
+    (same batches, same per-step randomness);
+  - the checkpoint is consolidated into one file
+    (``lightning.pytorch.utilities.consolidate_checkpoint``);
+  - both are read back with :func:`lightning_vigu.export.read_checkpoint`, and the file is
+    loaded by :func:`lightning_vigu.cli.load_module`, as ``generate`` and ``caption`` load it.
+* ``memory`` (~95 s a launch with host initialisation): what fits on 1 vs 2 GPUs for ``wan1.3b``
+  at batch 1: full training, refine with the video path frozen, LoRA. One GPU at 81 and 17
+  frames; FSDP over two at 81 (the README's table).
+* ``fsdp_cli`` (~2 min): the user's path through the command line. ``fit -c conf/recall.yaml
+  -c conf/fsdp.yaml --trainer.devices=2`` with the tiny model, the last sharded checkpoint
+  consolidated, then ``generate --ckpt`` and ``caption --ckpt`` on the consolidated file. The
+  toy preset runs it with ``conf/ddp.yaml`` on CPU.
 
 Every case runs in fresh processes (``torch.multiprocessing`` spawn, one per rank, Lightning
 told the ranks by ``LOCAL_RANK`` / ``WORLD_SIZE``, as torchrun would); every launch sets
@@ -227,7 +246,7 @@ def build_module(case: Case, out: Path, rank: int):
             lr=5e-4,
         )
     empty = out / f"empty_prompt_emb{rank}.pt"
-    torch.save(torch.zeros(512, 4096), empty)
+    torch.save(torch.zeros(512, 4096, device="cpu"), empty)
     return UniViGU(
         **common,
         codec=WanLatentGeometry(),
@@ -290,7 +309,9 @@ def train_rank(index: int, spec: dict) -> None:
     names = Case.__dataclass_fields__
     case = Case(**{k: v for k, v in spec.items() if k in names})
     case.video = tuple(case.video)
-    module = build_module(case, out, index)
+    # built on its GPU: initialising 3B parameters on the host took ~80 s of every launch
+    with torch.device(f"cuda:{index}" if cuda else "cpu"):
+        module = build_module(case, out, index)
     params = sum(p.numel() for p in module.parameters())
     if case.num_train:  # the real synthetic world, decoded into memory
         data = dict(datamodule=world_datamodule(case, out.parent / "cache"))
@@ -534,11 +555,9 @@ def fsdp(preset: dict, work: Path) -> list[dict]:
             second = launch(resumed, 2, preset["accelerator"], out / "resumed")
             one, two = _per_step(first), _per_step(second)
             diffs = [abs(two[s] - one[s]) / abs(one[s]) for s in two]
-            result.update(
-                resumed_steps=sorted(two),
-                resume_max_rel_diff=float(max(diffs)),
-                **_consolidate(ckpt),
-            )
+            result.update(resumed_steps=sorted(two), resume_max_rel_diff=float(max(diffs)))
+            print({"case": case.label, **result}, flush=True)  # kept if consolidation runs long
+            result.update(_consolidate(ckpt))
             return result
 
         rows.append(_attempt(row, run))

@@ -1,5 +1,6 @@
-"""The several-device suite's toy preset on CPU (gloo, 2 processes): DDP curves, scaling and
-the checkpoint / resume path of the FSDP part (Lightning's FSDP needs a GPU)."""
+"""The several-device suite's toy preset on CPU (gloo, 2 processes): DDP curves, scaling, the
+checkpoint / resume path of the FSDP part (Lightning's FSDP needs a GPU), the memory table and
+the command-line run that ends in generate and caption."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def test_toy_preset_runs_all_parts_on_two_gloo_ranks(tmp_path, monkeypatch):
     assert "error" not in curves, curves
     steps = distributed.PRESETS["toy"]["curves"].steps
     assert len(curves["losses_2ranks"]) == len(curves["losses_1rank"]) == steps
-    assert curves["rank_overlap"] == 0 and curves["same_batches_as_1rank"] is True
+    assert len(curves["losses_1rank_seed1"]) == steps
+    assert curves["rank_overlap_per_epoch"] == 0 and curves["same_batches_as_1rank"] is True
     assert 0 <= curves["mean_rel_diff"] <= curves["max_rel_diff"] < 0.5  # same data, other noise
+    # the noise floor: same weights and batches, other per-step draws, so the losses differ
+    assert 0 < curves["floor_mean_rel_diff"] <= curves["floor_max_rel_diff"] < 0.5
 
     scaling = parts["ddp_scaling"]["rows"]
     assert [r["ranks"] for r in scaling] == [1, 2]
@@ -37,3 +41,12 @@ def test_toy_preset_runs_all_parts_on_two_gloo_ranks(tmp_path, monkeypatch):
     assert fsdp["strategy"].startswith("ddp") and "FSDP needs a GPU" in fsdp["strategy"]
     assert fsdp["resumed_steps"] == [2, 3]
     assert fsdp["resume_max_rel_diff"] < 1e-5  # same batches and per-step randomness
+
+    (memory,) = parts["memory"]["rows"]
+    assert "error" not in memory, memory
+    assert memory["seconds"] > 0 and memory["params_b"] > 0
+
+    (cli,) = parts["fsdp_cli"]["rows"]
+    assert "error" not in cli, cli
+    assert cli["checkpoint"] == "file" and cli["generated"] == "0000.mp4"  # DDP on CPU: one file
+    assert isinstance(cli["caption"], str)
