@@ -19,6 +19,10 @@ On latent-cache data the real clips are the cached latents decoded by the module
 (captioning reads the latents themselves). Under FSDP the callback is off (said once): the
 weights are sharded; evaluate a consolidated checkpoint with ``validate`` / ``test`` instead.
 
+Each clip is sampled from its own seed (the round's seed and the clip's key), and under DDP
+every rank evaluates its part of the clips and reports the numbers of all of them: the same
+clips give the same numbers on one GPU or several.
+
 :class:`Evaluation` calls it during ``fit`` (every N steps, at validation) and in
 ``validate`` / ``test``, logs the numbers and writes them as JSON next to the run. Metrics whose
 weights are not configured are skipped with one message, never a crash or a download.
@@ -28,11 +32,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
@@ -62,9 +68,9 @@ def collect(
     device: torch.device | str = "cpu",
 ) -> dict:
     """The first ``num`` clips of a loader: videos ``(N, 3, T, H, W)``, prompts, captions,
-    records; from a latent cache also the ``latents``, decoded to videos by ``codec`` on
-    ``device``."""
-    out: dict = {"video": [], "latents": [], "prompt": [], "caption": [], "meta": []}
+    records, sample keys; from a latent cache also the ``latents``, decoded to videos by
+    ``codec`` on ``device``."""
+    out: dict = {"video": [], "latents": [], "prompt": [], "caption": [], "meta": [], "key": []}
     n = 0
     for batch in loader:
         k = min(num - n, len(batch["prompt"]))
@@ -83,6 +89,7 @@ def collect(
         for key in ("prompt", "caption"):
             out[key] += list(batch[key][:k])
         out["meta"] += list(batch.get("meta", [{}] * k))[:k]
+        out["key"] += [str(key) for key in batch.get("key", range(n, n + k))][:k]
         n += k
         if n >= num:
             break
@@ -133,6 +140,31 @@ def _chunks(n: int, size: int) -> Iterable[slice]:
 
 
 @torch.no_grad()
+def clip_seeds(seed: int, keys: Sequence[str]) -> list[int]:
+    """One sampling seed per clip, from the round's seed and the clip's key: a clip's sample
+    does not depend on the batch it is drawn in, nor on the rank that draws it."""
+    return [zlib.crc32(f"{seed}/{key}".encode()) for key in keys]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather(items: list) -> list:
+    """Every rank's ``items``, concatenated (``items`` itself outside a process group)."""
+    if not _distributed():
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def _by_key(rows: list[tuple]) -> list[tuple]:
+    """``(key, ...)`` rows of every rank in key order (the order one process would give)."""
+    return sorted(_gather(rows), key=lambda row: row[0])
+
+
+@torch.no_grad()
 def evaluate(
     module: L.LightningModule,
     clips: dict,
@@ -146,18 +178,25 @@ def evaluate(
 ) -> EvalResult:
     """One evaluation round on collected clips (see :func:`collect`).
 
+    Inside a process group (DDP) each rank passes its own clips and every rank returns the
+    numbers of all ranks' clips together: per-clip scores and predictions are gathered, FVD,
+    CLIPScore and the caption metrics sync their states. Each clip is sampled from its own
+    seed (:func:`clip_seeds`), so the same clips give the same numbers on any number of ranks,
+    up to floating-point summation order in FVD.
+
     Args:
         module: a trained :class:`~lightning_vigu.module.UniViGU` (or anything with the same
-            ``caption`` / ``generate_video`` / ``generate_joint`` methods).
-        clips: held-out clips.
+            ``caption`` / ``generate_video`` / ``generate_joint`` methods, taking one seed per
+            clip).
+        clips: held-out clips (``key`` names each clip; without keys, their index).
         directions: any of ``v2t``, ``t2v``, ``joint``.
         fvd: an FVD metric (reset here), or ``None`` to skip FVD.
         clipscore: a CLIPScore metric (reset here), or ``None``.
         batch_size: clips per sampling call.
-        seed: sampling seed.
-        steps: sampling steps (``None``: the module's sampler settings).
+        seed: the round's sampling seed.
+        steps: sampling steps (``None``: the module's settings).
         keep_samples: also return the first this many clips' generated videos (uint8) and
-            captions in :attr:`EvalResult.samples` (for sample grids).
+            captions in :attr:`EvalResult.samples` (for sample grids; this rank's clips).
     """
     from datamodules.synthetic.detector import detect, score_video
     from datamodules.synthetic.parse import parse_text, prompt_ceiling, score_caption
@@ -165,7 +204,9 @@ def evaluate(
 
     directions = set(directions)
     n, device = len(clips["prompt"]), module.device
-    has_truth = all(m and "objects" in m for m in clips["meta"])
+    keys = [str(k) for k in clips.get("key") or range(n)]
+    seeds = clip_seeds(seed, keys)
+    has_truth = all(_gather([all(m and "objects" in m for m in clips["meta"])]))
     target_key = (
         "prompt"
         if getattr(getattr(module, "phase", None), "caption_target", "caption") == "prompt"
@@ -173,47 +214,62 @@ def evaluate(
     )
     scope = "prompt" if target_key == "prompt" else "all"
     overrides = {"video_steps": steps, "text_steps": steps}
-    results: dict[str, float] = {"num_videos": float(n)}
+    results: dict[str, float] = {"num_videos": float(len(_gather(keys)))}
     samples: dict = {}
     predictions: list[tuple[str, str]] | None = None
+    preds: list[str] = []
     if "v2t" in directions and getattr(getattr(module, "model", None), "has_text", True):
-        preds: list[str] = []
         latents = clips.get("latents")  # a latent cache: caption the cached latents themselves
         for sl in _chunks(n, batch_size):
             if latents is not None and hasattr(module, "caption_latents"):
-                preds += module.caption_latents(latents[sl].to(device), seed=seed, **overrides)
+                preds += module.caption_latents(latents[sl].to(device), seed=seeds[sl], **overrides)  # fmt: skip
             else:
-                preds += module.caption(clips["video"][sl].to(device), seed=seed, **overrides)
-        refs = [[t] for t in clips[target_key]]
+                preds += module.caption(clips["video"][sl].to(device), seed=seeds[sl], **overrides)  # fmt: skip
         try:
             metric = CaptionMetrics()
-            metric.update(preds, refs)
+            metric.update(preds, [[t] for t in clips[target_key]])
             results.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
         except (ImportError, MetricUnavailable) as exn:  # pycocoevalcap missing: keep predictions
             rank_zero_info(f"[Evaluation] caption metrics skipped ({exn}); predictions are kept")
+        rows = [(k, r, p) for k, r, p in zip(keys, clips[target_key], preds)]
         if has_truth:
-            acc = mean_accuracy([score_caption(p, m, scope) for p, m in zip(preds, clips["meta"])])
-            results.update({f"v2t/attr_{k}": v for k, v in acc.items()})
-            stated = [score_caption(p, m, "stated") for p, m in zip(preds, clips["meta"])]
-            results["v2t/stated_accuracy"] = mean_accuracy(stated)["accuracy"]
+            rows = [
+                (
+                    *row,
+                    score_caption(p, m, scope),
+                    score_caption(p, m, "stated"),
+                    prompt_ceiling(m),
+                )  # fmt: skip
+                for row, p, m in zip(rows, preds, clips["meta"])
+            ]
+        rows = _by_key(rows)
+        if has_truth:
+            results.update({f"v2t/attr_{k}": v for k, v in mean_accuracy([r[3] for r in rows]).items()})  # fmt: skip
+            results["v2t/stated_accuracy"] = mean_accuracy([r[4] for r in rows])["accuracy"]
             if scope == "prompt":
-                ceiling = [prompt_ceiling(m) for m in clips["meta"]]
-                results["v2t/attr_ceiling"] = sum(ceiling) / len(ceiling)
-        predictions = list(zip(clips[target_key], preds))
+                results["v2t/attr_ceiling"] = sum(r[5] for r in rows) / len(rows)
+        predictions = [(r[1], r[2]) for r in rows]
     if "t2v" in directions:
         videos: list[Tensor] = []
         for sl in _chunks(n, batch_size):
-            videos.append(module.generate_video(clips["prompt"][sl], seed=seed, **overrides).cpu())
+            videos.append(module.generate_video(clips["prompt"][sl], seed=seeds[sl], **overrides).cpu())  # fmt: skip
         gen = torch.cat(videos)
         if keep_samples:
             samples["t2v"] = quantize(gen[:keep_samples])
         if has_truth:
-            acc = mean_accuracy([score_video(v, m, "prompt") for v, m in zip(gen, clips["meta"])])
+            # chance: the clip's own real video scored against the next clip's prompt (next in
+            # key order over all ranks): a valid video of the world that ignores the prompt
+            order = _by_key(list(zip(keys, clips["meta"])))
+            after = {k: order[(i + 1) % len(order)][1] for i, (k, _) in enumerate(order)}
+            scores = _by_key(
+                [
+                    (k, score_video(v, m, "prompt"), score_video(real, after[k], "prompt"))
+                    for k, v, m, real in zip(keys, gen, clips["meta"], clips["video"])
+                ]
+            )
+            acc = mean_accuracy([s[1] for s in scores])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
-            # chance: a real clip of the world that ignores the prompt (the next clip's video)
-            others = clips["video"].roll(1, dims=0)
-            floor = [score_video(v, m, "prompt") for v, m in zip(others, clips["meta"])]
-            results["t2v/adherence_floor"] = mean_accuracy(floor)["accuracy"]
+            results["t2v/adherence_floor"] = mean_accuracy([s[2] for s in scores])["accuracy"]
         if fvd is not None:
             fvd.reset()
             for sl in _chunks(n, batch_size):
@@ -232,11 +288,12 @@ def evaluate(
     ):
         scores = []
         for sl in _chunks(n, batch_size):
-            vids, caps = module.generate_joint(clips["prompt"][sl], seed=seed, **overrides)
+            vids, caps = module.generate_joint(clips["prompt"][sl], seed=seeds[sl], **overrides)
             scores += [agreement(detect(v.cpu()), parse_text(c)) for v, c in zip(vids, caps)]
             if keep_samples and "joint" not in samples:
                 samples["joint"] = quantize(vids[:keep_samples])
                 samples["joint_captions"] = list(caps[:keep_samples])
+        scores = [s for _, s in _by_key(list(zip(keys, scores)))]
         valid = [s for s in scores if not math.isnan(s)]
         results["joint/agreement"] = sum(valid) / len(valid) if valid else math.nan
         results["joint/stated_fraction"] = len(valid) / len(scores)
@@ -244,7 +301,7 @@ def evaluate(
         samples["real"] = quantize(clips["video"][:keep_samples])
         samples["prompts"] = list(clips["prompt"][:keep_samples])
         if predictions is not None:
-            samples["captions"] = [p for _, p in predictions[:keep_samples]]
+            samples["captions"] = preds[:keep_samples]
     return EvalResult(results, predictions, samples)
 
 
@@ -254,7 +311,9 @@ class Evaluation(L.Callback):
     Args:
         every_n_steps: in ``fit``, evaluate at the first validation after every this many
             steps (0 = only in validate/test and at the end of training).
-        num_videos: held-out clips per round.
+        num_videos: held-out clips per round, over all ranks (each rank takes its share of its
+            own part of the split; evaluate a whole split for numbers that do not depend on
+            the number of ranks).
         directions: which of ``v2t``, ``t2v``, ``joint`` to evaluate.
         i3d_weights: local I3D weights for FVD (``None`` skips FVD, said once).
         fvd_protocol: FVD protocol (frames, resize, value range...), written next to each value.
@@ -355,7 +414,10 @@ class Evaluation(L.Callback):
                 m.to(pl_module.device)
         try:
             codec = getattr(pl_module, "codec", None)
-            clips = collect(loader, self.num_videos, codec, pl_module.device)
+            # this rank's share of num_videos: the ranks' clips together make the round
+            world, rank = trainer.world_size, trainer.global_rank
+            share = max(1, self.num_videos // world + (rank < self.num_videos % world))
+            clips = collect(loader, share, codec, pl_module.device)
             result = evaluate(
                 pl_module,
                 clips,

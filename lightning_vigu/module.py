@@ -24,6 +24,7 @@ from lightning_vigu.batch import Batch, check_batch
 from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.flows import FlowTimeModel, SamplerConfig, UnifiedSampler
 from lightning_vigu.flows.causal import make_caption_path
+from lightning_vigu.flows.draws import seeded
 from lightning_vigu.init_weights import load_init_weights
 from lightning_vigu.model import build_model
 from lightning_vigu.objective import ObjectiveConfig, UnifiedObjective
@@ -463,39 +464,48 @@ class UniViGU(InjectedOptimizerModule):
     def generate_video(
         self,
         prompts: Sequence[str],
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         video_shape: tuple[int, int, int] | None = None,
         negative_prompt: str = "",
         **sampler_overrides,
     ) -> Tensor:
         """Text -> videos ``(B, 3, T, H, W)`` in [-1, 1] (CFG against the empty prompt, or
         ``negative_prompt``; the caption stream, when the model has one, holds the clean prompt,
-        and the negative prompt's canvas in the unconditional branch)."""
+        and the negative prompt's canvas in the unconditional branch).
+
+        ``seed``: one int for the batch, or one seed per prompt (each video then depends on its
+        own seed alone, whatever the batch it is drawn in)."""
         b = len(prompts)
         context, uncond = self.encode_prompts_and_uncond(prompts, negative_prompt)
         text = null = None
         if self.model.has_text:
             text, null = self.encode_canvas(prompts), self.encode_canvas([negative_prompt] * b)
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded(seed, b)
         latents = self.sampler(**sampler_overrides).generate_video(
             context, self._latent_shape(video_shape), uncond, text, gen, uncond_text=null
         )
         return self.codec.decode(latents)
 
     @torch.no_grad()
-    def caption(self, videos: Tensor, seed: int = 0, **sampler_overrides) -> list[str]:
-        """Videos ``(B, 3, T, H, W)`` in [-1, 1] -> captions (cut at EOS)."""
+    def caption(
+        self, videos: Tensor, seed: int | Sequence[int] = 0, **sampler_overrides
+    ) -> list[str]:
+        """Videos ``(B, 3, T, H, W)`` in [-1, 1] -> captions (cut at EOS); ``seed``: one int for
+        the batch, or one per video (each caption then depends on its own seed alone)."""
         latents = self.codec.encode(videos.to(self.device).float())
         return self.caption_latents(latents, seed, **sampler_overrides)
 
     @torch.no_grad()
-    def caption_latents(self, latents: Tensor, seed: int = 0, **sampler_overrides) -> list[str]:
-        """Clean codec latents ``(B, c, t, h, w)`` -> captions (cut at EOS)."""
+    def caption_latents(
+        self, latents: Tensor, seed: int | Sequence[int] = 0, **sampler_overrides
+    ) -> list[str]:
+        """Clean codec latents ``(B, c, t, h, w)`` -> captions (cut at EOS); ``seed``: one int
+        for the batch, or one per video (each caption then depends on its own seed alone)."""
         if not self.model.has_text:
             raise ValueError("this model has no caption stream (caption_stream=False)")
         latents = latents.to(self.device).float()
         empty = self.encode_prompts([""]).expand(latents.shape[0], -1, -1)
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded(seed, latents.shape[0])
         tokens = self.sampler(**sampler_overrides).caption(
             latents, empty, self.hparams.caption_length, gen
         )
@@ -505,7 +515,7 @@ class UniViGU(InjectedOptimizerModule):
     def generate_joint(
         self,
         prompts: Sequence[str],
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         video_shape: tuple[int, int, int] | None = None,
         negative_prompt: str = "",
         **sampler_overrides,
@@ -513,7 +523,8 @@ class UniViGU(InjectedOptimizerModule):
         """A video and its caption generated together. The prompt conditions the pair when the
         phase's captions are detailed captions (CFG against ``negative_prompt``); in Knowledge
         Recall the pair is generated from the empty prompt (the caption *is* a prompt, so it is
-        never shown the prompt)."""
+        never shown the prompt). ``seed``: one int for the batch, or one per prompt (each pair
+        then depends on its own seed alone)."""
         if not self.model.has_text:
             raise ValueError("this model has no caption stream (caption_stream=False)")
         b = len(prompts)
@@ -521,7 +532,7 @@ class UniViGU(InjectedOptimizerModule):
         context, uncond = self.encode_prompts_and_uncond(
             list(prompts) if use_prompt else [""] * b, negative_prompt
         )
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded(seed, b)
         latents, tokens = self.sampler(**sampler_overrides).generate_joint(
             context,
             self._latent_shape(video_shape),

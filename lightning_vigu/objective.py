@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_vigu.flows import FlowTimeModel, continuous, discrete
-from lightning_vigu.flows.sampling import on_device
+from lightning_vigu.flows.draws import on_device
 from lightning_vigu.phases import TASKS, Phase
 
 T2V, V2T, JOINT = (TASKS.index(t) for t in ("t2v", "v2t", "joint"))

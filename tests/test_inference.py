@@ -121,3 +121,42 @@ def test_bad_weight_arguments_say_what_to_pass(wan, release, tmp_path):
         main([*args, f"--ckpt={release}", f"--checkpoint={release}"])
     with pytest.raises(FileNotFoundError, match="nope.mp4"):
         main(["caption", f"--wan-folder={wan}", f"--checkpoint={release}", "--videos=[nope.mp4]"])
+
+
+@pytest.mark.parametrize("objective", ["flow", "autoregressive"])
+def test_per_row_seeds_make_each_sample_independent_of_its_batch(objective):
+    """Evaluation split over any number of ranks samples a clip alone or among others: with one
+    seed per row a sample depends on its seed alone; one int seed draws the batch's noise at
+    once, so a row's sample changes with its batch."""
+    torch.manual_seed(0)
+    module = tiny_module(caption_objective=objective).eval()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts, seeds, kw = ["red circle", "blue square", "green"], [5, 6, 7], dict(video_steps=2)
+    videos = module.generate_video(prompts, seed=seeds, **kw)
+    captions = module.caption(videos, seed=seeds, text_steps=2)
+    joint_videos, joint_captions = module.generate_joint(prompts, seed=seeds, **kw)
+    for i in range(3):
+        row = slice(i, i + 1)
+        assert torch.allclose(
+            module.generate_video(prompts[row], seed=seeds[row], **kw), videos[row], atol=1e-4
+        )
+        assert module.caption(videos[row], seed=seeds[row], text_steps=2) == captions[row]
+        video, caption = module.generate_joint(prompts[row], seed=seeds[row], **kw)
+        assert torch.allclose(video, joint_videos[row], atol=1e-4)
+        assert caption == joint_captions[row]
+    assert len(set(captions)) == 3 and len(set(joint_captions)) == 3
+    # one int seed: row 1 of the batch is not what the prompt gives alone
+    alone = module.generate_video(prompts[1:2], seed=6, **kw)
+    assert not torch.allclose(module.generate_video(prompts, seed=6, **kw)[1:2], alone, atol=1e-2)
+    alone = module.caption(videos[1:2], seed=6, text_steps=2)
+    assert module.caption(videos, seed=6, text_steps=2)[1:2] != alone
+
+
+def test_a_seed_list_must_give_one_seed_per_row():
+    module = tiny_module().eval()
+    with pytest.raises(ValueError, match="got 2 seeds for a batch of 3"):
+        module.generate_video(["a", "b", "c"], seed=[1, 2], video_steps=1)
+    with pytest.raises(ValueError, match="got 1 seeds for a batch of 2"):
+        module.caption(torch.zeros(2, 3, 2, 8, 8), seed=[1], text_steps=1)

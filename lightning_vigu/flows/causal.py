@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_vigu.flows import draws
 from lightning_vigu.flows.discrete import MixtureDiscretePath, posterior_logits, sample_categorical
 
 CAPTION_OBJECTIVES = ("flow", "autoregressive")
@@ -70,7 +71,7 @@ class CausalCaptions:
         length: int,
         device: torch.device,
         temperature: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: draws.Generators = None,
     ) -> Tensor:
         """Captions ``(B, length)``: ``logits_of(canvas)`` gives the head logits ``(B, L, V)``
         of a teacher-forcing canvas; one token per call, end-of-text after a caption ends.

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_vigu.flows import draws
+
 SOURCES = ("uniform", "mask")
 UNMASKING = ("random", "confidence")
 
@@ -46,8 +48,8 @@ class UniformSource:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
-    def sample_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(0, self.vocab_size, x.shape, device=x.device, generator=generator)
+    def sample_like(self, x: Tensor, generator: draws.Generators = None) -> Tensor:
+        return draws.randint(self.vocab_size, x.shape, generator, x.device)
 
 
 class MaskSource:
@@ -58,7 +60,7 @@ class MaskSource:
         self.vocab_size = vocab_size
         self.mask_id: int | None = vocab_size
 
-    def sample_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_like(self, x: Tensor, generator: draws.Generators = None) -> Tensor:
         return torch.full_like(x, self.mask_id)
 
 
@@ -136,12 +138,12 @@ def generalized_kl_loss(
 
 
 def sample_categorical(
-    logits: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+    logits: Tensor, temperature: float = 1.0, generator: draws.Generators = None
 ) -> Tensor:
     """One draw per position from ``softmax(logits / temperature)`` ``(..., V)``; argmax at 0."""
     if temperature <= 0:
         return logits.argmax(-1)
-    u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_min(1e-20)
+    u = draws.rand(logits.shape, generator, logits.device).clamp_min(1e-20)
     gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))  # (..., V) standard Gumbel noise
     return (logits.float() / temperature + gumbel).argmax(-1)
 
@@ -160,7 +162,7 @@ def jump_step(
     t_next: Tensor,
     scheduler: PolynomialScheduler,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: draws.Generators = None,
     movable: Tensor | None = None,
 ) -> Tensor:
     """One sampler step ``t -> t_next`` of the mixture path.
@@ -176,7 +178,7 @@ def jump_step(
             for the uniform source, whose noised tokens cannot be told from data).
     """
     x_1 = sample_categorical(logits, temperature, generator)  # (B, L)
-    u = torch.rand(x_t.shape, device=x_t.device, generator=generator)
+    u = draws.rand(x_t.shape, generator, x_t.device)
     jump = u < jump_probability(t, t_next, scheduler)
     if movable is not None:
         jump &= movable
@@ -191,7 +193,7 @@ def confident_unmask_step(
     scheduler: PolynomialScheduler,
     movable: Tensor,
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: draws.Generators = None,
 ) -> Tensor:
     """A mask-source step that unmasks the tokens the model is surest of.
 
@@ -249,7 +251,7 @@ class MixtureDiscretePath:
         return path.from_source.float() if self.mask_id is not None else None
 
     def start(
-        self, b: int, length: int, device: torch.device, generator: torch.Generator | None = None
+        self, b: int, length: int, device: torch.device, generator: draws.Generators = None
     ) -> Tensor:
         """A canvas ``(b, length)`` drawn from the source (the sampler's ``t = 0``)."""
         like = torch.zeros(b, length, dtype=torch.long, device=device)
@@ -266,7 +268,7 @@ class MixtureDiscretePath:
         t: Tensor,
         t_next: Tensor,
         temperature: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: draws.Generators = None,
         unmasking: str = "random",
     ) -> Tensor:
         """One sampler step from the head's logits; with the mask source a token that left the

@@ -9,9 +9,11 @@
 * joint: both streams start from their sources and advance together, each on its own time grid
   (causal captions: the video first, then its caption, since the video never reads it).
 
-All randomness comes from one ``torch.Generator``; when it lives on another device than the
-model, a generator on the model's device is seeded from it once, so results are deterministic
-under a seed on a given device and no large tensor leaves the device.
+All randomness comes from one ``torch.Generator``, or from one per batch row
+(:class:`~lightning_vigu.flows.draws.RowGenerators`: a sample then depends on its row's seed
+alone, not on its batch); when they live on another device than the model, generators on the
+model's device are seeded from them once (:func:`~lightning_vigu.flows.draws.on_device`), so
+results are deterministic under a seed on a given device and no large tensor leaves the device.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_vigu.flows import continuous, discrete
+from lightning_vigu.flows import continuous, discrete, draws
 from lightning_vigu.flows.convention import FlowTimeModel
 
 
@@ -45,14 +47,6 @@ class SamplerConfig:
     guidance_scale: float = 5.0
     temperature: float = 1.0
     unmasking: str = "random"
-
-
-def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    """A generator on ``device`` derived from ``generator`` (itself when already there)."""
-    if generator is None or generator.device.type == torch.device(device).type:
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device).manual_seed(seed)
 
 
 class UnifiedSampler:
@@ -110,7 +104,7 @@ class UnifiedSampler:
         latent_shape: tuple[int, int, int, int],
         uncond_context: Tensor | None = None,
         text: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: draws.Generators = None,
         uncond_text: Tensor | None = None,
     ) -> Tensor:
         """Text -> video latents ``(B, *latent_shape)``.
@@ -122,10 +116,12 @@ class UnifiedSampler:
             text: optional clean caption canvas ``(B, L)`` held at ``t_text = 1``.
             uncond_text: the caption canvas of the unconditional branch (the empty prompt's;
                 default ``text``).
+            generator: one ``torch.Generator``, or :class:`~lightning_vigu.flows.draws.RowGenerators`
+                (one per row of ``context``).
         """
         b, device = context.shape[0], context.device
-        generator = on_device(generator, device)
-        x = torch.randn((b, *latent_shape), generator=generator, device=device)
+        generator = draws.on_device(generator, device)
+        x = draws.randn((b, *latent_shape), generator, device)
         grid = continuous.time_grid(self.config.video_steps, self.config.shift, device)
         t_text = None if text is None else torch.ones(b, device=device)
         for t, t_next in zip(grid[:-1], grid[1:]):
@@ -141,14 +137,14 @@ class UnifiedSampler:
         latents: Tensor,
         context: Tensor,
         length: int,
-        generator: torch.Generator | None = None,
+        generator: draws.Generators = None,
     ) -> Tensor:
         """Video -> caption tokens ``(B, length)`` from clean latents ``(B, c, t, h, w)``.
 
         ``context`` is the condition the captioner sees: the empty prompt in Uni-ViGU.
         """
         b, device = latents.shape[0], latents.device
-        generator = on_device(generator, device)
+        generator = draws.on_device(generator, device)
         ones = torch.ones(b, device=device)
         if self.path.causal:  # the video is read once, then each step passes the caption
             memory = self.model.video_memory(latents, ones, context)
@@ -170,7 +166,7 @@ class UnifiedSampler:
         latent_shape: tuple[int, int, int, int],
         length: int,
         uncond_context: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: draws.Generators = None,
     ) -> tuple[Tensor, Tensor]:
         """Video latents and caption tokens generated together from noise.
 
@@ -180,12 +176,12 @@ class UnifiedSampler:
         when there is none).
         """
         b, device = context.shape[0], context.device
-        generator = on_device(generator, device)
+        generator = draws.on_device(generator, device)
         if self.path.causal:  # the video never reads the caption: generate it, then caption it
             x = self.generate_video(context, latent_shape, uncond_context, None, generator)
             reader = uncond_context if uncond_context is not None else context
             return x, self.caption(x, reader, length, generator)
-        x = torch.randn((b, *latent_shape), generator=generator, device=device)
+        x = draws.randn((b, *latent_shape), generator, device)
         x_t = self.path.start(b, length, device, generator)
         n = self.config.video_steps
         grid_v = continuous.time_grid(n, self.config.shift, device)
@@ -203,7 +199,7 @@ class UnifiedSampler:
         logits: Tensor,
         t: Tensor,
         t_next: Tensor,
-        generator: torch.Generator | None,
+        generator: draws.Generators,
     ) -> Tensor:
         c = self.config
         return self.path.step(x_t, logits, t, t_next, c.temperature, generator, c.unmasking)
