@@ -89,7 +89,7 @@ def collect(
         for key in ("prompt", "caption"):
             out[key] += list(batch[key][:k])
         out["meta"] += list(batch.get("meta", [{}] * k))[:k]
-        out["key"] += [str(key) for key in batch.get("key", range(n, n + k))][:k]
+        out["key"] += [str(key) for key in batch.get("key", [])][:k]
         n += k
         if n >= num:
             break
@@ -97,6 +97,7 @@ def collect(
         raise ValueError("the evaluation loader yielded no clips")
     out["video"] = torch.cat(out["video"])
     out["latents"] = torch.cat(out["latents"]) if out["latents"] else None
+    out["key"] = out["key"] if len(out["key"]) == n else None  # batches without keys
     return out
 
 
@@ -188,7 +189,7 @@ def evaluate(
         module: a trained :class:`~lightning_vigu.module.UniViGU` (or anything with the same
             ``caption`` / ``generate_video`` / ``generate_joint`` methods, taking one seed per
             clip).
-        clips: held-out clips (``key`` names each clip; without keys, their index).
+        clips: held-out clips (``key`` names each clip; without keys, their rank and index).
         directions: any of ``v2t``, ``t2v``, ``joint``.
         fvd: an FVD metric (reset here), or ``None`` to skip FVD.
         clipscore: a CLIPScore metric (reset here), or ``None``.
@@ -204,7 +205,11 @@ def evaluate(
 
     directions = set(directions)
     n, device = len(clips["prompt"]), module.device
-    keys = [str(k) for k in clips.get("key") or range(n)]
+    if clips.get("key"):
+        keys = [str(k) for k in clips["key"]]
+    else:  # unnamed clips: numbered on this rank (their order then depends on the ranks)
+        rank = dist.get_rank() if _distributed() else 0
+        keys = [f"{rank}:{i:06d}" for i in range(n)]
     seeds = clip_seeds(seed, keys)
     has_truth = all(_gather([all(m and "objects" in m for m in clips["meta"])]))
     target_key = (
