@@ -3,7 +3,7 @@
     python -m benchmarks.distributed all --preset gpu --out benchmarks/results   # two H200s
     python -m benchmarks.distributed all --preset toy --out /tmp/dist            # CPU, gloo
     (``run`` writes ``<work>/distributed_raw.json``, ``report`` turns it into the tables;
-    ``--parts ddp_curves ddp_scaling fsdp memory fsdp_cli`` picks parts)
+    ``--parts ddp_curves ddp_eval ddp_scaling fsdp memory fsdp_cli`` picks parts)
 
 Parts. The wall times were measured on two H200s at a377d7d, when every ``wan1.3b`` launch still
 initialised its weights on the host (~80 s a launch; now they are built on the GPU). One call
@@ -23,6 +23,10 @@ to the device allows 10 minutes, so run the parts in separate calls:
   - the same three numbers for a noise floor: a second 1-rank run that differs only in its
     per-step randomness (module seed 1);
   - the clips that both ranks read within one epoch (must be 0).
+* ``ddp_eval`` (not yet run on GPUs): ``validate`` with :class:`callbacks.Evaluation` on the
+  whole validation split (``eval_clips``), on 1 rank and on 2, from the weights that the
+  ``ddp_curves`` 1-rank run keeps (random weights without it). One row per metric, with both
+  numbers.
 * ``ddp_scaling``: examples/s on 2 ranks vs 1 at the same per-rank batch, timed steps after
   warm-up.
   - ``small`` on 16x64x64 clips at batch 64 per rank;
@@ -81,7 +85,7 @@ from lightning_vigu.codecs.base import LatentCodec
 from lightning_vigu.text.tokenizers import CaptionTokenizer
 
 RAW_NAME = "distributed_raw.json"
-PARTS = ("ddp_curves", "ddp_scaling", "fsdp", "memory", "fsdp_cli")
+PARTS = ("ddp_curves", "ddp_eval", "ddp_scaling", "fsdp", "memory", "fsdp_cli")
 NO_MULTICAST = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -108,6 +112,8 @@ class Case:
     seed: int = 0  # the module's per-step randomness (times, noise); the weights are seed 0's
     phase: str = "recall"  # refine_frozen: the video path frozen
     lora: dict | None = None  # adapters on the video path (conf/lora.yaml)
+    evaluate: int = 0  # validate on this many validation clips (callbacks.Evaluation), no training
+    weights: str = ""  # a checkpoint of this suite whose weights the launch starts from
     extra: dict = field(default_factory=dict)
 
 
@@ -143,6 +149,7 @@ PRESETS = {
             Case("17x480x832", "wan1.3b", (17, 480, 832), 1, 10, 2, "", "fsdp", True, save_at=5),
         ],
         fsdp_cli=["-c", "conf/fsdp.yaml", "--trainer.accelerator=gpu", "--trainer.max_steps=40"],
+        eval_clips=128,
         memory=wan_memory_cases(),
     ),
     "toy": dict(
@@ -151,6 +158,7 @@ PRESETS = {
         scaling=[Case("tiny 16x32x32", "tiny", (16, 32, 32), 2, 4, warmup=1)],
         fsdp=[Case("tiny 16x32x32", "tiny", (16, 32, 32), 2, 4, 1, "cpu", "fsdp", save_at=2)],
         fsdp_cli=["-c", "conf/ddp.yaml", "--trainer.accelerator=cpu", "--trainer.max_steps=4"],
+        eval_clips=8,
         memory=[
             (1, Case("lora tiny", "tiny", (16, 32, 32), 2, 3, 1, lora={"rank": 4, "alpha": 4}))
         ],
@@ -313,6 +321,11 @@ def train_rank(index: int, spec: dict) -> None:
     with torch.device(f"cuda:{index}" if cuda else "cpu"):
         module = build_module(case, out, index)
     params = sum(p.numel() for p in module.parameters())
+    if case.weights:  # the suite's own checkpoint: trusted
+        state = torch.load(case.weights, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    if case.evaluate:
+        return evaluate_rank(module, case, spec, out)
     if case.num_train:  # the real synthetic world, decoded into memory
         data = dict(datamodule=world_datamodule(case, out.parent / "cache"))
     else:
@@ -345,14 +358,40 @@ def train_rank(index: int, spec: dict) -> None:
     trainer.fit(module, **data, ckpt_path=case.resume or None, weights_only=False)
 
 
+def evaluate_rank(module, case: Case, spec: dict, out: Path) -> None:
+    """``validate`` with :class:`callbacks.Evaluation` on the world's whole validation split
+    (``case.evaluate`` clips over all ranks); writes ``<out>/rank<N>.json`` with the numbers
+    this rank reports."""
+    from callbacks import Evaluation
+
+    steps = case.extra.get("eval_steps")
+    evaluation = Evaluation(every_n_steps=0, num_videos=case.evaluate, batch_size=16, steps=steps)
+    trainer = L.Trainer(
+        accelerator=spec["accelerator"],
+        devices=spec["ranks"],
+        strategy=_strategy(case, spec["ranks"], spec["accelerator"] == "gpu"),
+        precision="bf16-mixed" if spec["accelerator"] == "gpu" else "32-true",
+        callbacks=[evaluation],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+    trainer.validate(module, datamodule=world_datamodule(case, out.parent / "cache"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    record = {"rank": trainer.global_rank, "metrics": metrics}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 def world_datamodule(case: Case, cache: Path):
-    """The synthetic world's training split in memory, batches of ``case.batch`` per rank."""
+    """The synthetic world in memory: the training split, batches of ``case.batch`` per rank;
+    with ``case.evaluate`` also that many validation clips."""
     from datamodules import SyntheticDataModule
 
     return SyntheticDataModule(
         preset=case.world,
         num_train=case.num_train,
-        num_val=0,
+        num_val=case.evaluate,
         num_test=0,
         num_unseen=0,
         batch_size=case.batch,
@@ -445,7 +484,8 @@ def ddp_curves(preset: dict, work: Path) -> list[dict]:
     def run() -> dict:
         accelerator = preset["accelerator"]
         two = launch(half, 2, accelerator, work / "curves_2")
-        one = launch(case, 1, accelerator, work / "curves_1")
+        kept = Case(**{**asdict(case), "save_at": case.steps})  # weights for ddp_eval
+        one = launch(kept, 1, accelerator, work / "curves_1")
         other = launch(reseeded, 1, accelerator, work / "curves_1_seed1")
         loss_two = np.mean([r["losses"] for r in two], axis=0)  # equal halves: the global mean
         loss_one = np.asarray(one[0]["losses"])
@@ -470,6 +510,51 @@ def ddp_curves(preset: dict, work: Path) -> list[dict]:
         }
 
     return [_attempt(row, run)]
+
+
+def ddp_eval(preset: dict, work: Path) -> list[dict]:
+    """``validate`` with the Evaluation callback on the whole validation split, on 1 rank and on
+    2, from the weights of the ``ddp_curves`` 1-rank run (random weights when it has not run):
+    one row per metric with both numbers."""
+    kept = work / "curves_1" / "sharded.ckpt"
+    case = Case(
+        **{
+            **asdict(preset["curves"]),
+            "steps": 0,
+            "evaluate": preset["eval_clips"],
+            "weights": str(kept) if kept.is_file() else "",
+            "extra": {"eval_steps": 2} if preset["accelerator"] == "cpu" else {},  # toy: quick
+        }
+    )
+    prepare_world(case, work / "cache")
+    weights = f"ddp_curves 1-rank run, {preset['curves'].steps} steps" if case.weights else "random"
+
+    def run() -> dict:
+        one = launch(case, 1, preset["accelerator"], work / "eval_1")
+        two = launch(case, 2, preset["accelerator"], work / "eval_2")
+        return {"runs": [[r["metrics"] for r in one], [r["metrics"] for r in two]]}
+
+    attempt = _attempt({"metric": "all", "weights": weights}, run)
+    if "error" in attempt:
+        return [attempt]
+    (one,), two = attempt["runs"]
+    rows = []
+    for key in sorted(one):
+        values = [metrics.get(key, float("nan")) for metrics in two]
+        rows.append(
+            {
+                "metric": key,
+                "weights": weights,
+                "1_rank": one[key],
+                "2_ranks": values[0],
+                "abs_diff": abs(values[0] - one[key]),
+                "ranks_agree": len(set(values)) == 1,
+            }
+        )
+    print(
+        f"ddp_eval: {len(rows)} metrics, max abs diff {max((r['abs_diff'] for r in rows), default=0):.3g}"
+    )
+    return rows
 
 
 def ddp_scaling(preset: dict, work: Path) -> list[dict]:
@@ -650,6 +735,7 @@ COLUMNS = {
     "ddp_curves": ["case", "batch", "steps", "max_rel_diff", "mean_rel_diff", "late_mean_rel_diff"]
     + ["floor_max_rel_diff", "floor_mean_rel_diff", "floor_late_mean_rel_diff"]
     + ["rank_overlap_per_epoch", "same_batches_as_1rank", "error"],
+    "ddp_eval": ["metric", "weights", "1_rank", "2_ranks", "abs_diff", "ranks_agree", "error"],
     "ddp_scaling": ["case", "ranks", "batch_per_rank", "seconds", "steps_per_s"]
     + ["examples_per_s", "speedup", "peak_gib", "error"],
     "fsdp": ["case", "size", "strategy", "params_b", "seconds", "peak_gib", "resume_max_rel_diff"]
@@ -665,6 +751,10 @@ NOTES = {
     "differences between two 1-rank runs that differ only in their per-step randomness (seed "
     "0 vs 1): the noise that the 2-rank run is judged against. `rank_overlap_per_epoch`: clips "
     "both ranks read within one epoch (0: disjoint).",
+    "ddp_eval": "`validate` with `callbacks.Evaluation` on the whole validation split, one "
+    "process against two ranks that each hold part of it; every clip is sampled from its own "
+    "seed and the numbers are gathered over ranks. `ranks_agree`: both ranks report the same "
+    "value. The validation losses draw their noise per rank, so they agree within noise only.",
     "ddp_scaling": "Examples/s over all ranks; `speedup`: 2 ranks over 1 (target >= 1.8).",
     "fsdp": "Full sharding on 2 ranks, AdamW; `peak_gib`: the largest rank's peak allocated "
     "memory. Resume: a sharded checkpoint half-way, the next losses against the uninterrupted "

@@ -440,7 +440,7 @@ class Evaluation(L.Callback):
         pl_module.log_dict({f"{stage}/{k}": v for k, v in numbers.items()}, sync_dist=True)
         headline = {k: numbers[k] for k in HEADLINE if k in numbers}
         rank_zero_info(
-            f"[Evaluation] {stage} at step {trainer.global_step} on {len(clips['prompt'])} clips: "
+            f"[Evaluation] {stage} at step {trainer.global_step} on {numbers['num_videos']:.0f} clips: "
             + ", ".join(f"{HEADLINE[k]} {v:.3f}" for k, v in headline.items())
         )
         self._write(trainer, stage, numbers, result.predictions_v2t)

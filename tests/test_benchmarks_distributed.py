@@ -32,6 +32,14 @@ def test_toy_preset_runs_all_parts_on_two_gloo_ranks(tmp_path, monkeypatch):
     # the noise floor: same weights and batches, other per-step draws, so the losses differ
     assert 0 < curves["floor_mean_rel_diff"] <= curves["floor_max_rel_diff"] < 0.5
 
+    evaluation = {r["metric"]: r for r in parts["ddp_eval"]["rows"]}
+    assert "error" not in evaluation.get("all", {}), evaluation
+    assert evaluation["val/num_videos"]["1_rank"] == distributed.PRESETS["toy"]["eval_clips"]
+    assert evaluation["val/v2t/attr_ceiling"]["1_rank"] > 0  # the world's records are there
+    for key, row in evaluation.items():  # the evaluation's numbers, not the noisy val losses
+        if key.split("/")[1] in ("v2t", "t2v", "joint", "num_videos"):
+            assert row["abs_diff"] == 0 and row["ranks_agree"], row
+
     scaling = parts["ddp_scaling"]["rows"]
     assert [r["ranks"] for r in scaling] == [1, 2]
     assert all(r["examples_per_s"] > 0 for r in scaling) and scaling[1]["speedup"] > 0
