@@ -69,7 +69,7 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -78,7 +78,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import markdown_table, run_then_report, write_results
+from benchmarks.common import ROOT, markdown_table, run_then_report, write_results
 from benchmarks.flops import failure
 from lightning_vigu.batch import collate_batch
 from lightning_vigu.codecs.base import LatentCodec
@@ -307,6 +307,22 @@ def _strategy(case: Case, ranks: int, cuda: bool):
     return "ddp" if ranks > 1 else "auto"
 
 
+def _trainer(case: Case, spec: dict, **kwargs) -> L.Trainer:
+    """The launch's Trainer on its ranks: bf16 on GPUs, no logger, no progress bars."""
+    cuda = spec["accelerator"] == "gpu"
+    return L.Trainer(
+        accelerator=spec["accelerator"],
+        devices=spec["ranks"],
+        strategy=_strategy(case, spec["ranks"], cuda),
+        precision="bf16-mixed" if cuda else "32-true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=spec["out"],
+        **kwargs,
+    )
+
+
 def train_rank(index: int, spec: dict) -> None:
     """One rank of a launch (a spawned process): Lightning's Trainer on the case."""
     ranks, out = spec["ranks"], Path(spec["out"])
@@ -338,21 +354,15 @@ def train_rank(index: int, spec: dict) -> None:
             num_workers=2 if cuda else 0,
         )
         data = dict(train_dataloaders=loader)
-    trainer = L.Trainer(
-        accelerator=spec["accelerator"],
-        devices=ranks,
-        strategy=_strategy(case, ranks, cuda),
-        precision="bf16-mixed" if cuda else "32-true",
+    trainer = _trainer(
+        case,
+        spec,
+        callbacks=[StepRecorder(out, params, case.save_at)],
         max_steps=case.steps,
         gradient_clip_val=None if case.strategy == "fsdp" else 1.0,
-        callbacks=[StepRecorder(out, params, case.save_at)],
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        default_root_dir=str(out),
     )
     # the checkpoint is this suite's own: its pickled hyper-parameters are trusted
     trainer.fit(module, **data, ckpt_path=case.resume or None, weights_only=False)
@@ -366,17 +376,7 @@ def evaluate_rank(module, case: Case, spec: dict, out: Path) -> None:
 
     steps = case.extra.get("eval_steps")
     evaluation = Evaluation(every_n_steps=0, num_videos=case.evaluate, batch_size=16, steps=steps)
-    trainer = L.Trainer(
-        accelerator=spec["accelerator"],
-        devices=spec["ranks"],
-        strategy=_strategy(case, spec["ranks"], spec["accelerator"] == "gpu"),
-        precision="bf16-mixed" if spec["accelerator"] == "gpu" else "32-true",
-        callbacks=[evaluation],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-    )
+    trainer = _trainer(case, spec, callbacks=[evaluation])
     trainer.validate(module, datamodule=world_datamodule(case, out.parent / "cache"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     record = {"rank": trainer.global_rank, "metrics": metrics}
@@ -477,14 +477,14 @@ def ddp_curves(preset: dict, work: Path) -> list[dict]:
     batches), against the first 1-rank run."""
     case = preset["curves"]
     prepare_world(case, work / "cache")
-    half = Case(**{**asdict(case), "batch": case.batch // 2})
-    reseeded = Case(**{**asdict(case), "seed": 1})
+    half = replace(case, batch=case.batch // 2)
+    reseeded = replace(case, seed=1)
     row = {"case": case.label, "batch": case.batch, "steps": case.steps}
 
     def run() -> dict:
         accelerator = preset["accelerator"]
         two = launch(half, 2, accelerator, work / "curves_2")
-        kept = Case(**{**asdict(case), "save_at": case.steps})  # weights for ddp_eval
+        kept = replace(case, save_at=case.steps)  # weights for ddp_eval
         one = launch(kept, 1, accelerator, work / "curves_1")
         other = launch(reseeded, 1, accelerator, work / "curves_1_seed1")
         loss_two = np.mean([r["losses"] for r in two], axis=0)  # equal halves: the global mean
@@ -517,14 +517,12 @@ def ddp_eval(preset: dict, work: Path) -> list[dict]:
     2, from the weights of the ``ddp_curves`` 1-rank run (random weights when it has not run):
     one row per metric with both numbers."""
     kept = work / "curves_1" / "sharded.ckpt"
-    case = Case(
-        **{
-            **asdict(preset["curves"]),
-            "steps": 0,
-            "evaluate": preset["eval_clips"],
-            "weights": str(kept) if kept.is_file() else "",
-            "extra": {"eval_steps": 2} if preset["accelerator"] == "cpu" else {},  # toy: quick
-        }
+    case = replace(
+        preset["curves"],
+        steps=0,
+        evaluate=preset["eval_clips"],
+        weights=str(kept) if kept.is_file() else "",
+        extra={"eval_steps": 2} if preset["accelerator"] == "cpu" else {},  # toy: quick sampling
     )
     prepare_world(case, work / "cache")
     weights = f"ddp_curves 1-rank run, {preset['curves'].steps} steps" if case.weights else "random"
@@ -625,7 +623,7 @@ def fsdp(preset: dict, work: Path) -> list[dict]:
         out = work / f"fsdp{i}"
         row = {"case": case.label, "size": case.size, "ranks": 2, "batch_per_rank": case.batch}
         if preset["accelerator"] == "cpu":  # Lightning's FSDPStrategy requires a GPU
-            case = Case(**{**asdict(case), "strategy": "ddp"})
+            case = replace(case, strategy="ddp")
             row["strategy"] = "ddp (FSDP needs a GPU)"
         else:
             row["strategy"] = "fsdp"
@@ -636,7 +634,7 @@ def fsdp(preset: dict, work: Path) -> list[dict]:
             if not case.save_at:
                 return result
             ckpt = out / "uninterrupted" / "sharded.ckpt"
-            resumed = Case(**{**asdict(case), "resume": str(ckpt)})
+            resumed = replace(case, resume=str(ckpt))
             second = launch(resumed, 2, preset["accelerator"], out / "resumed")
             one, two = _per_step(first), _per_step(second)
             diffs = [abs(two[s] - one[s]) / abs(one[s]) for s in two]
@@ -655,7 +653,7 @@ def memory(preset: dict, work: Path) -> list[dict]:
     rows = []
     for i, (ranks, case) in enumerate(preset["memory"]):
         strategy = "fsdp" if case.strategy == "fsdp" and preset["accelerator"] == "gpu" else "ddp"
-        case = Case(**{**asdict(case), "strategy": strategy})
+        case = replace(case, strategy=strategy)
         row = {"case": case.label, "ranks": ranks, "strategy": strategy if ranks > 1 else "-"}
 
         def run(case=case, ranks=ranks, out=work / f"memory{i}") -> dict:
@@ -670,13 +668,14 @@ def fsdp_cli(preset: dict, work: Path) -> list[dict]:
     """A user's run end to end through the command line: ``fit`` of the tiny synthetic recall on
     2 ranks (FSDP on GPUs, DDP on CPU), its sharded checkpoint consolidated, then ``generate``
     and ``caption`` on the consolidated file."""
-    run_dir = work / "cli"
+    run_dir = (work / "cli").resolve()  # the commands run in the repository (its conf/)
     row = {"case": "tiny recall via CLI", "ranks": 2, "overlay": preset["fsdp_cli"][1]}
 
     def cli(*args: str) -> str:
-        env = {**os.environ, **NO_MULTICAST, "LIGHTNING_VIGU_CACHE": str(work / "cache")}
+        cache = (work / "cache").resolve()
+        env = {**os.environ, **NO_MULTICAST, "LIGHTNING_VIGU_CACHE": str(cache)}
         cmd = [sys.executable, "-m", "lightning_vigu", *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"'{' '.join(args[:1])}' failed: {done.stderr[-600:]}")
         return done.stdout

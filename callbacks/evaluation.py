@@ -236,7 +236,7 @@ def evaluate(
             results.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
         except (ImportError, MetricUnavailable) as exn:  # pycocoevalcap missing: keep predictions
             rank_zero_info(f"[Evaluation] caption metrics skipped ({exn}); predictions are kept")
-        rows = [(k, r, p) for k, r, p in zip(keys, clips[target_key], preds)]
+        rows = list(zip(keys, clips[target_key], preds))
         if has_truth:
             rows = [
                 (
