@@ -274,6 +274,10 @@ class StepRecorder(L.Callback):
         self.out, self.params, self.save_at = out, params, save_at
         self.record = {"steps": [], "losses": [], "keys": [], "end_times": []}
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():  # the training regime, not the model's build and wrapping
+            torch.cuda.reset_peak_memory_stats()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.record["losses"].append(float(loss))  # waits for the step
@@ -718,8 +722,24 @@ def fsdp_cli(preset: dict, work: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- run / report
+CASE_LISTS = ("scaling", "fsdp", "memory")
+
+
+def select(preset: dict, only: list[str] | None) -> dict:
+    """The preset with its case lists (scaling, fsdp, memory) cut to the cases whose label holds
+    one of ``only``; every case when ``only`` is empty."""
+    if not only:
+        return preset
+
+    def keep(case) -> bool:
+        label = (case[1] if isinstance(case, tuple) else case).label
+        return any(part in label for part in only)
+
+    return {k: [c for c in v if keep(c)] if k in CASE_LISTS else v for k, v in preset.items()}
+
+
 def run(args) -> Path:
-    preset = PRESETS[args.preset]
+    preset = select(PRESETS[args.preset], args.only)
     work = Path(args.work)
     raw = {"preset": args.preset, "parts": {}}
     path = work / RAW_NAME
@@ -789,6 +809,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("part", choices=["run", "report", "all"])
     p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="scaling/fsdp/memory: cases whose label holds one of these",
+    )
     p.add_argument("--work", default="runs/bench_distributed", help="runs and raw results")
     p.add_argument("--raw", default=None, help="raw results for report (default <work>/...)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")

@@ -58,3 +58,16 @@ def test_toy_preset_runs_all_parts_on_two_gloo_ranks(tmp_path, monkeypatch):
     assert "error" not in cli, cli
     assert cli["checkpoint"] == "file" and cli["generated"] == "0000.mp4"  # DDP on CPU: one file
     assert isinstance(cli["caption"], str)
+
+
+def test_only_keeps_the_cases_whose_label_matches():
+    gpu = distributed.PRESETS["gpu"]
+    cut = distributed.select(gpu, ["17x480x832"])
+    assert [c.label for c in cut["fsdp"]] == ["17x480x832"]
+    assert [c.label for _, c in cut["memory"]] == [
+        "full 17x480x832",
+        "refine_frozen 17x480x832",
+        "lora 17x480x832",
+    ]
+    assert [c.label for c in cut["scaling"]] == ["wan1.3b 17x480x832"]
+    assert cut["curves"] is gpu["curves"] and distributed.select(gpu, None) is gpu
