@@ -225,13 +225,29 @@ class RandomClips(Dataset):
         return {"latents": latents, "prompt_emb": emb, "prompt": "", "caption": words, "key": str(i)}  # fmt: skip
 
 
+def injected_parts(case: Case, out: Path, rank: int) -> dict:
+    """The codec, tokenizer and prompt encoder of :func:`build_module` (built in Python, so its
+    checkpoints do not hold them: loading passes them again)."""
+    from datamodules.synthetic import WorldTokenizer
+    from lightning_vigu.text.encoders import PrecomputedPromptEncoder
+
+    if case.size != "wan1.3b":
+        return {"tokenizer": WorldTokenizer()}
+    empty = out / f"empty_prompt_emb{rank}.pt"
+    if not empty.is_file():
+        torch.save(torch.zeros(512, 4096, device="cpu"), empty)
+    return {
+        "codec": WanLatentGeometry(),
+        "tokenizer": WordIds(),
+        "prompt_encoder": PrecomputedPromptEncoder(str(empty)),
+    }
+
+
 def build_module(case: Case, out: Path, rank: int):
     """UniViGU as ``conf/gpu.yaml`` (world sizes) or ``conf/model/wan1.3b.yaml`` (random
     weights, latents in, Wan's vocabulary) set it up, from seed 0."""
-    from datamodules.synthetic import WorldTokenizer
     from lightning_vigu.module import UniViGU
     from lightning_vigu.objective import ObjectiveConfig
-    from lightning_vigu.text.encoders import PrecomputedPromptEncoder
 
     torch.manual_seed(0)
     common = dict(
@@ -242,27 +258,18 @@ def build_module(case: Case, out: Path, rank: int):
         video_shape=case.video,
         gradient_checkpointing=case.checkpointing,
         warmup_steps=max(case.steps // 6, 1),
+        **injected_parts(case, out, rank),
     )
     if case.size != "wan1.3b":
         return UniViGU(
             **common,
-            tokenizer=WorldTokenizer(),
             caption_length=64,
             prompt_length=32,
             model_overrides={"text_absolute_positions": True},
             objective=ObjectiveConfig(prediction="data", time_shift=3.0),
             lr=5e-4,
         )
-    empty = out / f"empty_prompt_emb{rank}.pt"
-    torch.save(torch.zeros(512, 4096, device="cpu"), empty)
-    return UniViGU(
-        **common,
-        codec=WanLatentGeometry(),
-        tokenizer=WordIds(),
-        prompt_encoder=PrecomputedPromptEncoder(str(empty)),
-        caption_length=256,
-        lr=5e-5,
-    )
+    return UniViGU(**common, caption_length=256, lr=5e-5)
 
 
 class StepRecorder(L.Callback):
@@ -452,7 +459,10 @@ def _attempt(row: dict, fn) -> dict:
 
 def _timing(records: list[dict], case: Case) -> dict:
     """Steps/s, examples/s over all ranks and peak memory, after the warm-up steps."""
-    times = np.diff(records[0]["end_times"])[case.warmup :]
+    times = np.diff(records[0]["end_times"])
+    if case.save_at:  # the interval after the checkpoint's step includes writing it
+        times = np.delete(times, case.save_at - 1)
+    times = times[case.warmup :]
     seconds = float(times.mean())
     return {
         "seconds": seconds,
@@ -579,13 +589,16 @@ def ddp_scaling(preset: dict, work: Path) -> list[dict]:
     return rows
 
 
-def _consolidate(folder: Path) -> dict:
-    """Consolidate a sharded checkpoint into one file and read both back."""
+def _consolidate(folder: Path, parts: dict) -> dict:
+    """Consolidate a sharded checkpoint into one file and read both back; the file is then
+    loaded as ``generate`` and ``caption`` load it, with the module's injected ``parts``."""
+    from lightning_vigu.cli import load_module
     from lightning_vigu.export import read_checkpoint
 
     if folder.is_file():  # a DDP checkpoint (toy preset): nothing to consolidate
         read_checkpoint(folder, trust_pickle=True).model()
-        return {"consolidated_equals_sharded": "n/a (DDP file)"}
+        load_module(str(folder), device="cpu", trust_pickle=True, **parts)
+        return {"consolidated_equals_sharded": "n/a (DDP file)", "loads_for_sampling": True}
     target = folder.with_suffix(".consolidated.ckpt")
     cmd = [sys.executable, "-m", "lightning.pytorch.utilities.consolidate_checkpoint", str(folder)]
     done = subprocess.run(
@@ -599,9 +612,7 @@ def _consolidate(folder: Path) -> dict:
         torch.equal(sharded.state[k], single.state[k]) for k in single.state
     )
     single.model()  # every tensor checked against the config
-    from lightning_vigu.cli import load_module
-
-    load_module(str(target), device="cpu", trust_pickle=True)  # what generate / caption load
+    load_module(str(target), device="cpu", trust_pickle=True, **parts)
     return {
         "consolidated_gib": target.stat().st_size / 2**30,
         "consolidated_params_b": sum(v.numel() for v in single.state.values()) / 1e9,
@@ -644,7 +655,7 @@ def fsdp(preset: dict, work: Path) -> list[dict]:
             diffs = [abs(two[s] - one[s]) / abs(one[s]) for s in two]
             result.update(resumed_steps=sorted(two), resume_max_rel_diff=float(max(diffs)))
             print({"case": case.label, **result}, flush=True)  # kept if consolidation runs long
-            result.update(_consolidate(ckpt))
+            result.update(_consolidate(ckpt, injected_parts(case, out, 0)))
             return result
 
         rows.append(_attempt(row, run))
@@ -702,7 +713,7 @@ def fsdp_cli(preset: dict, work: Path) -> list[dict]:
         last = checkpoints / "last.ckpt"
         result = {"fit_s": fit_s, "checkpoint": "folder of shards" if last.is_dir() else "file"}
         if last.is_dir():
-            result.update(_consolidate(last))
+            result.update(_consolidate(last, {}))  # built by fit's config
             last = last.with_suffix(".consolidated.ckpt")
         samples = run_dir / "samples"
         prompt = "a red circle moves to the left"

@@ -231,7 +231,7 @@ def evaluate(
             else:
                 preds += module.caption(clips["video"][sl].to(device), seed=seeds[sl], **overrides)  # fmt: skip
         try:
-            metric = CaptionMetrics()
+            metric = CaptionMetrics().to(device)  # NCCL gathers CUDA tensors only
             metric.update(preds, [[t] for t in clips[target_key]])
             results.update({f"v2t/{k}": float(v) for k, v in metric.compute().items()})
         except (ImportError, MetricUnavailable) as exn:  # pycocoevalcap missing: keep predictions

@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_vigu import runs
-from lightning_vigu.module import UniViGU
+from lightning_vigu.module import INJECTED_PARTS, UniViGU
 from lightning_vigu.video_io import (
     ClipSpec,
     ClipTooShortError,
@@ -131,11 +132,16 @@ class ViGUCLI(LightningCLI):
         runs.append_csv_logs(trainer)
 
 
-def load_module(ckpt: str, device: str = "auto", trust_pickle: bool = False) -> UniViGU:
+def load_module(
+    ckpt: str, device: str = "auto", trust_pickle: bool = False, **parts: Any
+) -> UniViGU:
     """A trained module from a checkpoint (EMA weights when the run used EMA), in eval mode.
 
     Loads with ``torch.load(weights_only=True)`` (fit's checkpoints need nothing else);
     ``trust_pickle`` allows arbitrary pickled objects, which runs code stored in the file.
+    ``parts``: the injected parts (``codec``, ``tokenizer``, ``prompt_encoder``) of a module
+    that was built in Python rather than by ``fit``'s config: only a config's parts are stored
+    in the checkpoint, so a Python-built module's must be passed again.
     """
     if not Path(ckpt).is_file():
         raise FileNotFoundError(
@@ -143,11 +149,25 @@ def load_module(ckpt: str, device: str = "auto", trust_pickle: bool = False) -> 
         )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    runs.load_checkpoint_file(ckpt, trust_pickle=trust_pickle, mmap=True, what="--ckpt")
-    # the checkpoint holds every weight: do not re-read the run's init_from file
-    module = UniViGU.load_from_checkpoint(
-        ckpt, map_location=device, weights_only=not trust_pickle, init_from=None
+    checkpoint = runs.load_checkpoint_file(
+        ckpt, trust_pickle=trust_pickle, mmap=True, what="--ckpt"
     )
+    try:  # the checkpoint holds every weight: do not re-read the run's init_from file
+        module = UniViGU.load_from_checkpoint(
+            ckpt, map_location=device, weights_only=not trust_pickle, init_from=None, **parts
+        )
+    except RuntimeError as exn:
+        stored = checkpoint.get("hyper_parameters", {})
+        missing = [k for k in INJECTED_PARTS if k not in stored and k not in parts]
+        if "size mismatch" not in str(exn) or not missing:
+            raise
+        raise runs.CheckpointError(
+            f"'{ckpt}' was written by a module built in Python: its {', '.join(missing)} are not "
+            "in the file, and the defaults do not fit its weights. Pass them again "
+            f"(load_module(..., {', '.join(f'{k}=...' for k in missing)})), or train through "
+            "'fit', whose config the "
+            f"checkpoint keeps. ({str(exn).splitlines()[-1].strip()[:160]})"
+        ) from exn
     return module.eval().to(device)
 
 

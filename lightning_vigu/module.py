@@ -69,6 +69,10 @@ def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
         )
 
 
+# parts built outside the module; a config stores them, a Python caller passes them again on load
+INJECTED_PARTS = ("codec", "tokenizer", "prompt_encoder")
+
+
 class UniViGU(InjectedOptimizerModule):
     """Uni-ViGU: one transformer for text -> video, video -> text and joint generation.
 
@@ -155,9 +159,7 @@ class UniViGU(InjectedOptimizerModule):
     ) -> None:
         super().__init__()
         check_learning_rates(lr, lr_groups)
-        save_config_hyperparameters(
-            self, injected=["codec", "tokenizer", "prompt_encoder", "optimizer"]
-        )
+        save_config_hyperparameters(self, injected=[*INJECTED_PARTS, "optimizer"])
         self.codec = codec if codec is not None else PixelCodec((1, 4, 4))
         self.codec.requires_grad_(False)
         self.tokenizer = tokenizer if tokenizer is not None else OpenCLIPTokenizer()

@@ -49,6 +49,7 @@ def test_toy_preset_runs_all_parts_on_two_gloo_ranks(tmp_path, monkeypatch):
     assert fsdp["strategy"].startswith("ddp") and "FSDP needs a GPU" in fsdp["strategy"]
     assert fsdp["resumed_steps"] == [2, 3]
     assert fsdp["resume_max_rel_diff"] < 1e-5  # same batches and per-step randomness
+    assert fsdp["loads_for_sampling"] is True  # with the injected parts passed again
 
     (memory,) = parts["memory"]["rows"]
     assert "error" not in memory, memory

@@ -178,6 +178,29 @@ def test_checkpoints_load_safely_and_pickles_need_an_opt_in(data_finished_run, t
     tiny_module(init_from=str(data_finished_run / "checkpoints" / "last.ckpt"))
 
 
+def test_a_python_built_module_loads_with_its_parts_passed_again(tmp_path):
+    from datamodules.synthetic import WorldTokenizer
+
+    module = tiny_module(tokenizer=WorldTokenizer())  # not open_clip's default vocabulary
+    ckpt = tmp_path / "python_built.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        ckpt,
+    )
+    with pytest.raises(runs.CheckpointError, match="built in Python: its codec, tokenizer") as e:
+        load_module(str(ckpt), "cpu")
+    assert str(ckpt) in str(e.value) and "codec=..., tokenizer=..., prompt_encoder=..." in str(
+        e.value
+    )
+    loaded = load_module(str(ckpt), "cpu", tokenizer=WorldTokenizer())
+    for name, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 def _other_filesystem_tmp(path: Path) -> str | None:
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != path.stat().st_dev:
