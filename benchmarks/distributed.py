@@ -5,11 +5,12 @@
     (``run`` writes ``<work>/distributed_raw.json``, ``report`` turns it into the tables;
     ``--parts ddp_curves ddp_eval ddp_scaling fsdp memory fsdp_cli`` picks parts)
 
-Parts. The wall times were measured on two H200s at a377d7d, when every ``wan1.3b`` launch still
-initialised its weights on the host (~80 s a launch; now they are built on the GPU). One call
-to the device allows 10 minutes, so run the parts in separate calls:
+Parts, with wall times on two H200s (3c1da1b: ``wan1.3b`` built on the GPU, about 40 s a
+launch; a377d7d built it on the host, ~95 s). One call to the device allows 10 minutes, so run
+the parts in separate calls; ``--only LABEL...`` keeps the scaling, fsdp and memory cases whose
+label holds one of them (``--only 17x480x832``):
 
-* ``ddp_curves`` (with ``ddp_scaling``: 7.3 min, data generation included). The real UniViGU
+* ``ddp_curves`` (5-7 min on a fresh machine, data generation included). The real UniViGU
   module and SyntheticDataModule (``in_memory``) train the synthetic world at 16x32x32 with
   ``small``, through Lightning's Trainer, from the same seed: 2 ranks at batch B/2 and 1 rank at
   batch B. The in-memory stream cuts each seeded epoch permutation into batch-sized chunks and
@@ -23,7 +24,7 @@ to the device allows 10 minutes, so run the parts in separate calls:
   - the same three numbers for a noise floor: a second 1-rank run that differs only in its
     per-step randomness (module seed 1);
   - the clips that both ranks read within one epoch (must be 0).
-* ``ddp_eval`` (not yet run on GPUs): ``validate`` with :class:`callbacks.Evaluation` on the
+* ``ddp_eval`` (1.5 min after ``ddp_curves``): ``validate`` with :class:`callbacks.Evaluation` on the
   whole validation split (``eval_clips``), on 1 rank and on 2, from the weights that the
   ``ddp_curves`` 1-rank run keeps (random weights without it). One row per metric, with both
   numbers.
@@ -33,7 +34,8 @@ to the device allows 10 minutes, so run the parts in separate calls:
   - ``wan1.3b`` (random weights, 3.05B parameters with the caption stream) on Wan VAE latents of
     17x480x832 clips ``(16, 5, 60, 104)`` at batch 1 per rank, bf16, gradient checkpointing.
   Target >= 1.8x.
-* ``fsdp`` (more than 8 min; the consolidation was not reached in one call). ``wan1.3b`` with
+* ``fsdp`` (the 17-frame case alone: about 6 min, most of it writing and reading the 35 GB
+  checkpoints; run the 81-frame case in another call). ``wan1.3b`` with
   AdamW, bf16, full sharding over 2 ranks and gradient checkpointing, at 81x480x832 and
   17x480x832: per-rank peak memory and step time. At 17 frames:
   - the run writes a sharded checkpoint half-way;
@@ -42,8 +44,10 @@ to the device allows 10 minutes, so run the parts in separate calls:
   - the checkpoint is consolidated into one file
     (``lightning.pytorch.utilities.consolidate_checkpoint``);
   - both are read back with :func:`lightning_vigu.export.read_checkpoint`, and the file is
-    loaded by :func:`lightning_vigu.cli.load_module`, as ``generate`` and ``caption`` load it.
-* ``memory`` (~95 s a launch with host initialisation): what fits on 1 vs 2 GPUs for ``wan1.3b``
+    loaded by :func:`lightning_vigu.cli.load_module`, as ``generate`` and ``caption`` load it
+    (with the module's tokenizer, codec and prompt encoder passed again: built in Python, they
+    are not in the checkpoint).
+* ``memory`` (the three 17-frame cases with ``ddp_curves``: 8.5 min): what fits on 1 vs 2 GPUs for ``wan1.3b``
   at batch 1: full training, refine with the video path frozen, LoRA. One GPU at 81 and 17
   frames; FSDP over two at 81 (the README's table).
 * ``fsdp_cli`` (~2 min): the user's path through the command line. ``fit -c conf/recall.yaml
