@@ -24,8 +24,8 @@ label holds one of them (``--only 17x480x832``):
   - the same three numbers for a noise floor: a second 1-rank run that differs only in its
     per-step randomness (module seed 1);
   - the clips that both ranks read within one epoch (must be 0).
-* ``ddp_eval`` (1.5 min after ``ddp_curves``): ``validate`` with :class:`callbacks.Evaluation` on the
-  whole validation split (``eval_clips``), on 1 rank and on 2, from the weights that the
+* ``ddp_eval`` (1.5 min after ``ddp_curves``): ``validate`` with :class:`callbacks.Evaluation`
+  on the whole validation split (``eval_clips``), on 1 rank and on 2, from the weights that the
   ``ddp_curves`` 1-rank run keeps (random weights without it). One row per metric, with both
   numbers.
 * ``ddp_scaling``: examples/s on 2 ranks vs 1 at the same per-rank batch, timed steps after
@@ -47,8 +47,8 @@ label holds one of them (``--only 17x480x832``):
     loaded by :func:`lightning_vigu.cli.load_module`, as ``generate`` and ``caption`` load it
     (with the module's tokenizer, codec and prompt encoder passed again: built in Python, they
     are not in the checkpoint).
-* ``memory`` (the three 17-frame cases with ``ddp_curves``: 8.5 min): what fits on 1 vs 2 GPUs for ``wan1.3b``
-  at batch 1: full training, refine with the video path frozen, LoRA. One GPU at 81 and 17
+* ``memory`` (40-60 s a launch, eight launches): what fits on 1 vs 2 GPUs for ``wan1.3b`` at
+  batch 1: full training, refine with the video path frozen, LoRA. One GPU at 81 and 17
   frames; FSDP over two at 81 (the README's table).
 * ``fsdp_cli`` (~2 min): the user's path through the command line. ``fit -c conf/recall.yaml
   -c conf/fsdp.yaml --trainer.devices=2`` with the tiny model, the last sharded checkpoint
