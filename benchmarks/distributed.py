@@ -34,7 +34,7 @@ label holds one of them (``--only 17x480x832``):
   - ``wan1.3b`` (random weights, 3.05B parameters with the caption stream) on Wan VAE latents of
     17x480x832 clips ``(16, 5, 60, 104)`` at batch 1 per rank, bf16, gradient checkpointing.
   Target >= 1.8x.
-* ``fsdp`` (the 17-frame case alone: about 6 min, most of it writing and reading the 35 GB
+* ``fsdp`` (the 17-frame case alone: about 6 min, most of it writing and reading the 34 GiB
   checkpoints; run the 81-frame case in another call). ``wan1.3b`` with
   AdamW, bf16, full sharding over 2 ranks and gradient checkpointing, at 81x480x832 and
   17x480x832: per-rank peak memory and step time. At 17 frames:
