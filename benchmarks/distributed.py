@@ -55,8 +55,10 @@ label holds one of them (``--only 17x480x832``):
   consolidated, then ``generate --ckpt`` and ``caption --ckpt`` on the consolidated file. The
   toy preset runs it with ``conf/ddp.yaml`` on CPU.
 
-Every case runs in fresh processes (``torch.multiprocessing`` spawn, one per rank, Lightning
-told the ranks by ``LOCAL_RANK`` / ``WORLD_SIZE``, as torchrun would); every launch sets
+Every case runs in fresh processes: one per rank, forked by ``torch.multiprocessing`` from a
+server that imported this module once and never touches CUDA (a spawned rank spent ~8 s of a
+2-core CPU importing torch and Lightning). Lightning is told the ranks by ``LOCAL_RANK`` /
+``WORLD_SIZE``, as torchrun would tell it. Every launch sets
 ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and ``NVSHMEM_DISABLE_NVLS=1``.
 A failing case becomes a row with its error. The toy preset runs on CPU with gloo; Lightning's
 FSDPStrategy refuses the CPU accelerator, so the toy's ``fsdp`` part runs the same
@@ -339,8 +341,9 @@ def _trainer(case: Case, spec: dict, **kwargs) -> L.Trainer:
 
 
 def train_rank(index: int, spec: dict) -> None:
-    """One rank of a launch (a spawned process): Lightning's Trainer on the case."""
+    """One rank of a launch (a fresh process): Lightning's Trainer on the case."""
     ranks, out = spec["ranks"], Path(spec["out"])
+    os.environ.update(spec["env"])  # the launcher's, not the fork server's (started earlier)
     os.environ.update(LOCAL_RANK=str(index), RANK=str(index), WORLD_SIZE=str(ranks), NODE_RANK="0")
     cuda = spec["accelerator"] == "gpu"
     if not cuda:
@@ -430,14 +433,18 @@ def _free_port() -> int:
 
 
 def launch(case: Case, ranks: int, accelerator: str, out: Path, timeout: float = 900) -> list[dict]:
-    """Train ``case`` on ``ranks`` fresh spawned processes; returns each rank's record
+    """Train ``case`` on ``ranks`` fresh processes; returns each rank's record
     (:class:`StepRecorder`), raising with the first error."""
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.update(NO_MULTICAST)  # inherited by the spawned ranks (and NCCL in them)
+    os.environ.update(NO_MULTICAST)  # handed to the ranks (and NCCL in them) with the spec
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     spec = {**asdict(case), "ranks": ranks, "accelerator": accelerator, "out": str(out)}
+    spec["env"] = dict(os.environ)
+    # ranks fork from a server that imported this module once (torch and Lightning take ~8 s
+    # to import on 2 cores); the server never touches CUDA, so each rank starts its own
+    mp.set_forkserver_preload(["benchmarks.distributed"])  # also when run as __main__
     ctx = mp.start_processes(
-        train_rank, args=(spec,), nprocs=ranks, join=False, start_method="spawn"
+        train_rank, args=(spec,), nprocs=ranks, join=False, start_method="forkserver"
     )
     deadline = time.time() + timeout
     try:
