@@ -140,7 +140,6 @@ def _chunks(n: int, size: int) -> Iterable[slice]:
         yield slice(i, min(n, i + size))
 
 
-@torch.no_grad()
 def clip_seeds(seed: int, keys: Sequence[str]) -> list[int]:
     """One sampling seed per clip, from the round's seed and the clip's key: a clip's sample
     does not depend on the batch it is drawn in, nor on the rank that draws it."""
