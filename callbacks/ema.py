@@ -7,13 +7,20 @@ carries a fifth of its random initial weights in the average. :class:`EMA` ramps
 training until ``decay`` takes over. Like Lightning's callback it swaps the averaged weights in
 for validation and stores them as the checkpoint's weights (``current_model_state`` keeps the
 live ones for resuming), so sampling from a checkpoint uses the EMA.
+
+The update never reads a tensor on the host (:class:`WarmupAveragedModel`): torch's
+``AveragedModel`` reads its update count twice per update, and on a GPU each read waits for
+all queued work, which a small model's step cannot afford.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 
 class WarmupEMA:
@@ -42,6 +49,56 @@ class WarmupEMA:
         torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(num_averaged))
 
 
+class WarmupAveragedModel(AveragedModel):
+    """The warm-up EMA of a module's parameters and buffers, updated without host reads.
+
+    The update count is kept on the host beside the ``n_averaged`` buffer that checkpoints
+    store; after :meth:`load_state_dict` it is read from the buffer once, at the next update.
+
+    Args:
+        model: the module to average (deep-copied).
+        average: the decay schedule.
+        device: where the averaged copy lives (default: the module's).
+    """
+
+    def __init__(
+        self, model: nn.Module, average: WarmupEMA, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__(model, device=device, use_buffers=True)
+        self.average = average
+        self._count: int | None = 0
+
+    def load_state_dict(self, *args, **kwargs):
+        out = super().load_state_dict(*args, **kwargs)
+        self._count = None  # read from n_averaged at the next update
+        return out
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        pairs = zip(
+            itertools.chain(self.module.parameters(), self.module.buffers()),
+            itertools.chain(model.parameters(), model.buffers()),
+            strict=True,
+        )
+        groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        for averaged, current in pairs:
+            current = current.detach().to(averaged.device)
+            if self._count == 0 or not averaged.is_floating_point():
+                averaged.detach().copy_(current)  # the first update copies; counters are copied
+                continue
+            key = (averaged.device, averaged.dtype)
+            groups.setdefault(key, ([], []))
+            groups[key][0].append(averaged.detach())
+            groups[key][1].append(current.to(averaged.dtype))
+        weight = 1.0 - self.average.decay_at(self._count)
+        for averaged, current in groups.values():
+            torch._foreach_lerp_(averaged, current, weight)
+        self.n_averaged += 1
+        self._count += 1
+
+
 class EMA(WeightAveraging):
     """EMA weights (warm-up decay) swapped in for validation, test and checkpoints.
 
@@ -61,8 +118,14 @@ class EMA(WeightAveraging):
     ) -> None:
         if update_every_n_steps < 1:
             raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
-        super().__init__(device=device, use_buffers=True, multi_avg_fn=WarmupEMA(decay, warmup))
+        super().__init__(device=device, use_buffers=True)
+        self.average = WarmupEMA(decay, warmup)
         self.update_every_n_steps = update_every_n_steps
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # Lightning's AveragedModel, without its host reads
+            device = self._device or pl_module.device
+            self._average_model = WarmupAveragedModel(pl_module, self.average, device)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0

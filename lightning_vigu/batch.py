@@ -91,3 +91,17 @@ def check_batch(batch: Batch) -> None:
                 raise ValueError(
                     f"batch['{k}'] must be (B, C, T, H, W) with B={n}, got {tuple(x.shape)}"
                 )
+
+
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """``x`` (made on the host) on ``device`` without waiting for the device.
+
+    A copy from ordinary host memory to a GPU waits until the GPU has finished all queued
+    work, so one such copy per step stops the host from running ahead of the GPU. From
+    page-locked memory the copy is queued like a kernel (the caching host allocator keeps the
+    buffer until the copy is done). On the CPU, or when ``x`` is already there, ``x`` itself.
+    """
+    device = torch.device(device)
+    if x.device == device or device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_vigu.batch import Batch, check_batch
+from lightning_vigu.batch import Batch, check_batch, to_device
 from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.flows import FlowTimeModel, SamplerConfig, UnifiedSampler
 from lightning_vigu.flows.causal import make_caption_path
@@ -356,49 +356,78 @@ class UniViGU(InjectedOptimizerModule):
 
     def encode_canvas(self, texts: Sequence[str]) -> Tensor:
         """Caption canvases ``(B, caption_length)`` of texts, on the module's device."""
-        return self.tokenizer.encode(list(texts), self.hparams.caption_length).to(self.device)
+        return to_device(self.tokenizer.encode(list(texts), self.hparams.caption_length), self.device)
 
     def training_step(self, batch: Batch, batch_idx: int):
         if self._cudagraphs:  # the previous step's graph outputs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
         out = self.compute_loss(batch, self.phase, self.step_generator("train", self.global_step))
-        if not torch.isfinite(out.loss):
+        b = len(batch["prompt"])
+        losses = {
+            "train/loss": out.loss,
+            "train/loss_video": out.video,
+            "train/loss_text": out.text,
+        }
+        finite = torch.isfinite(out.loss)
+        optimiser = self._skipping_optimiser()
+        if optimiser is not None:
+            # skipped by the fused update itself: the host never waits for the loss
+            optimiser.found_inf = (~finite).float()
+            self._count_nonfinite_on_device(finite, b)
+        elif not finite:  # read on the host: the CPU, or an optimiser that cannot skip
             # a skipped step still counts toward max_steps (Lightning steps the loop): log it as
             # skipped, with its non-finite loss, not the previous step's finite one
             self._nonfinite_in_a_row += 1
             self._nonfinite_total += 1
-            b = len(batch["prompt"])
-            self.log_dict(
-                {
-                    "train/loss": out.loss,
-                    "train/loss_video": out.video,
-                    "train/loss_text": out.text,
-                },
-                prog_bar=True,
-                batch_size=b,
-            )
+            self.log_dict(losses, prog_bar=True, batch_size=b)
             self.log("train/nonfinite_steps", float(self._nonfinite_in_a_row), batch_size=b)
             self.log("train/skipped_steps", float(self._nonfinite_total), batch_size=b)
             if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{self._nonfinite_in_a_row} consecutive non-finite losses at step {self.global_step} "
-                    f"(video={out.video.item()}, text={out.text.item()}); lower the lr, enable gradient "
-                    "clipping (trainer.gradient_clip_val) or check the data for NaNs"
-                )
+                self._stop_on_nonfinite(self._nonfinite_in_a_row, out)
             return None  # skip this optimiser step
-        self._nonfinite_in_a_row = 0
-        b = len(batch["prompt"])
+        else:
+            self._nonfinite_in_a_row = 0
         self.log_dict(
-            {
-                "train/loss": out.loss,
-                "train/loss_video": out.video,
-                "train/loss_text": out.text,
-                "train/text_accuracy": out.text_accuracy,
-            },
-            prog_bar=True,
-            batch_size=b,
+            {**losses, "train/text_accuracy": out.text_accuracy}, prog_bar=True, batch_size=b
         )
         return out.loss
+
+    def _skipping_optimiser(self) -> torch.optim.Optimizer | None:
+        """The optimiser when it can skip a non-finite step by itself (fused AdamW / Adam read a
+        ``found_inf`` tensor, as under a loss scaler) and no loss scaler uses that already."""
+        if self._trainer is None or len(self.trainer.optimizers) != 1:
+            return None
+        optimiser = self.trainer.optimizers[0]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = optimiser.defaults.get("fused")
+        return optimiser if fused and scaler is None else None
+
+    def _count_nonfinite_on_device(self, finite: Tensor, batch_size: int) -> None:
+        """Consecutive and total skipped steps, counted on the device; read on the host (which
+        waits for the device) only every ``trainer.log_every_n_steps`` steps, so a run of
+        ``max_nonfinite_steps`` is caught at the first check after it."""
+        state = self.__dict__.get("_nonfinite_state")
+        if state is None or state.device != finite.device:
+            state = torch.zeros(3, device=finite.device)  # in a row, worst in a row, total
+        bad = (~finite).float()
+        run = (state[0] + 1) * bad
+        state = torch.stack([run, torch.maximum(state[1], run), state[2] + bad])
+        self._nonfinite_state = state  # a new tensor: the logged values stay as they were
+        self.log("train/nonfinite_steps", state[0], batch_size=batch_size)
+        self.log("train/skipped_steps", state[2], batch_size=batch_size)
+        every = max(1, self.trainer.log_every_n_steps)
+        if (self.global_step + 1) % every == 0:
+            worst = int(state[1])
+            if worst >= self.hparams.max_nonfinite_steps:
+                self._stop_on_nonfinite(worst, None)
+
+    def _stop_on_nonfinite(self, in_a_row: int, out) -> None:
+        losses = "" if out is None else f" (video={out.video.item()}, text={out.text.item()})"
+        raise RuntimeError(
+            f"{in_a_row} consecutive non-finite losses by step {self.global_step}{losses}; "
+            "lower the lr, enable gradient clipping (trainer.gradient_clip_val) or check the "
+            "data for NaNs"
+        )
 
     def _eval_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         b = len(batch["prompt"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_vigu.batch import to_device
 from lightning_vigu.flows import FlowTimeModel, continuous, discrete
 from lightning_vigu.flows.draws import on_device
 from lightning_vigu.phases import TASKS, Phase
@@ -72,7 +73,7 @@ class LossOutput:
 def draw_tasks(b: int, phase: Phase, generator: torch.Generator, device: torch.device) -> Tensor:
     """``(B,)`` task ids (indices of :data:`TASKS`) drawn from the phase's mix."""
     probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS])
-    return torch.multinomial(probs, b, replacement=True, generator=generator).to(device)
+    return to_device(torch.multinomial(probs, b, replacement=True, generator=generator), device)
 
 
 def condition_mask(
@@ -86,7 +87,7 @@ def condition_mask(
     must_hide = tasks == V2T
     if phase.caption_target == "prompt":
         must_hide |= tasks == JOINT
-    dropout = torch.rand(tasks.shape, generator=generator).to(tasks.device) < cfg_dropout
+    dropout = to_device(torch.rand(tasks.shape, generator=generator), tasks.device) < cfg_dropout
     return must_hide | dropout
 
 
@@ -127,7 +128,8 @@ class UnifiedObjective:
         target_tokens: ``(B, L)`` caption canvas of the phase's target (``None``: no text).
         prompt_tokens: ``(B, L)`` prompt canvas held clean in the caption stream for ``t2v``.
         phase: the active phase.
-        generator: CPU generator for every random draw (deterministic per step).
+        generator: CPU generator for every random draw (deterministic per step); the
+            per-example draws reach the device without a host synchronisation.
         null_tokens: ``(1, L)`` the empty prompt's canvas, held instead of the prompt by
             ``t2v`` examples whose prompt is dropped (default: keep the prompt).
         """
@@ -137,7 +139,7 @@ class UnifiedObjective:
             draw_tasks(b, phase, generator, dev) if use_text else torch.full((b,), T2V, device=dev)
         )
         # 1. video times: clean for v2t, else sampled (Wan-style logit-normal / shift)
-        t_v = continuous.sample_time(b, c.time_scheme, c.time_shift, generator=generator).to(dev)
+        t_v = to_device(continuous.sample_time(b, c.time_scheme, c.time_shift, generator=generator), dev)
         t_v = torch.where(tasks == V2T, torch.ones_like(t_v), t_v)
         # drawn where the latents live: a CPU draw + copy of a GPU batch's noise costs more than
         # the step of a small model (on CPU this is the step generator itself)
@@ -152,7 +154,7 @@ class UnifiedObjective:
         #    captions hold the target shifted right behind the start token, clean
         x_text = t_x = path_x = None
         if use_text:
-            t_x = torch.rand(b, generator=generator).to(dev) * (1 - c.text_time_eps)
+            t_x = to_device(torch.rand(b, generator=generator), dev) * (1 - c.text_time_eps)
             if self.path.causal:  # t_x was still drawn: the step's other draws stay the same
                 noisy, t_x = self.path.inputs(target_tokens), torch.ones_like(t_x)
             else:

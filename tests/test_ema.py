@@ -34,3 +34,40 @@ def test_an_unknown_compile_mode_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="model.compile 'graph'"):
         compile_transformer(torch.nn.Linear(2, 2), "graph")
     assert compile_transformer(torch.nn.Linear(2, 2), "none") is False
+
+
+def test_the_callbacks_average_matches_torchs_and_reads_its_count_once_after_loading():
+    """``WarmupAveragedModel`` (what :class:`callbacks.EMA` updates, with no host reads) gives
+    torch's ``AveragedModel`` + ``WarmupEMA`` numbers, also across a save and load."""
+    from callbacks.ema import WarmupAveragedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    model.register_buffer("statistic", torch.zeros(3))  # a float buffer is averaged too
+    ours = WarmupAveragedModel(model, WarmupEMA(0.9))
+    reference = AveragedModel(model, multi_avg_fn=WarmupEMA(0.9), use_buffers=True)
+    for step in range(7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.statistic.add_(torch.randn(3))
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+        if step == 3:  # a resumed run: the count comes back from the state dict
+            state = ours.state_dict()
+            ours = WarmupAveragedModel(model, WarmupEMA(0.9))
+            ours.load_state_dict(state)
+    for a, b in zip(ours.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert int(ours.n_averaged) == 7
+
+
+def test_integer_buffers_are_copied_not_averaged():
+    from callbacks.ema import WarmupAveragedModel
+
+    model = torch.nn.BatchNorm1d(3)
+    ours = WarmupAveragedModel(model, WarmupEMA(0.9))
+    for _ in range(3):
+        model(torch.randn(5, 3))
+        ours.update_parameters(model)
+    assert int(ours.module.num_batches_tracked) == 3

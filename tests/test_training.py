@@ -267,12 +267,23 @@ def test_init_from_generator_checkpoint_copies_ffn_into_text_experts(tmp_path):
         )
 
 
-def test_nonfinite_losses_are_skipped_then_stop_with_a_clear_message(tmp_path):
-    module = tiny_module(max_nonfinite_steps=2)
+@pytest.mark.parametrize("fused", [False, True], ids=["read-on-host", "skipped-by-fused-adamw"])
+def test_nonfinite_losses_are_skipped_then_stop_with_a_clear_message(tmp_path, fused):
+    """Fused AdamW skips a non-finite step itself (``found_inf``), so the loss is read on the
+    host only every ``log_every_n_steps`` (the GPU path): the run still stops, and the weights
+    the skipped steps saw are untouched."""
+    from functools import partial
+
+    module = tiny_module(
+        max_nonfinite_steps=2, optimizer=partial(torch.optim.AdamW, fused=fused)
+    )
     with torch.no_grad():
         module.model.patch_embedding.bias.fill_(float("nan"))
-    with pytest.raises(RuntimeError, match="2 consecutive non-finite losses"):
-        _trainer(tmp_path, 4, []).fit(module, RandomVideoDataModule())
+    before = module.model.proj_out.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="consecutive non-finite losses by step"):
+        _trainer(tmp_path, 6, [], log_every_n_steps=3).fit(module, RandomVideoDataModule())
+    assert module.global_step == (2 if fused else 1)  # fused: at the check after 3 steps
+    assert torch.equal(module.model.proj_out.weight, before)  # no update was applied
 
 
 def test_sampling_api_shapes_and_determinism():

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_vigu.batch import to_device
 from lightning_vigu.text.tokenizers import CaptionTokenizer
 
 
@@ -73,7 +74,7 @@ class LearnedPromptEncoder(PromptEncoder):
 
     def forward(self, prompts: Sequence[str]) -> Tensor:
         device = self.token_embedding.weight.device
-        ids = self.tokenizer.encode(list(prompts), self.max_length).to(device)  # (B, L)
+        ids = to_device(self.tokenizer.encode(list(prompts), self.max_length), device)  # (B, L)
         keep = ids != self.tokenizer.eos_id
         keep[:, 0] = True  # the empty prompt still has one (EOS) token to attend to
         x = self.token_embedding(ids) + self.position_embedding  # (B, L, dim)

@@ -1,0 +1,92 @@
+"""The training step never waits for the device: no tensor value is read on the host.
+
+On a GPU, reading a tensor (``.item()``, ``bool(t)``, ``float(t)``) waits until every queued
+kernel has run, so a small model's step, bound by how fast the host launches kernels, can no
+longer overlap with the GPU's work. The reads are recorded here on the CPU, where the same
+calls happen: every one dispatches to ``aten._local_scalar_dense``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import lightning as L
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from callbacks import EMA, ProgressBar
+from test_training import RandomVideoDataModule, tiny_module
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the tensor values read on the host while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class ReadsPerStep(L.Callback):
+    """Host reads from the start of each training batch to the end of the previous one's
+    callbacks (optimiser, EMA, progress bar and logging included), by step."""
+
+    def __init__(self) -> None:
+        self.reads: Counter[int] = Counter()
+        self._mode: HostReads | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._mode = HostReads()
+        self._mode.__enter__()
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._mode.__exit__(None, None, None)
+        self.reads[self._step] += self._mode.count
+
+
+def test_a_training_step_reads_nothing_on_the_host_between_log_steps(tmp_path):
+    """With fused AdamW (the GPU overlay's optimiser) the objective, the non-finite check, the
+    EMA update and the progress bar read no tensor on the host; the loggers read the logged
+    values every ``log_every_n_steps`` steps."""
+    recorder = ReadsPerStep()
+    trainer = L.Trainer(
+        max_steps=8, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=4, limit_val_batches=0, enable_model_summary=False,
+        default_root_dir=tmp_path, gradient_clip_val=1.0,
+        callbacks=[EMA(0.99), ProgressBar(), recorder],  # the recorder last: it sees them all
+    )  # fmt: skip
+    module = tiny_module(optimizer=functools.partial(torch.optim.AdamW, fused=True))
+    trainer.fit(module, RandomVideoDataModule())
+    assert sorted(recorder.reads) == list(range(8))
+    # the first step reads once what it shows first (the progress bar's first metrics)
+    between = {step: n for step, n in recorder.reads.items() if step and (step + 1) % 4}
+    assert between == dict.fromkeys(between, 0), recorder.reads
+
+
+def test_the_progress_bar_reads_the_metrics_every_n_steps(monkeypatch):
+    reads = []
+    monkeypatch.setattr(
+        L.pytorch.callbacks.RichProgressBar,
+        "get_metrics",
+        lambda self, trainer, module: reads.append(trainer.global_step) or {"step": trainer.global_step},
+    )
+
+    class Trainer:
+        training, log_every_n_steps = True, 50
+        global_step = 0
+
+    bar, trainer = ProgressBar(metrics_every_n_steps=3), Trainer()
+    shown = []
+    for step in range(7):
+        trainer.global_step = step
+        shown.append(bar.get_metrics(trainer, None)["step"])
+    assert reads == [0, 3, 6] and shown == [0, 0, 0, 3, 3, 3, 6]
+    trainer.training = False  # validation and tests read every time
+    bar.get_metrics(trainer, None)
+    assert reads[-1] == 6 and len(reads) == 4
