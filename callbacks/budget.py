@@ -16,6 +16,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_vigu.loggers import host_number
+
 
 class TimeBudget(L.Callback):
     """Set ``trainer.max_steps`` so that training fits in ``minutes`` of wall clock.
@@ -79,7 +81,7 @@ class TimeBudget(L.Callback):
                 f"[TimeBudget] {per_step:.3f} s per step: {self.planned_steps} steps fit in "
                 f"{self.budget_s / 60:.1f} min; the schedule ends there"
             )
-        pl_module.log("train/planned_steps", float(self.planned_steps or trainer.max_steps))
+        pl_module.log("train/planned_steps", host_number(self.planned_steps or trainer.max_steps))
 
     def state_dict(self) -> dict[str, Any]:
         return {"planned_steps": self.planned_steps, "elapsed": self.elapsed()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_vigu.loggers import host_number
+
 
 class SkippedSamples(L.Callback):
     """Counts of skipped samples (``trainer.datamodule.skipped_counts()``) in the logs.
@@ -25,8 +27,8 @@ class SkippedSamples(L.Callback):
         counts = self._counts(trainer)
         if counts is None:
             return
-        values = {"data/skipped": float(sum(counts.values()))}
-        values |= {f"data/skipped_{k}": float(v) for k, v in counts.items() if v}
+        values = {"data/skipped": host_number(sum(counts.values()))}
+        values |= {f"data/skipped_{k}": host_number(v) for k, v in counts.items() if v}
         pl_module.log_dict(values, rank_zero_only=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -1,4 +1,5 @@
-"""Experiment loggers: a Weights & Biases logger whose run continues when a fit resumes.
+"""Experiment loggers: a Weights & Biases logger whose run continues when a fit resumes, and
+:func:`host_number` for logging numbers the host already has.
 
 Lightning's ``WandbLogger`` starts a new W&B run at every ``fit`` unless it is given the id of
 an earlier one. :class:`ResumableWandbLogger` keeps that id in its ``save_dir``
@@ -14,9 +15,21 @@ import os
 import uuid
 from pathlib import Path
 
+import torch
 from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
 
 RUN_ID_FILE = "wandb_run_id"
+
+
+def host_number(value: float) -> Tensor:
+    """``value`` as a CPU tensor, for ``LightningModule.log`` at every step.
+
+    Lightning turns a logged Python number into a tensor on the module's device, a copy from
+    the host that waits until the GPU has finished its queued work; a CPU tensor is logged as
+    it is, and the loggers read it without waiting for anything.
+    """
+    return torch.tensor(float(value))
 
 
 def persistent_run_id(folder: str | Path) -> str:

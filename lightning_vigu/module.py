@@ -44,17 +44,26 @@ from lightning_vigu.training import (
 COMPILE_MODES = ("none", "blocks", "model", "cudagraphs")
 
 
-def compile_transformer(model: torch.nn.Module, mode: str) -> bool:
-    """Compile ``model`` in place as ``mode`` (one of :data:`COMPILE_MODES`); returns whether
-    its calls replay CUDA graphs (the training step must then mark where a step begins)."""
+def compile_transformer(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Module, bool]:
+    """Compile ``model`` for training as ``mode`` (one of :data:`COMPILE_MODES`).
+
+    Returns the transformer the training step calls and whether its calls replay CUDA graphs
+    (the step must then mark where it begins). ``blocks`` compiles every block in place, so
+    sampling runs them too. ``model`` and ``cudagraphs`` compile a training-only wrapper around
+    the same weights: sampling and validation run the transformer eagerly, so their batch
+    shapes (a few clips, doubled for guidance) never wait for a compilation or a graph
+    recording, which cost 36 s at the first sample logging of a `small` run on an H200.
+    """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown model.compile '{mode}'; choose one of {COMPILE_MODES}")
     if mode == "blocks":
         for block in model.blocks:
             block.compile()
     elif mode in ("model", "cudagraphs"):
-        model.compile(mode="reduce-overhead" if mode == "cudagraphs" else None)
-    return mode == "cudagraphs"
+        return torch.compile(model, mode="reduce-overhead" if mode == "cudagraphs" else None), (
+            mode == "cudagraphs"
+        )
+    return model, False
 
 
 def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
@@ -114,9 +123,9 @@ class UniViGU(InjectedOptimizerModule):
             choice with gradient checkpointing of large models); ``model`` (the whole
             transformer as one graph: 1.7x faster training steps for ``small``, see
             ``benchmarks/results/train_loop_h200.md``); ``cudagraphs`` (``model`` replayed as
-            CUDA graphs, which removes the kernel launches that bound small models' steps;
-            experimental: 3.5x in a bare step, but the training-loop benchmark with EMA hit an
-            assertion inside torch 2.11's CUDA-graph trees).
+            CUDA graphs, which removes the kernel launches that bound small models' steps).
+            ``model`` and ``cudagraphs`` compile the training step only: sampling and
+            validation run eagerly (see :func:`compile_transformer`).
         attention_backend: ``sdpa`` or ``xformers``.
         max_nonfinite_steps: stop after this many consecutive non-finite losses (skipped).
         seed: base seed of the per-step randomness (times, noise, tasks).
@@ -205,7 +214,8 @@ class UniViGU(InjectedOptimizerModule):
             from lightning_vigu.model.lora import apply_lora
 
             apply_lora(self.model, **lora)
-        self._cudagraphs = compile_transformer(self.model, compile)
+        # a plain attribute (not a submodule: the weights are self.model's); copies drop it
+        self.__dict__["_compiled"], self._cudagraphs = compile_transformer(self.model, compile)
         self.phase = get_phase(phase)
         self.apply_phase(self.phase)
 
@@ -350,13 +360,30 @@ class UniViGU(InjectedOptimizerModule):
             target = self.encode_canvas(texts)
             prompt_tokens = self.encode_canvas(batch["prompt"])
             null = self.encode_canvas([""])
+        flow = self.training_flow if self.training else self.flow
         return self.objective(
-            self.flow, latents, context, empty, target, prompt_tokens, phase, generator, null
+            flow, latents, context, empty, target, prompt_tokens, phase, generator, null
         )
+
+    @property
+    def training_flow(self) -> FlowTimeModel:
+        """The flow the training step runs: :attr:`flow` through the compiled transformer
+        (``compile: model | cudagraphs``), else :attr:`flow` itself."""
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None or getattr(compiled, "_orig_mod", None) is not self.flow.model:
+            return self.flow  # not compiled, or the transformer was replaced after compiling
+        return FlowTimeModel(compiled, self.flow.prediction, self.flow.data_min_noise)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_compiled"] = None  # copies (EMA's average) never train; they run eagerly
+        return state
 
     def encode_canvas(self, texts: Sequence[str]) -> Tensor:
         """Caption canvases ``(B, caption_length)`` of texts, on the module's device."""
-        return to_device(self.tokenizer.encode(list(texts), self.hparams.caption_length), self.device)
+        return to_device(
+            self.tokenizer.encode(list(texts), self.hparams.caption_length), self.device
+        )
 
     def training_step(self, batch: Batch, batch_idx: int):
         if self._cudagraphs:  # the previous step's graph outputs may be overwritten now

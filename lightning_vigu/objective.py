@@ -139,7 +139,9 @@ class UnifiedObjective:
             draw_tasks(b, phase, generator, dev) if use_text else torch.full((b,), T2V, device=dev)
         )
         # 1. video times: clean for v2t, else sampled (Wan-style logit-normal / shift)
-        t_v = to_device(continuous.sample_time(b, c.time_scheme, c.time_shift, generator=generator), dev)
+        t_v = to_device(
+            continuous.sample_time(b, c.time_scheme, c.time_shift, generator=generator), dev
+        )
         t_v = torch.where(tasks == V2T, torch.ones_like(t_v), t_v)
         # drawn where the latents live: a CPU draw + copy of a GPU batch's noise costs more than
         # the step of a small model (on CPU this is the step generator itself)
