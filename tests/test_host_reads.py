@@ -13,10 +13,10 @@ from collections import Counter
 
 import lightning as L
 import torch
+from test_training import RandomVideoDataModule, tiny_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from callbacks import EMA, ProgressBar
-from test_training import RandomVideoDataModule, tiny_module
 
 
 class HostReads(TorchDispatchMode):
@@ -74,7 +74,9 @@ def test_the_progress_bar_reads_the_metrics_every_n_steps(monkeypatch):
     monkeypatch.setattr(
         L.pytorch.callbacks.RichProgressBar,
         "get_metrics",
-        lambda self, trainer, module: reads.append(trainer.global_step) or {"step": trainer.global_step},
+        lambda self, trainer, module: (
+            reads.append(trainer.global_step) or {"step": trainer.global_step}
+        ),
     )
 
     class Trainer:

@@ -8,7 +8,6 @@ import functools
 import io
 import json
 import math
-import warnings
 import multiprocessing
 import os
 import resource
@@ -19,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import av

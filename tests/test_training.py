@@ -274,9 +274,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_clear_message(tmp_path, f
     the skipped steps saw are untouched."""
     from functools import partial
 
-    module = tiny_module(
-        max_nonfinite_steps=2, optimizer=partial(torch.optim.AdamW, fused=fused)
-    )
+    module = tiny_module(max_nonfinite_steps=2, optimizer=partial(torch.optim.AdamW, fused=fused))
     with torch.no_grad():
         module.model.patch_embedding.bias.fill_(float("nan"))
     before = module.model.proj_out.weight.detach().clone()
