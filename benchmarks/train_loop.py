@@ -10,7 +10,8 @@ configuration (:data:`LOOPS`): how the transformer is compiled, whether AdamW is
 the EMA average is updated. Every configuration of one (size, clip shape) case starts from the
 same initial weights and sees the same batches with the same per-step randomness, so the table
 reports speed *and* whether the loss curves agree (largest difference over the first steps).
-The loops of a case run one after the other in one process, so the speed ratios are honest.
+The loops run one after the other, each in a fresh process, and the results are written after
+every loop, so a run cut short by its time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import multiprocessing
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -178,10 +180,9 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
     return row
 
 
-def run_case(case: Case, steps: int, timed_from: int) -> list[dict]:
-    """Every loop of one case, on the same clips."""
-    data = clips(case.world, 8 * case.batch)
-    return [run_loop(case, name, data, steps, timed_from) for name in case.loops]
+def run_one(case: Case, name: str, steps: int, timed_from: int) -> dict:
+    """One loop of a case, on the case's clips (the same clips for every loop)."""
+    return run_loop(case, name, clips(case.world, 8 * case.batch), steps, timed_from)
 
 
 def compare(rows: list[dict]) -> None:
@@ -211,27 +212,38 @@ def main(argv: list[str] | None = None) -> None:
     preset = dict(PRESETS[a.preset])
     if a.steps:
         preset.update(steps=a.steps, timed_from=min(preset["timed_from"], a.steps // 2))
-    rows = []
+    rows: list[dict] = []
     spawn = multiprocessing.get_context("spawn")
     for case in preset["cases"]:
-        # a fresh process per case: compiling a second model of another shape in one process
-        # failed on the GPU (a reshape of the first shape's sizes inside the compiled code)
-        with spawn.Pool(1) as pool:
-            rows += pool.apply(run_case, (case, preset["steps"], preset["timed_from"]))
+        for name in case.loops:
+            # a fresh process per loop: compiling a second model of another shape in one
+            # process failed on the GPU (a reshape of the first shape's sizes inside the
+            # compiled code), and each loop starts from a cold allocator and compile cache
+            with spawn.Pool(1) as pool:
+                rows.append(
+                    pool.apply(run_one, (case, name, preset["steps"], preset["timed_from"]))
+                )
+            path = report(rows, preset, a)  # after every loop: a run cut short keeps its rows
+    print(f"wrote {path}")
+
+
+def report(rows: list[dict], preset: dict, a: argparse.Namespace) -> Path:
+    """Compare the rows so far and write the results table."""
     compare(rows)
-    cols = ["size", "world", "batch", "loop", "compile", "fused", "ema", "seconds"]
-    cols += ["examples_per_s", "speedup", "tflops", "mfu", "peak_gib", "max_rel_loss_diff"]
-    table = markdown_table(rows, cols + ["error"])
+    cols = ["size", "world", "batch", "loop", "compile", "fused", "ema", "host_reads"]
+    cols += ["seconds", "examples_per_s", "speedup", "tflops", "mfu", "peak_gib"]
+    table = markdown_table(rows, cols + ["max_rel_loss_diff", "error"])
     table += (
         f"\n\nA step: recall objective (t2v/v2t/joint mix) on a batch of synthetic clips, "
         f"bf16 autocast on GPU, backward, clipping, AdamW, EMA; timed over steps "
-        f"{preset['timed_from']}-{preset['steps']} (after compilation). `max_rel_loss_diff`: "
-        f"the largest relative difference of a step's loss from the case's first loop over all "
-        f"{preset['steps']} steps (same weights, batches and per-step randomness)."
+        f"{preset['timed_from']}-{preset['steps']} (after compilation). `host_reads`: the loss "
+        f"is read on the host every step (the non-finite check before fused AdamW skipped such "
+        f"steps itself). `max_rel_loss_diff`: the largest relative difference of a step's loss "
+        f"from the case's first loop over all {preset['steps']} steps (same weights, batches and "
+        f"per-step randomness)."
     )
-    path = write_results(f"train_loop_{a.preset}{a.tag}", {"rows": rows}, table, a.out)
-    print(table)
-    print(f"wrote {path}")
+    print(table, flush=True)
+    return write_results(f"train_loop_{a.preset}{a.tag}", {"rows": rows}, table, a.out)
 
 
 if __name__ == "__main__":
