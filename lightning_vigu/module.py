@@ -273,24 +273,39 @@ class UniViGU(InjectedOptimizerModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        """FSDP clips by the global norm over shards (Lightning's plugin refuses norm clipping).
+        """Clip, and tell an optimiser that skips non-finite steps itself whether to skip.
+
+        FSDP clips by the global norm over shards (Lightning's plugin refuses norm clipping).
         Under bf16 autocast nothing is scaled, so the gradients are clipped here as they are:
         Lightning's mixed-precision plugin refuses to clip for any optimiser that could unscale
-        internally (fused AdamW), which only matters with fp16's loss scaler."""
+        internally (fused AdamW), which only matters with fp16's loss scaler. The skip is
+        decided from the gradient norm, which DDP and FSDP clipping compute over every rank's
+        gradients, so all ranks skip together when one rank's loss was not finite."""
+        norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        skipping = self._skipping_optimiser()
+        if skipping is None:
+            return
+        if norm is None:  # no norm clipping: the norm only decides the skip
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        loss_finite = self.__dict__.get("_loss_finite", torch.ones((), dtype=torch.bool))
+        skipping.found_inf = (~torch.isfinite(norm) | ~loss_finite.to(norm.device)).float()
+
+    def _clip(self, optimizer, gradient_clip_val, gradient_clip_algorithm) -> Tensor | None:
+        """Clip as configured; the total gradient norm when it was computed."""
         if not gradient_clip_val:
-            return
+            return None
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)
-            return
+            return self.trainer.model.clip_grad_norm_(gradient_clip_val)
         plugin = self.trainer.precision_plugin
         if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            return
+                return None
+            return torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        return None
 
     def lr_factor(self, step: int, group: str = "video") -> float:
         """Warm-up, then cosine to ``min_lr_ratio``, times the phase's multiplier of ``group``."""
@@ -398,8 +413,9 @@ class UniViGU(InjectedOptimizerModule):
         finite = torch.isfinite(out.loss)
         optimiser = self._skipping_optimiser()
         if optimiser is not None:
-            # skipped by the fused update itself: the host never waits for the loss
-            optimiser.found_inf = (~finite).float()
+            # skipped by the fused update itself (configure_gradient_clipping tells it, from
+            # this loss and the gradients of every rank): the host never waits for the loss
+            self._loss_finite = finite
             self._count_nonfinite_on_device(finite, b)
         elif not finite:  # read on the host: the CPU, or an optimiser that cannot skip
             # a skipped step still counts toward max_steps (Lightning steps the loop): log it as
