@@ -3,6 +3,7 @@ training / scoring runs through the real CLI (used by the quality and scaling su
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -277,15 +278,20 @@ def evaluate_checkpoint(
     keep_samples: int = 0,
     weights: str = "ema",
     directions: tuple[str, ...] | None = None,
+    sampler: dict | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate one checkpoint on each split: ``{split: result}`` (its ``samples`` filled when
     ``keep_samples``: see :func:`callbacks.evaluation.evaluate`). ``weights`` and
-    ``directions`` (default: all the checkpoint can do) as in :func:`load_for_eval`."""
+    ``directions`` (default: all the checkpoint can do) as in :func:`load_for_eval`;
+    ``sampler``: options of :class:`~lightning_vigu.flows.SamplerConfig` that replace the
+    checkpoint's (e.g. ``{"video_eta": 1.0}``)."""
     from callbacks.evaluation import collect, evaluate
     from datamodules import SyntheticDataModule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module, possible = load_for_eval(ckpt, device, baseline, weights)
+    if sampler:
+        module.sampler_config = dataclasses.replace(module.sampler_config, **sampler)
     directions = [d for d in possible if directions is None or d in directions]
     out = {}
     for split in splits:

@@ -250,6 +250,12 @@ def generate_main(argv: list[str]) -> None:
     p.add_argument("--negative-prompt", type=str, default="", help="the CFG unconditional prompt")
     p.add_argument("--out", type=str, required=True, help="folder for the mp4 files")
     p.add_argument("--guidance", type=float | None, default=None)
+    p.add_argument(
+        "--eta",
+        type=float | None,
+        default=None,
+        help="noise re-drawn at each video step: 0 = Euler (the checkpoint's default), 1 = DDPM-like",
+    )
     p.add_argument("--fps", type=int | None, default=None, help="default 16 (Wan), 8 (ckpt)")
     p.add_argument("--video-format", type=str, default="h264", help="h264 (yuv420p) | lossless")
     p.add_argument(
@@ -260,7 +266,12 @@ def generate_main(argv: list[str]) -> None:
     module = _load_for_sampling(a)
     shape = _video_shape(a, module)
     fps = a.fps or (16 if a.wan_folder else 8)
-    overrides = {"video_steps": a.steps, "text_steps": a.steps, "guidance_scale": a.guidance}
+    overrides = {
+        "video_steps": a.steps,
+        "text_steps": a.steps,
+        "guidance_scale": a.guidance,
+        "video_eta": a.eta,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -82,6 +82,41 @@ def test_euler_sampler_with_exact_velocity_reproduces_the_distribution(shift):
     assert x.std().item() == pytest.approx(0.5, abs=0.02)
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_sampler_with_exact_velocity_reproduces_the_distribution(eta):
+    """Re-drawing part of the noise at every step keeps the path's marginals: with the exact
+    velocity the samples have the data's mean and spread, yet differ from the ODE's."""
+    config = dict(video_steps=200, shift=3.0, guidance_scale=1.0)
+    samples = {}
+    for e in (0.0, eta):
+        sampler = UnifiedSampler(
+            GaussianVelocity(1.5, 0.5),
+            discrete.MixtureDiscretePath("uniform", 3),
+            SamplerConfig(**config, video_eta=e),
+        )
+        samples[e] = sampler.generate_video(
+            torch.zeros(20000, 1, 1), (1, 1, 1, 1), generator=torch.Generator().manual_seed(0)
+        )
+    x = samples[eta]
+    assert x.mean().item() == pytest.approx(1.5, abs=0.02)
+    assert x.std().item() == pytest.approx(0.5, abs=0.02)
+    assert (x - samples[0.0]).abs().mean() > 0.05  # another sampler, not the ODE again
+
+
+def test_a_ddim_step_without_fresh_noise_is_the_euler_step():
+    x, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    t, t_next = torch.tensor([0.0, 0.3, 0.9]), torch.tensor([0.1, 0.5, 1.0])
+    euler = continuous.euler_step(x, v, t, t_next)
+    torch.testing.assert_close(continuous.ddim_step(x, v, t, t_next, 0.0), euler)
+    # at the last step (t' = 1) no noise is left to re-draw: any eta lands on the data
+    last = continuous.ddim_step(x, v, t, t_next, 1.0, torch.randn_like(x))
+    torch.testing.assert_close(last[2], euler[2])
+    with pytest.raises(ValueError, match="needs the fresh noise"):
+        continuous.ddim_step(x, v, t, t_next, 0.5)
+    with pytest.raises(ValueError, match="eta must be in"):
+        SamplerConfig(video_eta=1.5)
+
+
 def test_cfg_is_applied_to_the_video_velocity_only():
     v_c, v_u = torch.ones(2, 3), torch.zeros(2, 3)
     assert torch.equal(continuous.guided_velocity(v_c, v_u, 5.0), torch.full((2, 3), 5.0))

@@ -66,6 +66,7 @@ def test_generate_and_caption_with_wan_folder_and_release_weights(wan, release, 
             "--negative-prompt=blurry",
             "--batch-size=2",
             "--joint=true",
+            "--eta=0.5",  # the DDIM video sampler (re-draws part of the noise)
             f"--out={out}",
         ]
     )
@@ -93,6 +94,7 @@ def test_bfloat16_lossless_and_video_only_wan(wan, tmp_path):
             "--height=16",
             "--width=48",
             "--video-format=lossless",
+            "--eta=1.0",
             "--prompts",  # one prompt as a plain value, as the README writes it
             "a red circle moves left",
             f"--out={tmp_path}",
@@ -160,3 +162,20 @@ def test_a_seed_list_must_give_one_seed_per_row():
         module.generate_video(["a", "b", "c"], seed=[1, 2], video_steps=1)
     with pytest.raises(ValueError, match="got 1 seeds for a batch of 2"):
         module.caption(torch.zeros(2, 3, 2, 8, 8), seed=[1], text_steps=1)
+
+
+def test_the_ddim_video_sampler_draws_each_rows_fresh_noise_from_its_own_seed():
+    torch.manual_seed(0)
+    module = tiny_module().eval()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts, seeds, kw = ["red circle", "blue square"], [5, 6], dict(video_steps=3)
+    ddim = module.generate_video(prompts, seed=seeds, video_eta=1.0, **kw)
+    for i in range(2):
+        alone = module.generate_video(
+            prompts[i : i + 1], seed=seeds[i : i + 1], video_eta=1.0, **kw
+        )
+        assert torch.allclose(alone, ddim[i : i + 1], atol=1e-4)
+    euler = module.generate_video(prompts, seed=seeds, **kw)
+    assert not torch.allclose(ddim, euler, atol=1e-2)  # fresh noise was drawn

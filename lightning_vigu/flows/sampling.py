@@ -1,6 +1,7 @@
 """Samplers for the three tasks of the unified model, in flow time.
 
-* text -> video: Euler on the shifted grid, CFG on the video velocity; the caption stream is
+* text -> video: Euler on the shifted grid (or DDIM with ``video_eta > 0``, which re-draws part
+  of the noise at every step), CFG on the video velocity; the caption stream is
   absent or holds a clean canvas (``t_text = 1``): the prompt in the conditional branch, the
   empty canvas in the unconditional one (a true null: no prompt anywhere).
 * video -> text: the video is clean (``t_video = 1``); the caption canvas starts at the source
@@ -39,6 +40,8 @@ class SamplerConfig:
         temperature: caption sampling temperature (0 = argmax draws).
         unmasking: mask source only: which masked tokens a step fills, ``random`` (the exact
             path sampler) or ``confidence`` (the surest first).
+        video_eta: noise re-drawn at each video step (:func:`continuous.ddim_step`): 0 = the
+            deterministic Euler sampler (Wan's), 1 = as much as DDPM's ancestral sampler.
     """
 
     video_steps: int = 50
@@ -47,6 +50,11 @@ class SamplerConfig:
     guidance_scale: float = 5.0
     temperature: float = 1.0
     unmasking: str = "random"
+    video_eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.video_eta <= 1.0:
+            raise ValueError(f"sampler.video_eta must be in [0, 1], got {self.video_eta}")
 
 
 class UnifiedSampler:
@@ -128,8 +136,18 @@ class UnifiedSampler:
             v, _ = self._velocity(
                 x, t.expand(b), context, uncond_context, text, t_text, uncond_text
             )
-            x = continuous.euler_step(x, v, t, t_next)
+            x = self._video_step(x, v, t, t_next, generator)
         return x
+
+    def _video_step(
+        self, x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, generator: draws.Generators
+    ) -> Tensor:
+        """Euler, or DDIM with fresh noise when ``video_eta > 0``."""
+        eta = self.config.video_eta
+        if eta == 0.0:
+            return continuous.euler_step(x, v, t, t_next)
+        noise = draws.randn(x.shape, generator, x.device, x.dtype)
+        return continuous.ddim_step(x, v, t, t_next, eta, noise)
 
     @torch.no_grad()
     def caption(
@@ -189,7 +207,7 @@ class UnifiedSampler:
         for i in range(n):
             tv, tx = grid_v[i].expand(b), grid_x[i].expand(b)
             v, logits = self._velocity(x, tv, context, uncond_context, x_t, tx)
-            x = continuous.euler_step(x, v, grid_v[i], grid_v[i + 1])
+            x = self._video_step(x, v, grid_v[i], grid_v[i + 1], generator)
             x_t = self._jump(x_t, logits, tx, grid_x[i + 1].expand(b), generator)
         return x, x_t
 
