@@ -108,6 +108,66 @@ def test_ddp_fit_on_two_cpu_processes_splits_the_shards(tmp_path):
     assert ckpt["phase"]["name"] == "recall"
 
 
+class NaNOnRankZero(L.Callback):
+    """Makes rank 0's second batch NaN and writes each rank's weights after every step to
+    ``<default_root_dir>/weights-rank<N>.json`` (a checksum, and whether they are finite)."""
+
+    def __init__(self) -> None:
+        self.after: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 0 and batch_idx == 1:
+            batch["video"].fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flat = torch.cat([p.detach().flatten() for p in pl_module.model.parameters()])
+        self.after.append([float(flat.double().sum()), float(torch.isfinite(flat).all())])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        out = Path(trainer.default_root_dir) / f"weights-rank{trainer.global_rank}.json"
+        out.write_text(json.dumps(self.after))
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Fused AdamW skips a non-finite step without a host read; under DDP the skip is decided
+    from the all-reduced gradient norm, so a NaN on rank 0 alone skips the update on both
+    ranks and their weights stay equal and finite."""
+    env = {
+        **os.environ,
+        "LIGHTNING_VIGU_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    data = {"num_train": 32, "num_val": 8, "num_test": 0, "num_unseen": 0, "batch_size": 4,
+            "num_workers": 0, "resampled": False, "shuffle_buffer": 8, "progress": False}  # fmt: skip
+    command = [
+        sys.executable, "-m", "lightning_vigu", "fit",
+        "-c", str(ROOT / "conf/generator.yaml"), "-c", str(ROOT / "conf/ddp.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.max_steps=3", "--trainer.val_check_interval=100",
+        "--trainer.num_sanity_val_steps=0", "--model.optimizer.init_args.fused=true",
+        "--trainer.callbacks+=test_distributed.NaNOnRankZero",
+        *(f"--data.init_args.{k}={v}" for k, v in data.items()),
+    ]  # fmt: skip
+    run = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = run.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        _, stderr = run.communicate()
+        pytest.fail(f"the 2-rank DDP run did not finish within 240 s: {stderr[-3000:]}")
+    assert run.returncode == 0, stderr[-4000:]
+    ranks = [
+        json.loads((tmp_path / "runs/generator" / f"weights-rank{r}.json").read_text())
+        for r in (0, 1)
+    ]
+    assert ranks[0] == ranks[1]  # the same weights on both ranks after every step
+    (before, _), (skipped, finite), (after, _) = ranks[0]
+    assert finite and skipped == before != after  # step 2 skipped everywhere, step 3 trained
+
+
 # ---------------------------------------------------------------------------- evaluate() over ranks
 PROMPTS = [
     "a red circle moves left", "a blue square jumps", "two green balls bounce",
