@@ -61,11 +61,13 @@ def _shard_keys(folder: Path, split: str) -> list[str]:
     return sorted(keys)
 
 
-def test_ddp_fit_on_two_cpu_processes_splits_the_shards(tmp_path):
-    cache = tmp_path / "cache"
+def _fit_on_two_cpu_ranks(tmp_path: Path, config: str, *overrides: str) -> None:
+    """``python -m lightning_vigu fit -c <config> -c conf/ddp.yaml <overrides>`` on two gloo
+    ranks in ``tmp_path`` (a small world of 32 training clips, batches of 4); fails with the
+    run's stderr."""
     env = {
         **os.environ,
-        "LIGHTNING_VIGU_CACHE": str(cache),
+        "LIGHTNING_VIGU_CACHE": str(tmp_path / "cache"),
         "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }
@@ -73,15 +75,9 @@ def test_ddp_fit_on_two_cpu_processes_splits_the_shards(tmp_path):
             "num_workers": 0, "resampled": False, "shuffle_buffer": 8, "progress": False}  # fmt: skip
     command = [
         sys.executable, "-m", "lightning_vigu", "fit",
-        "-c", str(ROOT / "conf/recall.yaml"), "-c", str(ROOT / "conf/ddp.yaml"),
-        "--trainer.accelerator=cpu", "--trainer.max_epochs=1", "--trainer.val_check_interval=4",
-        "--trainer.num_sanity_val_steps=0",
-        # the config checkpoints every 250 steps: add one every 2 for this 4-step run
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath=checkpoints", "--trainer.callbacks.every_n_train_steps=2",
-        "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks+=test_distributed.RecordKeys",
-        *(f"--data.init_args.{k}={v}" for k, v in data.items()),
+        "-c", str(ROOT / config), "-c", str(ROOT / "conf/ddp.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.num_sanity_val_steps=0",
+        *(f"--data.init_args.{k}={v}" for k, v in data.items()), *overrides,
     ]  # fmt: skip
     # its own process group, so that a hang is ended with every rank Lightning started
     run = subprocess.Popen(
@@ -95,6 +91,19 @@ def test_ddp_fit_on_two_cpu_processes_splits_the_shards(tmp_path):
         _, stderr = run.communicate()
         pytest.fail(f"the 2-rank DDP run did not finish within 240 s: {stderr[-3000:]}")
     assert run.returncode == 0, stderr[-4000:]
+
+
+def test_ddp_fit_on_two_cpu_processes_splits_the_shards(tmp_path):
+    cache = tmp_path / "cache"
+    _fit_on_two_cpu_ranks(
+        tmp_path, "conf/recall.yaml",
+        "--trainer.max_epochs=1", "--trainer.val_check_interval=4",
+        # the config checkpoints every 250 steps: add one every 2 for this 4-step run
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath=checkpoints", "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=test_distributed.RecordKeys",
+    )  # fmt: skip
     ranks = [
         json.loads((tmp_path / "runs/recall" / f"keys-rank{r}.json").read_text()) for r in (0, 1)
     ]
@@ -132,33 +141,12 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     """Fused AdamW skips a non-finite step without a host read; under DDP the skip is decided
     from the all-reduced gradient norm, so a NaN on rank 0 alone skips the update on both
     ranks and their weights stay equal and finite."""
-    env = {
-        **os.environ,
-        "LIGHTNING_VIGU_CACHE": str(tmp_path / "cache"),
-        "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    data = {"num_train": 32, "num_val": 8, "num_test": 0, "num_unseen": 0, "batch_size": 4,
-            "num_workers": 0, "resampled": False, "shuffle_buffer": 8, "progress": False}  # fmt: skip
-    command = [
-        sys.executable, "-m", "lightning_vigu", "fit",
-        "-c", str(ROOT / "conf/generator.yaml"), "-c", str(ROOT / "conf/ddp.yaml"),
-        "--trainer.accelerator=cpu", "--trainer.max_steps=3", "--trainer.val_check_interval=100",
-        "--trainer.num_sanity_val_steps=0", "--model.optimizer.init_args.fused=true",
+    _fit_on_two_cpu_ranks(
+        tmp_path, "conf/generator.yaml",
+        "--trainer.max_steps=3", "--trainer.val_check_interval=100",
+        "--model.optimizer.init_args.fused=true",
         "--trainer.callbacks+=test_distributed.NaNOnRankZero",
-        *(f"--data.init_args.{k}={v}" for k, v in data.items()),
-    ]  # fmt: skip
-    run = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
     )  # fmt: skip
-    try:
-        _, stderr = run.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(run.pid, signal.SIGKILL)
-        _, stderr = run.communicate()
-        pytest.fail(f"the 2-rank DDP run did not finish within 240 s: {stderr[-3000:]}")
-    assert run.returncode == 0, stderr[-4000:]
     ranks = [
         json.loads((tmp_path / "runs/generator" / f"weights-rank{r}.json").read_text())
         for r in (0, 1)
