@@ -19,6 +19,8 @@ import itertools
 
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -123,9 +125,18 @@ class EMA(WeightAveraging):
         self.update_every_n_steps = update_every_n_steps
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":  # Lightning's AveragedModel, without its host reads
-            device = self._device or pl_module.device
-            self._average_model = WarmupAveragedModel(pl_module, self.average, device)
+        if stage != "fit":
+            return
+        if is_overridden("configure_model", pl_module):  # as Lightning's: build the layers first
+            rank_zero_warn(
+                "the EMA callback copies the whole model: a configure_model that shards layers "
+                "is built unsharded for the average, which may run out of memory"
+            )
+            pl_module.configure_model()
+        # Lightning's AveragedModel, without its host reads
+        self._average_model = WarmupAveragedModel(
+            pl_module, self.average, self._device or pl_module.device
+        )
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0

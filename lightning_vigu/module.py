@@ -121,8 +121,8 @@ class UniViGU(InjectedOptimizerModule):
         gradient_checkpointing: recompute this many blocks in backward (True = all).
         compile: ``none``; ``blocks`` (``torch.compile`` every transformer block: the
             choice with gradient checkpointing of large models); ``model`` (the whole
-            transformer as one graph: 1.7x faster training steps for ``small``, see
-            ``benchmarks/results/train_loop_h200.md``); ``cudagraphs`` (``model`` replayed as
+            transformer as one graph, see ``benchmarks/results/train_loop_h200.md``);
+            ``cudagraphs`` (``model`` replayed as
             CUDA graphs, which removes the kernel launches that bound small models' steps).
             ``model`` and ``cudagraphs`` compile the training step only: sampling and
             validation run eagerly (see :func:`compile_transformer`).
