@@ -13,18 +13,20 @@
 4. ``refine``     -- Capability Refinement from recall;
 5. ``arcap``      -- baseline (b): an autoregressive captioner trained as long as recall + refine;
 
-and four ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
+and ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
 generator, trained as long as generator + recall), ``refine_frozen`` (refine with every
-attention weight frozen, the earlier recipe), and ``recall_causal`` -> ``refine_causal`` (the
+attention weight frozen, the earlier recipe), ``recall_causal`` -> ``refine_causal`` (the
 same two phases with the next-token caption stream, ``model.caption_objective:
-autoregressive``, instead of the discrete flow). Stages run in *waves* of equal wall-clock budget
+autoregressive``, instead of the discrete flow) and ``generator_fine`` (the generator with
+tokens of 4x4 pixels instead of 8x8). Stages run in *waves* of equal wall-clock budget
 (``--minutes`` per wave); a stage spans one or two waves, and the stages of a wave train side by
 side on the GPU (small models leave most of it idle). Each stage plans its length from its
 budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
 weights (:class:`callbacks.EMA`). Then every stage is evaluated on the test split and the
 held-out-combinations (``unseen``) split: caption attribute accuracy (parser), prompt adherence
 (detector), FVD against real clips of the same split, joint agreement; ``generator`` and
-``refine`` are also scored with their live (not averaged) weights, the EMA ablation.
+``refine`` are also scored with their live (not averaged) weights, the EMA ablation, and
+``generator`` and ``twin`` with the DDIM video sampler at eta 1 (:data:`VARIANTS`).
 
 A finished stage is skipped, a stage cut off part-way resumes from its ``last.ckpt`` and an
 evaluated stage is not evaluated again, so a run split over several device calls (``--waves``,
@@ -140,9 +142,25 @@ STAGES: dict[str, Stage] = {
     ),
     "recall_causal": Stage("conf/recall.yaml", (2,), init="generator", extra=CAUSAL),
     "refine_causal": Stage("conf/refine.yaml", (3,), init="recall_causal", extra=CAUSAL),
+    # the generator with tokens of 4x4 pixels (1,024 a clip) instead of 8x8 (256): finer
+    # tokens for shapes, at four times the tokens a step
+    "generator_fine": Stage(
+        "conf/generator.yaml",
+        (1,),
+        extra=("--model.model_overrides={text_absolute_positions: true, patch_size: [1, 1, 1]}",),
+    ),
 }
 WAVES = (1, 2, 3)
-RAW_WEIGHTS = ("generator", "refine")  # also scored with live weights (the EMA ablation)
+# How a stage is scored: its EMA weights with the config's sampler; the variants below score
+# some stages again: ``raw weights`` (live, not averaged: the EMA ablation) and ``ddim eta 1``
+# (the DDIM video sampler re-drawing noise at every step, against the Euler ODE)
+VARIANTS: dict[str, tuple[str, dict | None]] = {
+    "ema": ("ema", None),
+    "raw weights": ("raw", None),
+    "ddim eta 1": ("ema", {"video_eta": 1.0}),
+}
+RAW_WEIGHTS = ("generator", "refine")
+DDIM = ("generator", "twin")
 
 
 def stage_command(work: Path, name: str, preset: dict) -> list[str]:
@@ -182,12 +200,13 @@ SAMPLES = 4  # clips per split whose generated videos and captions go into the s
 
 
 def evaluate_stage(
-    work: Path, stage: str, preset: dict, data_args: dict, fvd, weights: str = "ema"
+    work: Path, stage: str, preset: dict, data_args: dict, fvd, variant: str = "ema"
 ) -> dict:
     """Evaluate one stage's ``last.ckpt`` on the test and unseen splits: ``{split: metrics}``,
-    with the (reference, prediction) pairs under ``_predictions_v2t`` for ``report``. Its
-    samples are added to ``<work>/samples.pt`` (uint8 videos and texts, rendered by
-    ``report``)."""
+    with the (reference, prediction) pairs under ``_predictions_v2t`` for ``report``. Scored
+    as :data:`VARIANTS` ``[variant]`` says; the plain ``ema`` scoring adds its samples to
+    ``<work>/samples.pt`` (uint8 videos and texts, rendered by ``report``)."""
+    weights, sampler = VARIANTS[variant]
     ckpt = work / stage / "checkpoints" / "last.ckpt"
     out = evaluate_checkpoint(
         ckpt,
@@ -195,12 +214,13 @@ def evaluate_stage(
         preset["eval_clips"],
         preset["sample_steps"],
         fvd,
-        label=f"{stage} ({weights})",
+        label=f"{stage} ({variant})",
         baseline=stage == "arcap",
-        keep_samples=SAMPLES if weights == "ema" else 0,
+        keep_samples=SAMPLES if variant == "ema" else 0,
         weights=weights,
+        sampler=sampler,
     )
-    if weights == "ema":
+    if variant == "ema":
         path = work / "samples.pt"
         kept = torch.load(path, weights_only=False) if path.is_file() else {}
         test = out.get("test")
@@ -252,9 +272,11 @@ def run(args) -> Path:
         ).to("cuda" if torch.cuda.is_available() else "cpu")
     raw_path = work / "quality_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {"stages": {}}
-    todo = [(s, "ema") for s in stages] + [(s, "raw") for s in RAW_WEIGHTS if s in stages]
-    for stage, weights in todo:
-        key = stage if weights == "ema" else f"{stage} (raw weights)"
+    todo = [(s, "ema") for s in stages]
+    todo += [(s, "raw weights") for s in RAW_WEIGHTS if s in stages]
+    todo += [(s, "ddim eta 1") for s in DDIM if s in stages]
+    for stage, variant in todo:
+        key = stage if variant == "ema" else f"{stage} ({variant})"
         if key in raw["stages"] and not args.reevaluate:
             continue
         seconds = (
@@ -263,7 +285,7 @@ def run(args) -> Path:
             else None
         )
         raw["stages"][key] = {
-            "eval": evaluate_stage(work, stage, preset, data_cfg, fvd, weights),
+            "eval": evaluate_stage(work, stage, preset, data_cfg, fvd, variant),
             "loss": loss_curve(work, stage),
             "train_seconds": seconds,
             "budget_minutes": preset["minutes"] and preset["minutes"] * len(STAGES[stage].waves),
@@ -343,7 +365,8 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         f"in the stamp above. Each stage trains for `minutes` of wall clock ({p.get('minutes')} "
         "per wave, stages of a wave side by side on the GPU), its schedule planned to end at its "
         f"last step (`steps`), and is scored with its EMA weights on {p.get('eval_clips')} clips "
-        "per split (`(raw weights)`: the live weights of the same run). `attr_accuracy`: "
+        "per split (`(raw weights)`: the live weights of the same run; `(ddim eta 1)`: the "
+        "DDIM video sampler re-drawing noise at every step instead of Euler). `attr_accuracy`: "
         "attributes the target states (the prompt for recall, the detailed caption otherwise); "
         "`attr_ceiling`: what true prompts written for the same clips score on it; "
         "`stated_accuracy`: the share of what the caption says that is true of the clip; "
