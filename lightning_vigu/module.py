@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -37,6 +36,7 @@ from lightning_vigu.text import (
 )
 from lightning_vigu.training import (
     InjectedOptimizerModule,
+    NonFiniteSteps,
     save_config_hyperparameters,
     warmup_cosine,
 )
@@ -82,7 +82,7 @@ def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
 INJECTED_PARTS = ("codec", "tokenizer", "prompt_encoder")
 
 
-class UniViGU(InjectedOptimizerModule):
+class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
     """Uni-ViGU: one transformer for text -> video, video -> text and joint generation.
 
     Args:
@@ -207,7 +207,6 @@ class UniViGU(InjectedOptimizerModule):
         self.model.set_attention_backend(attention_backend)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing(gradient_checkpointing)
-        self._nonfinite_in_a_row = self._nonfinite_total = 0
         if init_from:
             self.load_weights(init_from)
         if lora:
@@ -269,43 +268,6 @@ class UniViGU(InjectedOptimizerModule):
         factors = [functools.partial(self.lr_factor, group=g["name"]) for g in groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        """Clip, and tell an optimiser that skips non-finite steps itself whether to skip.
-
-        FSDP clips by the global norm over shards (Lightning's plugin refuses norm clipping).
-        Under bf16 autocast nothing is scaled, so the gradients are clipped here as they are:
-        Lightning's mixed-precision plugin refuses to clip for any optimiser that could unscale
-        internally (fused AdamW), which only matters with fp16's loss scaler. The skip is
-        decided from the gradient norm, which DDP and FSDP clipping compute over every rank's
-        gradients, so all ranks skip together when one rank's loss was not finite."""
-        norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        skipping = self._skipping_optimiser()
-        if skipping is None:
-            return
-        if norm is None:  # no norm clipping: the norm only decides the skip
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-            norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
-        loss_finite = self.__dict__.get("_loss_finite", torch.ones((), dtype=torch.bool))
-        skipping.found_inf = (~torch.isfinite(norm) | ~loss_finite.to(norm.device)).float()
-
-    def _clip(self, optimizer, gradient_clip_val, gradient_clip_algorithm) -> Tensor | None:
-        """Clip as configured; the total gradient norm when it was computed."""
-        if not gradient_clip_val:
-            return None
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            return self.trainer.model.clip_grad_norm_(gradient_clip_val)
-        plugin = self.trainer.precision_plugin
-        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-                return None
-            return torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        return None
 
     def lr_factor(self, step: int, group: str = "video") -> float:
         """Warm-up, then cosine to ``min_lr_ratio``, times the phase's multiplier of ``group``."""
@@ -410,67 +372,17 @@ class UniViGU(InjectedOptimizerModule):
             "train/loss_video": out.video,
             "train/loss_text": out.text,
         }
-        finite = torch.isfinite(out.loss)
-        optimiser = self._skipping_optimiser()
-        if optimiser is not None:
-            # skipped by the fused update itself (configure_gradient_clipping tells it, from
-            # this loss and the gradients of every rank): the host never waits for the loss
-            self._loss_finite = finite
-            self._count_nonfinite_on_device(finite, b)
-        elif not finite:  # read on the host: the CPU, or an optimiser that cannot skip
+        if self.skip_nonfinite(
+            out.loss, b, lambda: f"video={out.video.item()}, text={out.text.item()}"
+        ):
             # a skipped step still counts toward max_steps (Lightning steps the loop): log it as
             # skipped, with its non-finite loss, not the previous step's finite one
-            self._nonfinite_in_a_row += 1
-            self._nonfinite_total += 1
             self.log_dict(losses, prog_bar=True, batch_size=b)
-            self.log("train/nonfinite_steps", float(self._nonfinite_in_a_row), batch_size=b)
-            self.log("train/skipped_steps", float(self._nonfinite_total), batch_size=b)
-            if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
-                self._stop_on_nonfinite(self._nonfinite_in_a_row, out)
-            return None  # skip this optimiser step
-        else:
-            self._nonfinite_in_a_row = 0
+            return None
         self.log_dict(
             {**losses, "train/text_accuracy": out.text_accuracy}, prog_bar=True, batch_size=b
         )
         return out.loss
-
-    def _skipping_optimiser(self) -> torch.optim.Optimizer | None:
-        """The optimiser when it can skip a non-finite step by itself (fused AdamW / Adam read a
-        ``found_inf`` tensor, as under a loss scaler) and no loss scaler uses that already."""
-        if self._trainer is None or len(self.trainer.optimizers) != 1:
-            return None
-        optimiser = self.trainer.optimizers[0]
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        fused = optimiser.defaults.get("fused")
-        return optimiser if fused and scaler is None else None
-
-    def _count_nonfinite_on_device(self, finite: Tensor, batch_size: int) -> None:
-        """Consecutive and total skipped steps, counted on the device; read on the host (which
-        waits for the device) only every ``trainer.log_every_n_steps`` steps, so a run of
-        ``max_nonfinite_steps`` is caught at the first check after it."""
-        state = self.__dict__.get("_nonfinite_state")
-        if state is None or state.device != finite.device:
-            state = torch.zeros(3, device=finite.device)  # in a row, worst in a row, total
-        bad = (~finite).float()
-        run = (state[0] + 1) * bad
-        state = torch.stack([run, torch.maximum(state[1], run), state[2] + bad])
-        self._nonfinite_state = state  # a new tensor: the logged values stay as they were
-        self.log("train/nonfinite_steps", state[0], batch_size=batch_size)
-        self.log("train/skipped_steps", state[2], batch_size=batch_size)
-        every = max(1, self.trainer.log_every_n_steps)
-        if (self.global_step + 1) % every == 0:
-            worst = int(state[1])
-            if worst >= self.hparams.max_nonfinite_steps:
-                self._stop_on_nonfinite(worst, None)
-
-    def _stop_on_nonfinite(self, in_a_row: int, out) -> None:
-        losses = "" if out is None else f" (video={out.video.item()}, text={out.text.item()})"
-        raise RuntimeError(
-            f"{in_a_row} consecutive non-finite losses by step {self.global_step}{losses}; "
-            "lower the lr, enable gradient clipping (trainer.gradient_clip_val) or check the "
-            "data for NaNs"
-        )
 
     def _eval_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         b = len(batch["prompt"])

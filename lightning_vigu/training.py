@@ -1,6 +1,7 @@
 """What every LightningModule of the project shares (UniViGU and the autoregressive baseline):
 the learning-rate schedule, hyper-parameters that keep injected parts when a config made them,
-and an optimiser factory that is injected rather than built inside the module.
+an optimiser factory that is injected rather than built inside the module, and the skipping of
+non-finite steps (with the gradient clipping that decides it).
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import math
 from collections.abc import Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor
 
 
 def warmup_cosine(step: int, warmup_steps: int, horizon: int | None, min_ratio: float) -> float:
@@ -57,3 +62,118 @@ class InjectedOptimizerModule(L.LightningModule):
         state = super().__getstate__()
         state["_optimizer_factory"] = None
         return state
+
+
+class NonFiniteSteps(L.LightningModule):
+    """Skips the optimiser steps whose loss is not finite, and stops a run after
+    ``hparams.max_nonfinite_steps`` of them in a row.
+
+    Two ways, chosen per run:
+
+    * the optimiser skips by itself (fused AdamW / Adam, no loss scaler): the module tells it
+      through ``found_inf`` (as a loss scaler would), decided in
+      :meth:`configure_gradient_clipping` from the gradient norm (over every rank's gradients
+      under DDP / FSDP clipping, so all ranks skip together) and the loss. Nothing is read on
+      the host: the counts live on the device and are checked every ``log_every_n_steps``;
+    * otherwise the loss is read on the host and ``training_step`` returns ``None``.
+
+    ``training_step`` calls :meth:`skip_nonfinite`; the clipping hook also clips as configured.
+    Logged: ``train/nonfinite_steps`` (in a row) and ``train/skipped_steps`` (in all).
+    """
+
+    _nonfinite_in_a_row = 0
+    _nonfinite_total = 0
+
+    def skip_nonfinite(self, loss: Tensor, batch_size: int, detail=lambda: "") -> bool:
+        """Whether this step must be skipped by returning ``None`` from ``training_step``
+        (``detail()``: what the error names when the run stops)."""
+        finite = torch.isfinite(loss)
+        optimiser = self._skipping_optimiser()
+        if optimiser is not None:  # the fused update skips (configure_gradient_clipping)
+            self._loss_finite = finite
+            self._count_nonfinite_on_device(finite, batch_size)
+            return False
+        if finite:  # read on the host: the CPU, or an optimiser that cannot skip
+            self._nonfinite_in_a_row = 0
+            return False
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self._nonfinite_in_a_row), batch_size=batch_size)
+        self.log("train/skipped_steps", float(self._nonfinite_total), batch_size=batch_size)
+        if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            self._stop_on_nonfinite(self._nonfinite_in_a_row, detail())
+        return True
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip, and tell an optimiser that skips non-finite steps itself whether to skip.
+
+        FSDP clips by the global norm over shards (Lightning's plugin refuses norm clipping).
+        Under bf16 autocast nothing is scaled, so the gradients are clipped here as they are:
+        Lightning's mixed-precision plugin refuses to clip for any optimiser that could unscale
+        internally (fused AdamW), which only matters with fp16's loss scaler. The skip is
+        decided from the gradient norm, which DDP and FSDP clipping compute over every rank's
+        gradients, so all ranks skip together when one rank's loss was not finite."""
+        norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        skipping = self._skipping_optimiser()
+        if skipping is None:
+            return
+        if norm is None:  # no norm clipping: the norm only decides the skip
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        loss_finite = self.__dict__.get("_loss_finite", torch.ones((), dtype=torch.bool))
+        skipping.found_inf = (~torch.isfinite(norm) | ~loss_finite.to(norm.device)).float()
+
+    def _clip(self, optimizer, gradient_clip_val, gradient_clip_algorithm) -> Tensor | None:
+        """Clip as configured; the total gradient norm when it was computed."""
+        if not gradient_clip_val:
+            return None
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            return self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+                return None
+            return torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        return None
+
+    def _skipping_optimiser(self) -> torch.optim.Optimizer | None:
+        """The optimiser when it can skip a non-finite step by itself (fused AdamW / Adam read a
+        ``found_inf`` tensor, as under a loss scaler) and no loss scaler uses that already."""
+        if self._trainer is None or len(self.trainer.optimizers) != 1:
+            return None
+        optimiser = self.trainer.optimizers[0]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = optimiser.defaults.get("fused")
+        return optimiser if fused and scaler is None else None
+
+    def _count_nonfinite_on_device(self, finite: Tensor, batch_size: int) -> None:
+        """Consecutive and total skipped steps, counted on the device; read on the host (which
+        waits for the device) only every ``trainer.log_every_n_steps`` steps, so a run of
+        ``max_nonfinite_steps`` is caught at the first check after it."""
+        state = self.__dict__.get("_nonfinite_state")
+        if state is None or state.device != finite.device:
+            state = torch.zeros(3, device=finite.device)  # in a row, worst in a row, total
+        bad = (~finite).float()
+        run = (state[0] + 1) * bad
+        state = torch.stack([run, torch.maximum(state[1], run), state[2] + bad])
+        self._nonfinite_state = state  # a new tensor: the logged values stay as they were
+        self.log("train/nonfinite_steps", state[0], batch_size=batch_size)
+        self.log("train/skipped_steps", state[2], batch_size=batch_size)
+        every = max(1, self.trainer.log_every_n_steps)
+        if (self.global_step + 1) % every == 0:
+            worst = int(state[1])
+            if worst >= self.hparams.max_nonfinite_steps:
+                self._stop_on_nonfinite(worst)
+
+    def _stop_on_nonfinite(self, in_a_row: int, detail: str = "") -> None:
+        losses = f" ({detail})" if detail else ""
+        raise RuntimeError(
+            f"{in_a_row} consecutive non-finite losses by step {self.global_step}{losses}; "
+            "lower the lr, enable gradient clipping (trainer.gradient_clip_val) or check the "
+            "data for NaNs"
+        )
