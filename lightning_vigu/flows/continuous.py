@@ -141,12 +141,12 @@ def ddim_step(
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"the sampler's eta must be in [0, 1], got {eta}")
+    if eta == 0.0:
+        return euler_step(x_t, velocity, t, t_next)
     t, t_next = (_expand(torch.as_tensor(v, device=x_t.device), x_t) for v in (t, t_next))
     data = x_t + (1 - t) * velocity
     source = x_t - t * velocity
     sigma, sigma_next = 1 - t, 1 - t_next
-    if eta == 0.0:
-        return t_next * data + sigma_next * source
     if noise is None:
         raise ValueError("ddim_step with eta > 0 needs the fresh noise")
     ratio = (t * sigma_next / (t_next * sigma).clamp_min(1e-12)).clamp(0, 1)

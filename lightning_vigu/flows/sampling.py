@@ -144,9 +144,7 @@ class UnifiedSampler:
     ) -> Tensor:
         """Euler, or DDIM with fresh noise when ``video_eta > 0``."""
         eta = self.config.video_eta
-        if eta == 0.0:
-            return continuous.euler_step(x, v, t, t_next)
-        noise = draws.randn(x.shape, generator, x.device, x.dtype)
+        noise = draws.randn(x.shape, generator, x.device, x.dtype) if eta > 0 else None
         return continuous.ddim_step(x, v, t, t_next, eta, noise)
 
     @torch.no_grad()
