@@ -41,7 +41,8 @@ class ObjectiveConfig:
             (x-prediction; the loss stays on the velocity). Read by every sampler too.
         time_scheme: video training-time sampling, ``uniform`` or ``logit_normal``.
         time_shift: Wan's shift applied to training times (1 = none).
-        loss_weighting: video loss weighting (``none`` or ``snr``).
+        loss_weighting: video loss weighting (``none``, ``snr`` or ``data``: the loss on the
+            implied clean video, see :func:`~lightning_vigu.flows.continuous.velocity_loss`).
         text_loss: ``cross_entropy`` or ``generalized_kl``.
         text_time_eps: caption times are drawn from ``[0, 1 - eps]`` (the KL weight diverges at 1).
         cfg_dropout: probability of replacing the prompt condition by the empty prompt.

@@ -47,10 +47,23 @@ def test_losses_are_finite_over_t_and_zero_for_the_exact_target():
     x_1 = torch.randn(4, 3, 2, 2, 2)
     for t in (0.0, 0.5, 0.999):
         s = continuous.sample_path(x_1, torch.full((4,), t))
-        for w in ("none", "snr"):
+        for w in ("none", "snr", "data"):
             loss = continuous.velocity_loss(torch.zeros_like(x_1), s.dx_t, s.t, w)
             assert torch.isfinite(loss).all()
         assert continuous.velocity_loss(s.dx_t, s.dx_t).abs().max() == 0
+
+
+def test_data_weighting_is_the_squared_error_of_the_implied_clean_video():
+    g = torch.Generator().manual_seed(0)
+    x_1 = torch.randn(5, 3, 2, 4, 4, generator=g)
+    s = continuous.sample_path(x_1, torch.tensor([0.0, 0.2, 0.5, 0.8, 0.97]), generator=g)
+    v_hat = torch.randn(x_1.shape, generator=g)
+    x_hat = s.x_t + (1 - s.t).view(-1, 1, 1, 1, 1) * v_hat  # the data the velocity implies
+    expected = (x_hat - x_1).pow(2).flatten(1).mean(1)
+    got = continuous.velocity_loss(v_hat, s.dx_t, s.t, "data")
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the flow times"):
+        continuous.velocity_loss(v_hat, s.dx_t, None, "data")
 
 
 class GaussianVelocity(torch.nn.Module):

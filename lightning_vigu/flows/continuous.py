@@ -88,8 +88,10 @@ def velocity_loss(
     """Per-example mean-squared velocity error ``(B,)``.
 
     Args:
-        weighting: ``none`` (plain rectified flow) or ``snr`` (``t / (1 - t)`` clipped to
-            [0, 5], emphasising low noise).
+        weighting: ``none`` (plain rectified flow), ``snr`` (``t / (1 - t)`` clipped to
+            [0, 5], emphasising low noise) or ``data`` (``(1 - t)^2``: the squared error of
+            the implied data ``x_t + (1 - t) v``, since ``x1_hat - x1 = (1 - t)(v_hat - v)``;
+            it drops the velocity loss's ``1 / (1 - t)^2`` emphasis on nearly clean inputs).
     """
     per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
     if weighting == "none":
@@ -98,7 +100,11 @@ def velocity_loss(
         if t is None:
             raise ValueError("snr weighting needs the flow times t")
         return per * (t / (1 - t)).clamp(0, 5)
-    raise ValueError(f"unknown loss weighting '{weighting}'; choose 'none' or 'snr'")
+    if weighting == "data":
+        if t is None:
+            raise ValueError("data weighting needs the flow times t")
+        return per * (1 - t.float()).pow(2)
+    raise ValueError(f"unknown loss weighting '{weighting}'; choose 'none', 'snr' or 'data'")
 
 
 def time_grid(num_steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> Tensor:
