@@ -93,6 +93,20 @@ def check_batch(batch: Batch) -> None:
                 )
 
 
+def batch_to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """The batch with its tensors on ``device``; texts and records are passed on as they are.
+
+    Lightning's default transfer walks every value of a batch, so the synthetic world's
+    ground-truth records (64 nested dicts a batch) cost the host several milliseconds a step
+    for nothing. The copies are non-blocking (from pinned memory they overlap the GPU).
+    """
+    device = torch.device(device)
+    return {  # type: ignore[return-value]
+        k: v.to(device, non_blocking=device.type == "cuda") if isinstance(v, Tensor) else v
+        for k, v in batch.items()
+    }
+
+
 def to_device(x: Tensor, device: torch.device | str) -> Tensor:
     """``x`` (made on the host) on ``device`` without waiting for the device.
 
