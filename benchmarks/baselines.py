@@ -25,7 +25,6 @@ from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.model.embeddings import sincos_3d
 from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 from lightning_vigu.training import (
-    BatchOnDevice,
     InjectedOptimizerModule,
     save_config_hyperparameters,
     warmup_cosine,
@@ -184,7 +183,7 @@ def build_ar_captioner(size: str, **kwargs) -> ARCaptioner:
     return ARCaptioner(**values)
 
 
-class ARCaptionerModule(BatchOnDevice, InjectedOptimizerModule):
+class ARCaptionerModule(InjectedOptimizerModule):
     """Trains an :class:`ARCaptioner` with teacher-forced cross-entropy on the Batch contract.
 
     The loss covers each caption's tokens and its first EOS (the EOS fill after it is

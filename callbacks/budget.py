@@ -6,6 +6,11 @@ EMA / final-lr effects never happen. :class:`TimeBudget` times a window of steps
 warm-up (compilation, caches), then sets ``max_steps`` to the steps that fit in what is left
 of the budget. The module's lr horizon follows ``trainer.max_steps``, so the schedule decays
 to its end exactly at the last step. The plan is stored in checkpoints: a resumed run keeps it.
+
+The planned end is rarely a multiple of a ``ModelCheckpoint``'s interval, and Lightning keeps
+``last.ckpt`` at the last interval (its end-of-training save only runs when no ``last.ckpt`` was
+written at all), so the run's final, fully decayed weights would be lost: the callback writes
+``last.ckpt`` once more at the end when the last save was at an earlier step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_vigu.loggers import host_number
@@ -50,6 +56,7 @@ class TimeBudget(L.Callback):
         self._start: float | None = None
         self._first_step = 0
         self._window: float | None = None
+        self._saved_at: int | None = None  # the step of the latest checkpoint written
 
     def elapsed(self) -> float:
         """Seconds of training so far, earlier runs included."""
@@ -82,6 +89,20 @@ class TimeBudget(L.Callback):
                 f"{self.budget_s / 60:.1f} min; the schedule ends there"
             )
         pl_module.log("train/planned_steps", host_number(self.planned_steps or trainer.max_steps))
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._saved_at = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write ``last.ckpt`` of every ``ModelCheckpoint(save_last=...)`` at the final step."""
+        if self._saved_at is None or self._saved_at == trainer.global_step:
+            return  # nothing saved yet (Lightning's own end-of-training save), or up to date
+        at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                trainer.save_checkpoint(cb.format_checkpoint_name(at, cb.CHECKPOINT_NAME_LAST))
 
     def state_dict(self) -> dict[str, Any]:
         return {"planned_steps": self.planned_steps, "elapsed": self.elapsed()}

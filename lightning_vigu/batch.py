@@ -98,7 +98,8 @@ def batch_to_device(batch: Batch, device: torch.device | str) -> Batch:
 
     Lightning's default transfer walks every value of a batch, so the synthetic world's
     ground-truth records (64 nested dicts a batch) cost the host several milliseconds a step
-    for nothing. The copies are non-blocking (from pinned memory they overlap the GPU).
+    for nothing; the project's DataModules transfer with this instead. The copies are
+    non-blocking (from pinned memory they overlap the GPU).
     """
     device = torch.device(device)
     return {  # type: ignore[return-value]

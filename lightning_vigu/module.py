@@ -35,7 +35,6 @@ from lightning_vigu.text import (
     PromptEncoder,
 )
 from lightning_vigu.training import (
-    BatchOnDevice,
     InjectedOptimizerModule,
     NonFiniteSteps,
     save_config_hyperparameters,
@@ -83,7 +82,7 @@ def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
 INJECTED_PARTS = ("codec", "tokenizer", "prompt_encoder")
 
 
-class UniViGU(NonFiniteSteps, BatchOnDevice, InjectedOptimizerModule):
+class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
     """Uni-ViGU: one transformer for text -> video, video -> text and joint generation.
 
     Args:

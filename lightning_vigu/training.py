@@ -1,8 +1,7 @@
 """What every LightningModule of the project shares (UniViGU and the autoregressive baseline):
 the learning-rate schedule, hyper-parameters that keep injected parts when a config made them,
-an optimiser factory that is injected rather than built inside the module, the skipping of
-non-finite steps (with the gradient clipping that decides it) and a batch transfer that moves
-tensors only.
+an optimiser factory that is injected rather than built inside the module, and the skipping of
+non-finite steps (with the gradient clipping that decides it).
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
-
-from lightning_vigu.batch import batch_to_device
 
 
 def warmup_cosine(step: int, warmup_steps: int, horizon: int | None, min_ratio: float) -> float:
@@ -65,16 +62,6 @@ class InjectedOptimizerModule(L.LightningModule):
         state = super().__getstate__()
         state["_optimizer_factory"] = None
         return state
-
-
-class BatchOnDevice(L.LightningModule):
-    """Moves a :class:`~lightning_vigu.batch.Batch` to the device by its tensors alone
-    (:func:`~lightning_vigu.batch.batch_to_device`); anything else as Lightning does."""
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        if isinstance(batch, dict):
-            return batch_to_device(batch, device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
 class NonFiniteSteps(L.LightningModule):

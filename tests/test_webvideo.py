@@ -64,6 +64,10 @@ def test_batches_follow_the_contract(data_synthetic_shards):
     val = [k for b in dm.val_dataloader() for k in b["key"]]
     assert val == [f"val-{i:06d}" for i in range(8)]  # deterministic order, nothing dropped
     assert dm.skipped_counts() == dict.fromkeys(dm.skipped_counts(), 0)
+    # to the device by its tensors alone: Lightning's transfer would walk every record
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["video"].device.type == "meta" and batch["video"].device.type == "cpu"
+    assert moved["meta"] is batch["meta"] and moved["prompt"] is batch["prompt"]
 
 
 def test_decoded_pixels_match_the_rendered_clip(data_synthetic_shards):

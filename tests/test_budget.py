@@ -1,0 +1,81 @@
+"""callbacks.TimeBudget: the run's length planned from a wall-clock budget, the lr schedule
+ending at the planned step, and last.ckpt holding that step."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_training import RandomVideoDataModule, tiny_module
+
+import callbacks.budget as budget
+from callbacks import TimeBudget
+
+
+class FakeClock:
+    """``time.time`` that advances ``step`` seconds per training batch (set by the callback)."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 1000.0, step
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tick(L.Callback):
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, *args) -> None:
+        self.clock.now += self.clock.step
+
+
+class LrRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _fit(tmp_path, monkeypatch, seconds_per_step: float, minutes: float, every: int):
+    clock = FakeClock(seconds_per_step)
+    monkeypatch.setattr(budget.time, "time", clock)
+    plan = TimeBudget(minutes, skip_steps=2, measure_steps=4, margin=1.0)
+    lrs = LrRecorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=every, save_last=True)
+    trainer = L.Trainer(
+        max_steps=1000,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[Tick(clock), plan, lrs, ckpt],
+    )
+    module = tiny_module(warmup_steps=2, lr=1e-3)
+    trainer.fit(module, datamodule=RandomVideoDataModule(num_clips=8, batch_size=4))
+    return trainer, plan, lrs
+
+
+def test_the_plan_fits_the_budget_and_the_schedule_decays_to_its_last_step(tmp_path, monkeypatch):
+    # 1 s a step, a 0.5 minute budget: 6 steps timed, then (30 - 6) s / 1 s = 24 more
+    trainer, plan, lrs = _fit(tmp_path, monkeypatch, 1.0, 0.5, every=1000)
+    assert plan.planned_steps == trainer.global_step
+    assert plan.planned_steps == pytest.approx(30, abs=1)
+    # the cosine reaches its floor at the planned step (with the horizon at 1000 it would not)
+    floor = trainer.lightning_module.hparams.min_lr_ratio * max(lrs.lrs)
+    assert lrs.lrs[-1] == pytest.approx(floor, rel=0.05)
+    with pytest.raises(ValueError, match="minutes > 0"):
+        TimeBudget(0)
+
+
+def test_last_checkpoint_holds_the_planned_end_between_intervals(tmp_path, monkeypatch):
+    trainer, plan, _ = _fit(tmp_path, monkeypatch, 1.0, 0.5, every=4)
+    assert plan.planned_steps % 4 != 0  # the end falls between two interval checkpoints
+    last = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == trainer.global_step == plan.planned_steps
+    saved = {p.name for p in (tmp_path / "ck").iterdir()}
+    assert "last-v1.ckpt" not in saved  # written in place, no versioned copy
