@@ -95,10 +95,14 @@ class TimeBudget(L.Callback):
     ) -> None:
         self._saved_at = trainer.global_step
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write ``last.ckpt`` of every ``ModelCheckpoint(save_last=...)`` at the final step."""
-        if self._saved_at is None or self._saved_at == trainer.global_step:
-            return  # nothing saved yet (Lightning's own end-of-training save), or up to date
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """At the run's last step, write ``last.ckpt`` of every ``ModelCheckpoint(save_last=...)``
+        unless a checkpoint was written at this step. Here, after every batch-end hook (EMA's
+        last update, the interval checkpoints) and before the end-of-training hooks (where EMA
+        copies its average into the live weights)."""
+        ends = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if not ends or self._saved_at in (None, trainer.global_step):
+            return  # not the end; nothing saved yet (Lightning's own save at the end); saved
         at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:

@@ -107,3 +107,44 @@ def test_a_stamp_names_its_commit_and_says_when_the_tree_differs(tmp_path, monke
     (tmp_path / "a.py").write_text("x = 2\n")  # the tree that runs is not the commit
     assert commit(tmp_path) == f"{head}+uncommitted"
     assert commit(tmp_path / "nowhere") == "unknown"
+
+
+def test_denoise_probe_scores_one_step_predictions_and_can_fail(tmp_path):
+    from benchmarks import denoise
+    from datamodules.synthetic.generate import make_clip
+    from datamodules.synthetic.world import world_config
+    from lightning_vigu.flows.convention import FlowPrediction
+    from lightning_vigu.module import UniViGU
+
+    world = world_config("cpu")
+    made = [make_clip(world, 0, "test", i) for i in range(6)]
+    videos = torch.stack(
+        [torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1 for v, _ in made]
+    )
+    clips = {
+        "video": videos,
+        "prompt": [r["prompt"] for _, r in made],
+        "meta": [r for _, r in made],
+    }
+    module = UniViGU(size="tiny", video_shape=(16, 32, 32), prompt_length=8, caption_length=8)
+    clean = module.codec.encode(videos)
+
+    class Oracle:  # predicts the clean clip exactly: velocity (x - x_t) / (1 - t)
+        def __call__(self, x_t, t, *args):
+            return FlowPrediction(
+                velocity=(clean - x_t) / (1 - t.view(-1, 1, 1, 1, 1)), text_logits=None
+            )
+
+    class Copy:  # returns its input as the clean clip
+        def __call__(self, x_t, t, *args):
+            return FlowPrediction(velocity=torch.zeros_like(x_t), text_logits=None)
+
+    module.flow = Oracle()
+    rows, kept = denoise.probe(module, clips, times=(0.05, 0.5))
+    assert [r["accuracy"] for r in rows] == [1.0, 1.0] and max(r["mse"] for r in rows) < 1e-8
+    module.flow = Copy()
+    noisy, _ = denoise.probe(module, clips, times=(0.05, 0.5))
+    assert noisy[0]["accuracy"] < 0.5 and noisy[0]["mse"] > 0.5  # x_t at t = 0.05 is mostly noise
+    assert set(kept) == {0.05, 0.5} and kept[0.05].shape == (4, 3, 16, 32, 32)
+    path = denoise.picture(kept, videos, tmp_path / "denoise.png")
+    assert path.stat().st_size > 0

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_training import RandomVideoDataModule, tiny_module
 
 import callbacks.budget as budget
-from callbacks import TimeBudget
+from callbacks import EMA, TimeBudget
 
 
 class FakeClock:
@@ -39,7 +39,7 @@ class LrRecorder(L.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def _fit(tmp_path, monkeypatch, seconds_per_step: float, minutes: float, every: int):
+def _fit(tmp_path, monkeypatch, seconds_per_step: float, minutes: float, every: int, ema=False):
     clock = FakeClock(seconds_per_step)
     monkeypatch.setattr(budget.time, "time", clock)
     plan = TimeBudget(minutes, skip_steps=2, measure_steps=4, margin=1.0)
@@ -53,7 +53,8 @@ def _fit(tmp_path, monkeypatch, seconds_per_step: float, minutes: float, every: 
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=[Tick(clock), plan, lrs, ckpt],
+        # EMA before the plan: its end-of-training copy of the average would run first
+        callbacks=[Tick(clock), *([EMA(0.5)] if ema else []), plan, lrs, ckpt],
     )
     module = tiny_module(warmup_steps=2, lr=1e-3)
     trainer.fit(module, datamodule=RandomVideoDataModule(num_clips=8, batch_size=4))
@@ -73,9 +74,15 @@ def test_the_plan_fits_the_budget_and_the_schedule_decays_to_its_last_step(tmp_p
 
 
 def test_last_checkpoint_holds_the_planned_end_between_intervals(tmp_path, monkeypatch):
-    trainer, plan, _ = _fit(tmp_path, monkeypatch, 1.0, 0.5, every=4)
+    trainer, plan, _ = _fit(tmp_path, monkeypatch, 1.0, 0.5, every=4, ema=True)
     assert plan.planned_steps % 4 != 0  # the end falls between two interval checkpoints
     last = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     assert last["global_step"] == trainer.global_step == plan.planned_steps
+    # saved before EMA copies its average into the live weights at the end of training: the
+    # checkpoint holds the average as its weights and the live ones beside them
+    live, average = last["current_model_state"], last["state_dict"]
+    assert any(
+        not torch.equal(live[k], average[k]) for k in average if average[k].is_floating_point()
+    )
     saved = {p.name for p in (tmp_path / "ck").iterdir()}
     assert "last-v1.ckpt" not in saved  # written in place, no versioned copy
