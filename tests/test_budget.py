@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_training import RandomVideoDataModule, tiny_module
+from test_training import RandomVideoDataModule, _trainer, tiny_module
 
 import callbacks.budget as budget
 from callbacks import EMA, TimeBudget
@@ -45,17 +45,9 @@ def _fit(tmp_path, monkeypatch, seconds_per_step: float, minutes: float, every: 
     plan = TimeBudget(minutes, skip_steps=2, measure_steps=4, margin=1.0)
     lrs = LrRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=every, save_last=True)
-    trainer = L.Trainer(
-        max_steps=1000,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        # EMA before the plan: its end-of-training copy of the average would run first
-        callbacks=[Tick(clock), *([EMA(0.5)] if ema else []), plan, lrs, ckpt],
-    )
+    # EMA before the plan: its end-of-training copy of the average would run first
+    callbacks = [Tick(clock), *([EMA(0.5)] if ema else []), plan, lrs, ckpt]
+    trainer = _trainer(tmp_path, 1000, callbacks)
     module = tiny_module(warmup_steps=2, lr=1e-3)
     trainer.fit(module, datamodule=RandomVideoDataModule(num_clips=8, batch_size=4))
     return trainer, plan, lrs
