@@ -96,7 +96,7 @@ class TimeBudget(L.Callback):
         self._saved_at = trainer.global_step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """At the run's last step, write ``last.ckpt`` of every ``ModelCheckpoint(save_last=...)``
+        """At the run's last step, write ``last.ckpt`` of every ``ModelCheckpoint(save_last=True)``
         unless a checkpoint was written at this step. Here, after every batch-end hook (EMA's
         last update, the interval checkpoints) and before the end-of-training hooks (where EMA
         copies its average into the live weights)."""
@@ -105,7 +105,8 @@ class TimeBudget(L.Callback):
             return  # not the end; nothing saved yet (Lightning's own save at the end); saved
         at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+            # save_last="link" makes last.ckpt a link to an interval checkpoint: left alone
+            if isinstance(cb, ModelCheckpoint) and cb.save_last is True and cb.dirpath:
                 trainer.save_checkpoint(cb.format_checkpoint_name(at, cb.CHECKPOINT_NAME_LAST))
 
     def state_dict(self) -> dict[str, Any]:
