@@ -12,13 +12,17 @@
 3. ``recall``     -- Knowledge Recall from the generator;
 4. ``refine``     -- Capability Refinement from recall;
 5. ``arcap``      -- baseline (b): an autoregressive captioner trained as long as recall + refine;
+6. ``recall_causal`` -> ``refine_causal`` -- the same two phases with the next-token caption
+   stream (``model.caption_objective: autoregressive``) instead of the discrete flow;
 
-and ablations at the same budget: ``recall_scratch`` (the paper's claim: recall from no
-generator, trained as long as generator + recall), ``refine_frozen`` (refine with every
-attention weight frozen, the earlier recipe), ``recall_causal`` -> ``refine_causal`` (the
-same two phases with the next-token caption stream, ``model.caption_objective:
-autoregressive``, instead of the discrete flow) and ``generator_fine`` (the generator with
-tokens of 4x4 pixels instead of 8x8). Stages run in *waves* of equal wall-clock budget
+and, when asked for (``--stages``), ablations at the same budget: ``recall_scratch`` (the
+paper's claim: recall from no generator, trained as long as generator + recall),
+``refine_frozen`` (refine with every attention weight frozen, the earlier recipe) and
+``generator_fine`` (the generator with tokens of 4x4 pixels instead of 8x8). By default only the
+main stages run (:data:`MAIN`), so that they share the GPU with fewer processes and the
+evaluation is shorter (generator runs took 0.070-0.124 s a step four side by side on one H200,
+0.059-0.088 s alone; ``benchmarks/results/ablation.md``); ablations run in their own
+invocation, next to the stages they compare with. Stages run in *waves* of equal wall-clock budget
 (``--minutes`` per wave); a stage spans one or two waves, and the stages of a wave train side by
 side on the GPU (small models leave most of it idle). Each stage plans its length from its
 budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
@@ -151,6 +155,8 @@ STAGES: dict[str, Stage] = {
     ),
 }
 WAVES = (1, 2, 3)
+MAIN = ("generator", "twin", "recall", "refine", "arcap", "recall_causal", "refine_causal")
+"""The stages the quality targets are read from (the default of ``--stages``)."""
 # How a stage is scored: its EMA weights with the config's sampler; the variants below score
 # some stages again: ``raw weights`` (live, not averaged: the EMA ablation) and ``ddim eta 1``
 # (the DDIM video sampler re-drawing noise at every step, against the Euler ODE)
@@ -475,7 +481,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("part", choices=["run", "report", "all"])
     p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
-    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(MAIN),
+        choices=list(STAGES),
+        help="default: the main stages; ablations: e.g. --stages generator generator_fine",
+    )
     p.add_argument("--waves", nargs="+", type=int, default=list(WAVES), choices=WAVES)
     p.add_argument("--minutes", type=float, default=None, help="override the budget of a wave")
     p.add_argument("--work", default="runs/quality")
