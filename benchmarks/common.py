@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import yaml
+from torch import Tensor
 
 if TYPE_CHECKING:
     from callbacks.evaluation import EvalResult
@@ -80,6 +81,13 @@ def write_results(name: str, payload: dict, table: str, out_dir: Path | None = N
         f"<!-- {s['machine']} | commit {s['commit']} | {s['date']} -->\n\n{table}\n"
     )
     return out / f"{name}.json"
+
+
+def frame_strip(video: Tensor, frames: int = 4) -> Tensor:
+    """``frames`` evenly spaced frames of a ``(C, T, H, W)`` video side by side: ``(H, frames*W,
+    C)``, for a picture cell."""
+    idx = [round(i * (video.shape[1] - 1) / max(frames - 1, 1)) for i in range(frames)]
+    return torch.cat([video[:, i] for i in idx], dim=2).permute(1, 2, 0)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

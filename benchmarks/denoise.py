@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from benchmarks.common import load_for_eval, markdown_table, write_results
+from benchmarks.common import frame_strip, load_for_eval, markdown_table, write_results
 from datamodules.synthetic.detector import score_video
 from datamodules.synthetic.scoring import mean_accuracy
 
@@ -79,9 +79,8 @@ def picture(kept: dict, real: Tensor, path: Path, frames: int = 4) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def strip(video: Tensor):
-        idx = [round(i * (video.shape[1] - 1) / max(frames - 1, 1)) for i in range(frames)]
-        return ((torch.cat([video[:, i] for i in idx], dim=2) + 1) / 2).permute(1, 2, 0).numpy()
+    def strip(video: Tensor):  # [-1, 1] -> [0, 1]
+        return ((frame_strip(video, frames) + 1) / 2).numpy()
 
     rows = [("real", real[:4])] + [(f"x̂ from t = {t}", v) for t, v in kept.items()]
     fig, axes = plt.subplots(len(rows), 4, figsize=(13, 1.1 * len(rows) + 0.4), squeeze=False)

@@ -57,6 +57,7 @@ from benchmarks.common import (
     ROOT,
     evaluate_checkpoint,
     finish_training,
+    frame_strip,
     loss_curve,
     markdown_table,
     run_then_report,
@@ -444,9 +445,7 @@ def sample_grid(samples: dict, out_dir: Path, split: str = "test", frames: int =
         return textwrap.fill(text, 60)
 
     def strip(video: Tensor):
-        t = video.shape[1]
-        idx = [round(i * (t - 1) / max(frames - 1, 1)) for i in range(frames)]
-        return torch.cat([video[:, i] for i in idx], dim=2).permute(1, 2, 0).numpy()
+        return frame_strip(video, frames).numpy()
 
     fig, axes = plt.subplots(
         1 + len(makers), n, figsize=(3.4 * n, 1.9 * (1 + len(makers)) + 0.6), squeeze=False
