@@ -11,22 +11,69 @@ that prediction with the world's detector against the clip's record, attribute b
 states), next to the prediction's mean squared error. Low ``t`` is high noise, where a sampler
 settles the layout. ``--out`` gets ``denoise_<label>.{json,md}`` and a picture of the
 predictions (``denoise_<label>.png``).
+
+**Does the prompt steer the motion?** For the clips whose prompt names a moving object, the
+probe also predicts from the same noised clip with the prompt's direction words reversed
+(``left`` <-> ``right``, ``up`` <-> ``down``) and measures how far that object's colour travels
+along its true direction in each prediction (pixels, first to last frame). A model that reads
+the motion from the prompt travels backwards under the reversed prompt at high noise; one that
+ignores it travels the same distance under both.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from benchmarks.common import frame_strip, load_for_eval, markdown_table, write_results
-from datamodules.synthetic.detector import score_video
+from datamodules.synthetic.detector import frames_rgb, score_video
 from datamodules.synthetic.scoring import mean_accuracy
+from datamodules.synthetic.world import BACKGROUNDS, COLOURS, DIRECTIONS
 
 TIMES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.7)
 ATTRIBUTES = ("colour", "shape", "size", "start", "motion", "speed")
+OPPOSITE = {"left": "right", "up": "down"}
+OPPOSITE |= {b: a for a, b in OPPOSITE.items()}
+_DIRECTION_WORD = re.compile(r"\b(left|right|up|down)(wards?)?\b")
+
+
+def reverse_directions(prompt: str) -> str:
+    """``prompt`` with every direction word turned around (``drifts to the left`` ->
+    ``drifts to the right``, ``upward`` -> ``downward``)."""
+    return _DIRECTION_WORD.sub(lambda m: OPPOSITE[m.group(1)] + (m.group(2) or ""), prompt)
+
+
+def moving_mention(record: dict) -> dict | None:
+    """The first object the prompt names that moves, or ``None``."""
+    for i in record.get("prompt_objects", [0]):
+        if record["objects"][i]["motion"] != "still":
+            return record["objects"][i]
+    return None
+
+
+def travel(video: Tensor, record: dict, obj: dict, max_residual: float = 0.15) -> float:
+    """How far ``obj``'s colour moves along its own direction in ``video`` ``(3, T, H, W)``,
+    first frame to last, in pixels: coverage read off the background-to-colour line (pixels
+    far from that line count 0), centroid per frame."""
+    frames = frames_rgb(video)  # (T, H, W, 3) in [0, 255]
+    bg = np.asarray(BACKGROUNDS[record["background"]], np.float32)
+    axis = np.asarray(COLOURS[obj["colour"]], np.float32) - bg
+    rel = frames - bg
+    alpha = np.clip(rel @ axis / float(axis @ axis), 0.0, 1.0)  # (T, H, W)
+    residual = np.linalg.norm(rel - alpha[..., None] * axis, axis=-1)
+    alpha = np.where(residual <= max_residual * np.linalg.norm(axis), alpha, 0.0)
+    mass = alpha.sum(axis=(1, 2))  # (T,)
+    if mass[0] <= 0 or mass[-1] <= 0:
+        return 0.0
+    ys, xs = np.mgrid[: alpha.shape[1], : alpha.shape[2]] + 0.5
+    cx, cy = (alpha * xs).sum(axis=(1, 2)) / mass, (alpha * ys).sum(axis=(1, 2)) / mass
+    ux, uy = DIRECTIONS[obj["motion"]]
+    return float((cx[-1] - cx[0]) * ux + (cy[-1] - cy[0]) * uy)
 
 
 @torch.no_grad()
@@ -54,19 +101,32 @@ def probe(
     first four clips per time (for the picture)."""
     rows, kept = [], {}
     n = len(clips["prompt"])
+    movers = [moving_mention(m) for m in clips["meta"]]
     for t in times:
-        scores, errors, first = [], [], None
+        scores, errors, first, along, reversed_ = [], [], None, [], []
         for i in range(0, n, batch_size):
-            videos = clips["video"][i : i + batch_size]
-            pred = one_step_predictions(
-                module, videos, clips["prompt"][i : i + batch_size], t, seed + i
-            ).cpu()
+            videos, prompts = (
+                clips["video"][i : i + batch_size],
+                clips["prompt"][i : i + batch_size],
+            )
+            meta, obj = clips["meta"][i : i + batch_size], movers[i : i + batch_size]
+            pred = one_step_predictions(module, videos, prompts, t, seed + i).cpu()
             first = pred[:4] if first is None else first
             errors.append((pred - videos).pow(2).flatten(1).mean(1))
-            scores += [score_video(v, m, "all") for v, m in zip(pred, clips["meta"][i:])]
+            scores += [score_video(v, m, "all") for v, m in zip(pred, meta)]
+            flipped = one_step_predictions(
+                module, videos, [reverse_directions(p) for p in prompts], t, seed + i
+            ).cpu()
+            for v, w, m, o in zip(pred, flipped, meta, obj):
+                if o is not None:
+                    along.append(travel(v, m, o))
+                    reversed_.append(travel(w, m, o))
         acc = mean_accuracy(scores)
         row = {"t": t, "mse": torch.cat(errors).mean().item(), "accuracy": acc["accuracy"]}
-        rows.append(row | {a: acc.get(a) for a in ATTRIBUTES})
+        row |= {a: acc.get(a) for a in ATTRIBUTES}
+        row["travel"] = float(np.mean(along)) if along else None
+        row["travel_reversed_prompt"] = float(np.mean(reversed_)) if reversed_ else None
+        rows.append(row)
         kept[t] = first
     return rows, kept
 
@@ -128,14 +188,26 @@ def main(argv: list[str] | None = None) -> None:
     dm.setup("test")
     clips = collect(dm.test_dataloader(), args.clips)
     rows, kept = probe(module, clips, args.times)
-    columns = ["t", "mse", "accuracy", *ATTRIBUTES]
+    columns = ["t", "mse", "accuracy", *ATTRIBUTES, "travel", "travel_reversed_prompt"]
+    movers = [(v, m, o) for v, m in zip(clips["video"], clips["meta"]) if (o := moving_mention(m))]
+    real = float(np.mean([travel(v, m, o) for v, m, o in movers])) if movers else None
     table = (
         f"# One-step denoising probe: {args.label}\n\n`{args.ckpt}` ({args.weights} weights), "
         f"{len(clips['prompt'])} {args.split} clips of the `{args.preset}` world; detector "
-        "accuracy of the one-step prediction over every attribute of the clip.\n\n"
+        "accuracy of the one-step prediction over every attribute of the clip. `travel`: how "
+        "far the first moving object the prompt names moves along its direction in the "
+        "prediction (pixels, first to last frame; "
+        f"{len(movers)} clips, {real if real is None else round(real, 2)} in the real clips); "
+        "`travel_reversed_prompt`: the same from the same noised clip with the prompt's "
+        "direction words reversed (negative: the prompt steers the motion).\n\n"
         + markdown_table(rows, columns)
     )
-    out = write_results(f"denoise_{args.label}", {"ckpt": args.ckpt, "rows": rows}, table, args.out)
+    out = write_results(
+        f"denoise_{args.label}",
+        {"ckpt": args.ckpt, "rows": rows, "real_travel": real},
+        table,
+        args.out,
+    )
     picture(kept, clips["video"], out.with_suffix(".png"))
     print(table)
 

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 
+import pytest
 import torch
 
 from benchmarks import quality, scaling, throughput, train_loop
@@ -148,3 +149,47 @@ def test_denoise_probe_scores_one_step_predictions_and_can_fail(tmp_path):
     assert set(kept) == {0.05, 0.5} and kept[0.05].shape == (4, 3, 16, 32, 32)
     path = denoise.picture(kept, videos, tmp_path / "denoise.png")
     assert path.stat().st_size > 0
+
+
+def test_denoise_probe_tells_whether_the_prompt_steers_the_motion():
+    from benchmarks import denoise
+    from datamodules.synthetic.generate import make_clip
+    from datamodules.synthetic.world import world_config
+    from lightning_vigu.flows.convention import FlowPrediction
+    from lightning_vigu.module import UniViGU
+
+    assert denoise.reverse_directions("a red cross drifts to the left, a square moving upward") == (
+        "a red cross drifts to the right, a square moving downward"
+    )
+    world = world_config("cpu")
+    made = [make_clip(world, 0, "test", i) for i in range(12)]
+    made = [(v, r) for v, r in made if denoise.moving_mention(r)][:4]
+    videos = torch.stack(
+        [torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1 for v, _ in made]
+    )
+    records = [r for _, r in made]
+    for video, r in zip(videos, records):  # the real clip travels as its record says
+        obj = denoise.moving_mention(r)
+        (x0, y0), (x1, y1) = obj["centre_start"], obj["centre_end"]
+        assert denoise.travel(video, r, obj) == pytest.approx(abs(x1 - x0) + abs(y1 - y0), abs=1.2)
+    clips = {"video": videos, "prompt": [r["prompt"] for r in records], "meta": records}
+    module = UniViGU(size="tiny", video_shape=(16, 32, 32), prompt_length=24, caption_length=8)
+    clean = module.codec.encode(videos)
+    told = module.encode_prompts(clips["prompt"])
+
+    def oracle(obeys: bool):  # the clean clip; played backwards for reversed prompts if obeys
+        def flow(x_t, t, context, *args):
+            x = clean.flip(2) if obeys and not torch.equal(context, told) else clean
+            return FlowPrediction(
+                velocity=(x - x_t) / (1 - t.view(-1, 1, 1, 1, 1)), text_logits=None
+            )
+
+        return flow
+
+    module.flow = oracle(obeys=False)
+    (deaf,), _ = denoise.probe(module, clips, times=(0.05,))
+    module.flow = oracle(obeys=True)
+    (steered,), _ = denoise.probe(module, clips, times=(0.05,))
+    assert deaf["travel"] > 3 and deaf["travel_reversed_prompt"] == deaf["travel"]
+    assert steered["travel"] == deaf["travel"]
+    assert steered["travel_reversed_prompt"] == pytest.approx(-steered["travel"])

@@ -221,3 +221,24 @@ def test_unknown_size_and_option_are_named():
     with pytest.raises(ValueError, match="unknown model option.*'hidden'"):
         build_model("tiny", hidden=3)
     assert {"tiny", "small", "wan1.3b"} <= set(SIZES)
+
+
+def test_video_absolute_positions_let_a_token_know_where_it_is():
+    """Rope rotates queries and keys only: on a constant video every video token computes the
+    same value. With ``video_absolute_positions`` the sine-cosine grid (frame, row, column)
+    enters each token's value, so the outputs differ by frame and place."""
+    video = torch.full((1, 48, 4, 4, 4), 0.3)
+    context = torch.randn(1, 6, 64)
+    outputs = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = build_model("tiny", vocab_size=None, video_absolute_positions=on)
+        torch.nn.init.normal_(m.proj_out.weight, std=0.02)  # a zero head hides everything
+        with torch.no_grad():
+            outputs[on] = m(video, torch.tensor([500.0]), context)
+    # (C, T, h', 2, w', 2) -> one (C, 2, 2) patch output per token (T, h', w')
+    blind, seeing = (o[0].unflatten(2, (2, 2)).unflatten(4, (2, 2)) for o in outputs.values())
+    blind, seeing = (o.permute(1, 2, 4, 0, 3, 5).flatten(0, 2) for o in (blind, seeing))
+    assert torch.allclose(blind, blind[:1].expand_as(blind), atol=1e-5)  # 16 equal tokens
+    apart = (seeing[:, None] - seeing[None]).abs().flatten(2).amax(-1)  # (16, 16)
+    assert apart[~torch.eye(16, dtype=torch.bool)].min() > 1e-3  # every token its own value

@@ -51,6 +51,9 @@ class UniViGUConfig:
     rope_max_seq_len: int = 1024
     # fixed sine-cosine positions added to the caption tokens (not in Uni-ViGU; see forward)
     text_absolute_positions: bool = False
+    # fixed 3-D sine-cosine positions added to the video tokens after the patch embedding, as
+    # in DiT (not in Wan, whose rope alone leaves a token's value blind to where it is)
+    video_absolute_positions: bool = False
     # caption tokens attend to the video and to earlier caption tokens only, and video tokens
     # never to captions (next-token captions, lightning_vigu.flows.causal; not in Uni-ViGU)
     causal_captions: bool = False
@@ -246,8 +249,10 @@ class UniViGUTransformer(nn.Module):
             p_t, p_h, p_w = c.patch_size
             grid = (f // p_t, h // p_h, w // p_w)
             rope_video = self.rope(grid)
-            x_v = self.patch_embedding(video)  # (B, D, f', h', w')
-            tokens.append(x_v.flatten(2).transpose(1, 2))  # (B, Lv, D)
+            x_v = self.patch_embedding(video).flatten(2).transpose(1, 2)  # (B, Lv, D)
+            if c.video_absolute_positions:  # a token's value says which frame and place it is
+                x_v = x_v + sincos_3d(*grid, c.dim, video.device).to(x_v.dtype)
+            tokens.append(x_v)
             temb_v, mod_v = self.condition_embedder(_as_batch(t_video, b, video.device))
             mods.append(mod_v)
         if text is not None:
