@@ -152,7 +152,10 @@ STAGES: dict[str, Stage] = {
     "generator_fine": Stage(
         "conf/generator.yaml",
         (1,),
-        extra=("--model.model_overrides={text_absolute_positions: true, patch_size: [1, 1, 1]}",),
+        extra=(
+            "--model.model_overrides={text_absolute_positions: true, "
+            "video_absolute_positions: true, patch_size: [1, 1, 1]}",
+        ),
     ),
 }
 WAVES = (1, 2, 3)

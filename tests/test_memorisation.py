@@ -28,6 +28,7 @@ MODEL = {  # tiny's layout, 4 layers of width 128
     "text_ffn_dim": 512,
     "text_dim": 128,
     "text_absolute_positions": True,
+    "video_absolute_positions": True,
 }
 
 
