@@ -391,11 +391,21 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
             "0.30, so adherence (and joint agreement, which reads videos with the same detector) below "
             "~0.45 here is no evidence of prompt following.\n\n"
         )
+    samples = Path(raw_path).parent / "samples.pt"  # written by `run` beside its raw file
+    kept = torch.load(samples, weights_only=False) if samples.is_file() else None
+    ran = {key for key in raw["stages"] if " (" not in key}
+    if kept is not None and set(kept) != ran:
+        print(
+            f"warning: {samples} holds the samples of {sorted(kept)}, not of this run's stages "
+            f"{sorted(ran)}: no sample grid drawn (keep a run's samples.pt beside its raw file)"
+        )
+        kept = None
+    if kept is None:
+        head += "No sample grid for this run: `quality_samples.png` is not from it.\n\n"
     out = write_results("quality", payload, head + table, out_dir)
     plot(raw, rows, Path(out).parent)
-    samples = Path(raw_path).parent / "samples.pt"
-    if samples.is_file():
-        sample_grid(torch.load(samples, weights_only=False), Path(out).parent)
+    if kept is not None:
+        sample_grid(kept, Path(out).parent)
     print(table)
     return out
 

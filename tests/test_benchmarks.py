@@ -71,6 +71,12 @@ def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
             assert 0.0 <= rows[stage, split]["t2v/adherence_accuracy"] <= 1.0
     for plot in ("quality_losses.png", "quality_metrics.png", "quality_samples.png"):
         assert (out / plot).stat().st_size > 0
+    # samples of other stages beside the raw file (another run's) are not drawn as this run's
+    grid = (out / "quality_samples.png").read_bytes()
+    torch.save({"recall_scratch": {}}, work / "samples.pt")
+    quality.main(["report", "--raw", str(work / "quality_raw.json"), "--out", str(out)])
+    assert (out / "quality_samples.png").read_bytes() == grid
+    assert "No sample grid for this run" in (out / "quality.md").read_text()
 
 
 def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
