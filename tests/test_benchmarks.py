@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,19 @@ def test_denoise_probe_tells_whether_the_prompt_steers_the_motion():
     assert deaf["travel"] > 3 and deaf["travel_reversed_prompt"] == deaf["travel"]
     assert steered["travel"] == deaf["travel"]
     assert steered["travel_reversed_prompt"] == pytest.approx(-steered["travel"])
+
+
+def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
+    from benchmarks import motion
+
+    motions = list(motion.MOTIONS) * 2
+    clips = motion.render(motions, frames=4, travel=12.0, rng=np.random.default_rng(0))
+    assert motion.classify(clips, travel=12.0) == motions
+    moving = [i for i, m in enumerate(motions) if m != "still"]
+    travelled = motion.along(clips[moving], [motions[i] for i in moving])
+    assert torch.allclose(travelled, torch.full_like(travelled, 12.0), atol=0.05)
+    assert motion.classify(torch.full_like(clips[:1], -1.0), travel=12.0) == ["none"]
+    motion.main(["--steps", "2", "--frames", "2", "--batch", "4", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "motion_positions_cpu.json").read_text())
+    assert 0.0 <= result["motion_accuracy"] <= 1.0 and sum(result["drawn"].values()) == 60
+    assert [r["t"] for r in result["rows"]] == list(motion.TIMES)
