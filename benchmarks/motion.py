@@ -6,7 +6,7 @@ its prompt, trained on the CPU in minutes.
 
 One red square on black, ``--frames`` frames of 32x32, starting anywhere and either still or
 moving ``--travel`` pixels left, right, up or down over the clip; the prompt names the motion
-and nothing else varies. A width-128 four-layer unified model (the memorisation gate's,
+and nothing else varies. The ``gate`` model (width 128, four layers: the memorisation gate's,
 ``tests/test_memorisation.py``) learns it with the recipe's objective (x-prediction, shift 3,
 prompt dropout 0.1) from freshly drawn clips. Two numbers come out:
 
@@ -38,15 +38,6 @@ SIZE, SIDE = 32, 10
 MOTIONS = {"still": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PROMPTS = {m: f"a red square moves {m}" for m in MOTIONS} | {"still": "a red square does not move"}
 TIMES = (0.03, 0.06, 0.1, 0.2)
-MODEL = {  # the memorisation gate's: tiny's layout, 4 layers of width 128
-    "num_layers": 4,
-    "num_attention_heads": 4,
-    "attention_head_dim": 32,
-    "ffn_dim": 512,
-    "text_ffn_dim": 512,
-    "text_dim": 128,
-    "text_absolute_positions": True,
-}
 
 
 def render(motions: list[str], frames: int, travel: float, rng: np.random.Generator) -> Tensor:
@@ -113,8 +104,11 @@ def build(frames: int, video_positions: bool, seed: int):
 
     torch.manual_seed(seed)
     return UniViGU(
-        size="tiny",
-        model_overrides={**MODEL, "video_absolute_positions": video_positions},
+        size="gate",  # the memorisation gate's model
+        model_overrides={
+            "text_absolute_positions": True,
+            "video_absolute_positions": video_positions,
+        },
         tokenizer=WorldTokenizer(),
         caption_length=16,
         prompt_length=12,

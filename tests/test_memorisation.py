@@ -20,16 +20,8 @@ from lightning_vigu.flows import SamplerConfig
 from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig
 
-MODEL = {  # tiny's layout, 4 layers of width 128
-    "num_layers": 4,
-    "num_attention_heads": 4,
-    "attention_head_dim": 32,
-    "ffn_dim": 512,
-    "text_ffn_dim": 512,
-    "text_dim": 128,
-    "text_absolute_positions": True,
-    "video_absolute_positions": True,
-}
+# the `gate` size (tiny's layout, 4 layers of width 128) with the recipe's positions
+MODEL = {"text_absolute_positions": True, "video_absolute_positions": True}
 
 
 def world_clips(num: int, frames: int) -> tuple[torch.Tensor, list[dict]]:
@@ -46,7 +38,7 @@ def memorise(phase, videos, records, steps: int, frames: int, **module_args) -> 
     recipe's objective (x-prediction, shifted training times) and plain AdamW."""
     torch.manual_seed(0)
     module = UniViGU(
-        size="tiny",
+        size="gate",
         model_overrides=MODEL,
         tokenizer=WorldTokenizer(),
         caption_length=64,
