@@ -119,23 +119,38 @@ def build(frames: int, video_positions: bool, seed: int):
     )
 
 
-def train(module, steps: int, frames: int, travel: float, batch: int, seed: int, lr=1e-3):
-    """AdamW with 100 warm-up steps and a cosine to zero; returns the mean of the last 100
-    losses."""
+def train(
+    module,
+    steps: int,
+    frames: int,
+    travel: float,
+    batch: int,
+    seed: int,
+    lr: float = 1e-3,
+    minutes: float | None = None,
+) -> tuple[float, int]:
+    """AdamW with 100 warm-up steps and a cosine to zero over ``steps``, or, with ``minutes``,
+    over as many steps as that wall clock holds (planned from the first 50). Returns the mean
+    of the last 100 losses and the steps taken."""
+    import time
+
     from tqdm import tqdm
 
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    plan = {"steps": steps}
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
+        opt,
+        lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / plan["steps"])),
     )
     rng, names, losses = np.random.default_rng(seed), list(MOTIONS), []
     module.train()
-    for step in tqdm(range(steps), desc="motion probe", unit="step"):
+    bar, step, start = tqdm(total=steps, desc="motion probe", unit="step"), 0, time.perf_counter()
+    while step < plan["steps"]:
         motions = [names[i] for i in rng.integers(len(names), size=batch)]
         prompts = [PROMPTS[m] for m in motions]
-        data = {"video": render(motions, frames, travel, rng), "prompt": prompts}
-        data["caption"] = prompts
+        video = render(motions, frames, travel, rng).to(module.device)
+        data = {"video": video, "prompt": prompts, "caption": prompts}
         out = module.compute_loss(data, module.phase, module.step_generator("train", step))
         opt.zero_grad()
         out.loss.backward()
@@ -143,7 +158,14 @@ def train(module, steps: int, frames: int, travel: float, batch: int, seed: int,
         opt.step()
         sched.step()
         losses.append(out.loss.item())
-    return float(np.mean(losses[-100:]))
+        step += 1
+        if minutes and step == 50:  # the budget sets the length of the schedule
+            per_step = (time.perf_counter() - start) / step
+            plan["steps"] = max(100, int(minutes * 60 / per_step))
+            bar.total = plan["steps"]
+        bar.update()
+    bar.close()
+    return float(np.mean(losses[-100:])), step
 
 
 @torch.no_grad()
@@ -151,19 +173,20 @@ def measure(module, frames: int, travel: float, per_motion: int = 12, clips: int
     """Sampled motion accuracy and the one-step travel with true and reversed prompts."""
     module.eval()
     asked = [m for m in MOTIONS for _ in range(per_motion)]
-    drawn = classify(module.generate_video([PROMPTS[m] for m in asked], seed=0), travel)
+    drawn = classify(module.generate_video([PROMPTS[m] for m in asked], seed=0).cpu(), travel)
     moving = [m for m in MOTIONS if m != "still"]
     motions = [moving[i % len(moving)] for i in range(clips)]
-    x = module.codec.encode(render(motions, frames, travel, np.random.default_rng(7)))
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    real = render(motions, frames, travel, np.random.default_rng(7)).to(module.device)
+    x = module.codec.encode(real)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
     told = module.encode_prompts([PROMPTS[m] for m in motions])
     flipped = module.encode_prompts([reverse_directions(PROMPTS[m]) for m in motions])
     rows = []
     for t in TIMES:
         x_t = t * x + (1 - t) * noise
-        tt = torch.full((clips,), t)
+        tt = torch.full((clips,), t, device=x.device)
         pred = [
-            module.codec.decode(x_t + (1 - t) * module.flow(x_t, tt, c, None, None).velocity)
+            module.codec.decode(x_t + (1 - t) * module.flow(x_t, tt, c, None, None).velocity).cpu()
             for c in (told, flipped)
         ]
         rows.append(
@@ -181,6 +204,7 @@ def measure(module, frames: int, travel: float, per_motion: int = 12, clips: int
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--minutes", type=float, default=None, help="train for this long instead")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--travel", type=float, default=12.0, help="pixels over the clip")
     p.add_argument("--batch", type=int, default=32)
@@ -195,19 +219,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
     label = a.label or ("positions" if a.video_positions else "rope")
-    module = build(a.frames, a.video_positions, a.seed)
-    loss = train(module, a.steps, a.frames, a.travel, a.batch, a.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = build(a.frames, a.video_positions, a.seed).to(device)
+    loss, steps = train(module, a.steps, a.frames, a.travel, a.batch, a.seed, minutes=a.minutes)
     result = measure(module, a.frames, a.travel)
     table = (
-        f"# Motion probe: {label}\n\n{a.steps} steps at batch {a.batch}, {a.frames} frames, "
+        f"# Motion probe: {label}\n\n{steps} steps at batch {a.batch}, {a.frames} frames, "
         f"travel {a.travel} px, video positions {'on' if a.video_positions else 'off'}; final "
         f"loss {loss:.4f}. Sampled motion accuracy **{result['motion_accuracy']:.3f}** (chance "
         f"0.2; drawn: {result['drawn']}). One-step travel along the true direction (pixels; "
         f"real clips: {a.travel}), with the true and the reversed prompt:\n\n"
         + markdown_table(result["rows"], ["t", "travel", "travel_reversed_prompt"])
     )
-    payload = {"args": vars(a), "loss": loss, **result}
-    write_results(f"motion_{label}_cpu", payload, table, a.out)
+    payload = {"args": vars(a), "steps": steps, "loss": loss, **result}
+    write_results(f"motion_{label}_{device}", payload, table, a.out)
     print(table)
 
 

@@ -215,4 +215,8 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
     motion.main(["--steps", "2", "--frames", "2", "--batch", "4", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "motion_positions_cpu.json").read_text())
     assert 0.0 <= result["motion_accuracy"] <= 1.0 and sum(result["drawn"].values()) == 60
-    assert [r["t"] for r in result["rows"]] == list(motion.TIMES)
+    assert [r["t"] for r in result["rows"]] == list(motion.TIMES) and result["steps"] == 2
+    # a wall-clock budget plans the schedule's length from the first 50 steps (at least 100)
+    module = motion.build(frames=2, video_positions=True, seed=0)
+    loss, steps = motion.train(module, 1000, 2, 12.0, batch=2, seed=0, minutes=1e-4)
+    assert steps == 100 and math.isfinite(loss)
