@@ -130,7 +130,7 @@ def train(
     minutes: float | None = None,
 ) -> tuple[float, int]:
     """AdamW with 100 warm-up steps and a cosine to zero over ``steps``, or, with ``minutes``,
-    over as many steps as that wall clock holds (planned from the first 50). Returns the mean
+    over as many steps as that wall clock holds (planned from steps 10-50). Returns the mean
     of the last 100 losses and the steps taken."""
     import time
 
@@ -159,9 +159,12 @@ def train(
         sched.step()
         losses.append(out.loss.item())
         step += 1
+        if step == 10:  # the first steps carry the start-up (allocation, kernel choice)
+            warm = time.perf_counter()
         if minutes and step == 50:  # the budget sets the length of the schedule
-            per_step = (time.perf_counter() - start) / step
-            plan["steps"] = max(100, int(minutes * 60 / per_step))
+            now = time.perf_counter()
+            per_step = (now - warm) / 40
+            plan["steps"] = max(100, step + int((minutes * 60 - (now - start)) / per_step))
             bar.total = plan["steps"]
         bar.update()
     bar.close()
