@@ -220,3 +220,5 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
     module = motion.build(frames=2, video_positions=True, seed=0)
     loss, steps = motion.train(module, 1000, 2, 12.0, batch=2, seed=0, minutes=1e-4)
     assert steps == 100 and math.isfinite(loss)
+    spanning = motion.build(frames=2, video_positions=True, seed=0, patch_size=(2, 2, 2))
+    assert tuple(spanning.model.config.patch_size) == (2, 2, 2)  # a token spans two frames
