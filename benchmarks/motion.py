@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import markdown_table, write_results
-from benchmarks.denoise import reverse_directions
+from benchmarks.denoise import one_step_predictions, reverse_directions
 
 SIZE, SIDE = 32, 10
 MOTIONS = {"still": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -180,19 +180,12 @@ def measure(module, frames: int, travel: float, per_motion: int = 12, clips: int
     drawn = classify(module.generate_video([PROMPTS[m] for m in asked], seed=0).cpu(), travel)
     moving = [m for m in MOTIONS if m != "still"]
     motions = [moving[i % len(moving)] for i in range(clips)]
-    real = render(motions, frames, travel, np.random.default_rng(7)).to(module.device)
-    x = module.codec.encode(real)
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
-    told = module.encode_prompts([PROMPTS[m] for m in motions])
-    flipped = module.encode_prompts([reverse_directions(PROMPTS[m]) for m in motions])
+    real = render(motions, frames, travel, np.random.default_rng(7))
+    told = [PROMPTS[m] for m in motions]
+    flipped = [reverse_directions(p) for p in told]
     rows = []
-    for t in TIMES:
-        x_t = t * x + (1 - t) * noise
-        tt = torch.full((clips,), t, device=x.device)
-        pred = [
-            module.codec.decode(x_t + (1 - t) * module.flow(x_t, tt, c, None, None).velocity).cpu()
-            for c in (told, flipped)
-        ]
+    for t in TIMES:  # the same noise (seed 0) under both prompts
+        pred = [one_step_predictions(module, real, p, t, seed=0).cpu() for p in (told, flipped)]
         rows.append(
             {
                 "t": t,
