@@ -78,3 +78,41 @@ def test_last_checkpoint_holds_the_planned_end_between_intervals(tmp_path, monke
     )
     saved = {p.name for p in (tmp_path / "ck").iterdir()}
     assert "last-v1.ckpt" not in saved  # written in place, no versioned copy
+
+
+class SlowStart(Tick):
+    """A clock whose first ``slow`` batches take ``factor`` times as long (another run's
+    compilation sharing the host while the plan is first timed)."""
+
+    def __init__(self, clock: FakeClock, slow: int, factor: float) -> None:
+        super().__init__(clock)
+        self.slow, self.factor, self.batches = slow, factor, 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.batches += 1
+        self.clock.now += self.clock.step * (self.factor if self.batches <= self.slow else 1.0)
+
+
+@pytest.mark.parametrize("replan_at", [(), (0.1, 0.25, 0.5)])
+def test_a_slow_start_is_re_planned_so_the_run_uses_its_budget(tmp_path, monkeypatch, replan_at):
+    # 2 s a step for the first 10 steps, then 1 s: a 1-minute budget holds about 55 steps
+    clock = FakeClock(1.0)
+    monkeypatch.setattr(budget.time, "time", clock)
+    plan = TimeBudget(1.0, skip_steps=2, measure_steps=4, margin=1.0, replan_at=replan_at)
+    lrs = LrRecorder()
+    callbacks = [SlowStart(clock, slow=10, factor=2.0), plan, lrs]
+    trainer = _trainer(tmp_path, 1000, callbacks)
+    trainer.fit(
+        tiny_module(warmup_steps=2, lr=1e-3),
+        datamodule=RandomVideoDataModule(num_clips=8, batch_size=4),
+    )
+    used = plan.elapsed()
+    if not replan_at:  # timed at 2 s a step: the plan stops at two thirds of the budget
+        assert used < 45
+        return
+    assert 55 <= used <= 61 and plan.replanned == 3
+    assert trainer.global_step == plan.planned_steps
+    floor = trainer.lightning_module.hparams.min_lr_ratio * max(lrs.lrs)
+    assert lrs.lrs[-1] == pytest.approx(floor, rel=0.05)  # the schedule still ends at the end
+    with pytest.raises(ValueError, match="replan_at"):
+        TimeBudget(1.0, replan_at=(0.5, 1.0))
