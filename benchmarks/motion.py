@@ -16,7 +16,9 @@ prompt dropout 0.1) from freshly drawn clips. Two numbers come out:
   true direction in the one-step prediction from a noised real clip, with the true prompt and
   with its direction reversed. Equal values mean the prompt does not steer the motion (what
   the network draws comes from the noised clip alone); a model that reads its prompt moves
-  the square backwards under the reversed prompt at high noise (low ``t``).
+  the square backwards under the reversed prompt at high noise (low ``t``). At ``t = 0`` the
+  input is pure noise and the best prediction is the mean clip of the prompt's motion, whose
+  square travels nearly the full ``--travel``: any travel there comes from the prompt alone.
 
 The same failure as the GPU world's static samples (``ablation.md``: the reversed prompt
 changes nothing) shows here in minutes, so a recipe change aimed at motion is tried here first.
@@ -37,7 +39,7 @@ from benchmarks.denoise import one_step_predictions, reverse_directions
 SIZE, SIDE = 32, 10
 MOTIONS = {"still": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PROMPTS = {m: f"a red square moves {m}" for m in MOTIONS} | {"still": "a red square does not move"}
-TIMES = (0.03, 0.06, 0.1, 0.2)
+TIMES = (0.0, 0.03, 0.06, 0.1, 0.2)  # 0: pure noise, where the prompt is all there is to read
 
 
 def render(motions: list[str], frames: int, travel: float, rng: np.random.Generator) -> Tensor:
