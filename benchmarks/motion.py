@@ -98,7 +98,7 @@ def along(videos: Tensor, motions: list[str]) -> Tensor:
     return (d * unit).sum(-1)
 
 
-def build(frames: int, video_positions: bool, seed: int, patch_size=(1, 2, 2)):
+def build(frames: int, video_positions: bool, seed: int, patch_size=(1, 2, 2), pooled_prompt=False):
     from datamodules.synthetic import WorldTokenizer
     from lightning_vigu.flows import SamplerConfig
     from lightning_vigu.module import UniViGU
@@ -111,6 +111,7 @@ def build(frames: int, video_positions: bool, seed: int, patch_size=(1, 2, 2)):
             "text_absolute_positions": True,
             "video_absolute_positions": video_positions,
             "patch_size": list(patch_size),
+            "pooled_prompt": pooled_prompt,
         },
         tokenizer=WorldTokenizer(),
         caption_length=16,
@@ -222,19 +223,28 @@ def main(argv: list[str] | None = None) -> None:
         metavar=("T", "H", "W"),
         help="latent frames, rows, columns per token (2 2 2: a token spans two frames)",
     )
+    p.add_argument(
+        "--pooled-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the prompt's mean feature on the time embedding (model_overrides.pooled_prompt)",
+    )
     p.add_argument("--label", default=None, help="names the result files")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
     label = a.label or ("positions" if a.video_positions else "rope")
     if a.patch_size != [1, 2, 2]:
         label += "_patch" + "x".join(map(str, a.patch_size))
+    if a.pooled_prompt:
+        label += "_pooled"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = build(a.frames, a.video_positions, a.seed, a.patch_size).to(device)
+    module = build(a.frames, a.video_positions, a.seed, a.patch_size, a.pooled_prompt).to(device)
     loss, steps = train(module, a.steps, a.frames, a.travel, a.batch, a.seed, minutes=a.minutes)
     result = measure(module, a.frames, a.travel)
     table = (
         f"# Motion probe: {label}\n\n{steps} steps at batch {a.batch}, {a.frames} frames, "
-        f"travel {a.travel} px, video positions {'on' if a.video_positions else 'off'}, tokens "
+        f"travel {a.travel} px, video positions {'on' if a.video_positions else 'off'}, pooled "
+        f"prompt {'on' if a.pooled_prompt else 'off'}, tokens "
         f"of {'x'.join(map(str, a.patch_size))} latent frames x rows x columns; seed {a.seed}; final "
         f"loss {loss:.4f}. Sampled motion accuracy **{result['motion_accuracy']:.3f}** (chance "
         f"0.2; drawn: {result['drawn']}). One-step travel along the true direction (pixels; "

@@ -454,15 +454,17 @@ def export(
             "velocity; pass --allow-data-prediction to write the weights anyway"
         )
     model = trained.model()
-    # sine-cosine positions (ours, off for Wan) that the target does not add to its tokens
-    unknown = ["video_absolute_positions"] + (["text_absolute_positions"] * (fmt == "univigu"))
+    # sine-cosine positions and the pooled prompt (ours, off for Wan) that the target lacks
+    unknown = ["video_absolute_positions", "pooled_prompt"] + (
+        ["text_absolute_positions"] * (fmt == "univigu")
+    )
     added = [key for key in unknown if getattr(model.config, key)]
     if added:
         target = "diffusers' WanTransformer3DModel" if fmt == "diffusers" else "the official script"
         raise ValueError(
             f"{ckpt} was trained with model_overrides {', '.join(f'{k}: true' for k in added)}: "
-            f"sine-cosine positions that {target} does not add, so the exported model would "
-            "compute something else; sample it with `python -m lightning_vigu generate --ckpt`, "
+            f"parts (sine-cosine positions, a pooled prompt) that {target} does not have, so the "
+            "exported model would compute something else; sample it with `python -m lightning_vigu generate --ckpt`, "
             "or train with those overrides off to export"
         )
     if fmt == "univigu" and model.config.causal_captions:

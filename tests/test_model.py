@@ -223,6 +223,27 @@ def test_unknown_size_and_option_are_named():
     assert {"tiny", "small", "wan1.3b"} <= set(SIZES)
 
 
+def test_pooled_prompt_reaches_the_video_without_cross_attention():
+    """With ``pooled_prompt`` the prompt's mean feature joins the time embedding: with every
+    cross-attention silenced, the video output still depends on the prompt, not on its
+    padding (zero rows); without it the prompt has no other way in."""
+    video = torch.randn(1, 48, 2, 4, 4)
+    prompt, other = torch.randn(2, 1, 3, 64)
+    padded = torch.cat([prompt, torch.zeros(1, 4, 64)], 1)
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = build_model("tiny", vocab_size=None, pooled_prompt=on)
+        torch.nn.init.normal_(m.proj_out.weight, std=0.02)  # a zero head hides everything
+        for block in m.blocks:
+            torch.nn.init.zeros_(block.attn2.to_out[0].weight)
+        with torch.no_grad():
+            a, b, c = (m(video, torch.tensor([500.0]), x) for x in (prompt, other, padded))
+        assert (a - b).abs().amax() > 1e-4 if on else torch.equal(a, b)
+        assert torch.allclose(a, c, atol=1e-6)  # padding does not enter the mean
+    with pytest.raises(ValueError, match="pooled-prompt .* needs the prompt features"):
+        m.condition_embedder(torch.tensor([500.0]))
+
+
 def test_video_absolute_positions_let_a_token_know_where_it_is():
     """Rope rotates queries and keys only: on a constant video every video token computes the
     same value. With ``video_absolute_positions`` the sine-cosine grid (frame, row, column)

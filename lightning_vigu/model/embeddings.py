@@ -72,19 +72,43 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
         with torch.autocast(device_type=timestep.device.type, enabled=False):
-            feats = sinusoidal_embedding(timestep, self.freq_dim)  # (B, freq_dim)
-            w = self.time_embedder.linear_1.weight
-            temb = self.time_embedder(feats.to(w.dtype))  # (B, D)
-            proj = self.time_proj(self.act_fn(temb))  # (B, 6 * D)
+            return self.modulation(self.embed_time(timestep))
+
+    def embed_time(self, timestep: Tensor) -> Tensor:
+        """``temb`` ``(B, D)`` of the generator timestep (call under disabled autocast)."""
+        feats = sinusoidal_embedding(timestep, self.freq_dim)  # (B, freq_dim)
+        return self.time_embedder(feats.to(self.time_embedder.linear_1.weight.dtype))
+
+    def modulation(self, temb: Tensor) -> tuple[Tensor, Tensor]:
+        """``temb`` -> ``(temb, the 6-way block modulation (B, 6, D))`` in float32."""
+        proj = self.time_proj(self.act_fn(temb))  # (B, 6 * D)
         return temb.float(), proj.float().unflatten(1, (6, -1))  # (B, D), (B, 6, D)
 
 
 class ConditionEmbedder(TimeEmbedding):
-    """Wan's ``condition_embedder``: the video time embedding plus the prompt projection."""
+    """Wan's ``condition_embedder``: the video time embedding plus the prompt projection, and
+    with ``pooled`` the prompt's mean feature projected onto the time embedding (SD3's pooled
+    text vector, ``pooled_embedder``; not in Wan)."""
 
-    def __init__(self, dim: int, freq_dim: int, text_dim: int) -> None:
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, pooled: bool = False) -> None:
         super().__init__(dim, freq_dim)
         self.text_embedder = PromptProjection(text_dim, dim)
+        self.pooled_embedder = nn.Linear(text_dim, dim) if pooled else None
+
+    def forward(self, timestep: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``timestep`` ``(B,)``; ``context`` ``(B, Lc, text_dim)`` prompt features, whose mean
+        over the non-padding tokens (padding rows are zeros) joins ``temb`` when
+        ``pooled_embedder`` exists."""
+        with torch.autocast(device_type=timestep.device.type, enabled=False):
+            temb = self.embed_time(timestep)
+            if self.pooled_embedder is not None:
+                if context is None:
+                    raise ValueError("a pooled-prompt condition embedder needs the prompt features")
+                ctx = context.float()
+                keep = (ctx.abs().amax(-1, keepdim=True) > 0).float()  # (B, Lc, 1)
+                mean = (ctx * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, text_dim)
+                temb = temb + self.pooled_embedder(mean.to(temb.dtype))
+            return self.modulation(temb)
 
 
 def sincos_3d(

@@ -54,6 +54,13 @@ class UniViGUConfig:
     # fixed 3-D sine-cosine positions added to the video tokens after the patch embedding, as
     # in DiT (not in Wan, whose rope alone leaves a token's value blind to where it is)
     video_absolute_positions: bool = False
+    # the prompt's mean feature, projected, added to the video time embedding (SD3's pooled text
+    # vector; not in Wan): a multiplicative path from the prompt into every block's modulation.
+    # Its projection starts at `pooled_prompt_gain` times the unit-variance scale: at 0 or 1 the
+    # prompt's control of the layout (which way an object moves) is not learned in 600 steps of
+    # the motion probe at pure noise, at 8 it is (benchmarks/results/ablation.md, part 8)
+    pooled_prompt: bool = False
+    pooled_prompt_gain: float = 8.0
     # caption tokens attend to the video and to earlier caption tokens only, and video tokens
     # never to captions (next-token captions, lightning_vigu.flows.causal; not in Uni-ViGU)
     causal_captions: bool = False
@@ -97,7 +104,7 @@ class UniViGUTransformer(nn.Module):
         self.patch_embedding = nn.Conv3d(
             c.in_channels, dim, kernel_size=c.patch_size, stride=c.patch_size
         )
-        self.condition_embedder = ConditionEmbedder(dim, c.freq_dim, c.text_dim)
+        self.condition_embedder = ConditionEmbedder(dim, c.freq_dim, c.text_dim, c.pooled_prompt)
         self.blocks = nn.ModuleList(
             UnifiedBlock(
                 dim, c.ffn_dim, c.num_attention_heads, head_dim, text_ffn, c.cross_attn_norm, c.eps
@@ -143,6 +150,11 @@ class UniViGUTransformer(nn.Module):
         nn.init.zeros_(self.condition_embedder.time_proj.bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        pooled = self.condition_embedder.pooled_embedder
+        if pooled is not None:
+            nn.init.normal_(
+                pooled.weight, std=self.config.pooled_prompt_gain / pooled.in_features**0.5
+            )
         self.initialize_caption_weights()
 
     @torch.no_grad()
@@ -182,7 +194,7 @@ class UniViGUTransformer(nn.Module):
         video_time = {
             k: v
             for k, v in self.condition_embedder.state_dict().items()
-            if not k.startswith("text_embedder")
+            if not k.startswith(("text_embedder", "pooled_embedder"))
         }
         self.time_embedding_t.load_state_dict(video_time)
         self.scale_shift_table_t.copy_(self.scale_shift_table)
@@ -253,7 +265,9 @@ class UniViGUTransformer(nn.Module):
             if c.video_absolute_positions:  # a token's value says which frame and place it is
                 x_v = x_v + sincos_3d(*grid, c.dim, video.device).to(x_v.dtype)
             tokens.append(x_v)
-            temb_v, mod_v = self.condition_embedder(_as_batch(t_video, b, video.device))
+            temb_v, mod_v = self.condition_embedder(
+                _as_batch(t_video, b, video.device), context if c.pooled_prompt else None
+            )
             mods.append(mod_v)
         if text is not None:
             x_t = self.vocab_embed(text)  # (B, Lt, D)
