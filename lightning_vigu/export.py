@@ -464,8 +464,8 @@ def export(
         raise ValueError(
             f"{ckpt} was trained with model_overrides {', '.join(f'{k}: true' for k in added)}: "
             f"parts (sine-cosine positions, a pooled prompt) that {target} does not have, so the "
-            "exported model would compute something else; sample it with `python -m lightning_vigu generate --ckpt`, "
-            "or train with those overrides off to export"
+            "exported model would compute something else; sample it with `python -m "
+            "lightning_vigu generate --ckpt`, or train with those overrides off to export"
         )
     if fmt == "univigu" and model.config.causal_captions:
         raise ValueError(
