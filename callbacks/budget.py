@@ -93,16 +93,11 @@ class TimeBudget(L.Callback):
         if done == self.skip_steps:  # a resumed run times its own steps again
             self._window, self._window_step = time.time(), trainer.global_step
         elif self._window is not None and done >= self.skip_steps + self.measure_steps:
-            due = self.replanned < len(self.replan_at) and (
-                self.elapsed() >= self.replan_at[self.replanned] * self.budget_s
-            )
-            if self.planned_steps is None or due:
+            # fractions of the budget spent (a long start-up or a resumed run passes several)
+            passed = sum(self.elapsed() >= f * self.budget_s for f in self.replan_at)
+            if self.planned_steps is None or passed > self.replanned:
                 verb = "planned" if self.planned_steps is None else "re-planned"
-                while (  # fractions already passed (a long start-up, a resumed run) are skipped
-                    self.replanned < len(self.replan_at)
-                    and self.elapsed() >= self.replan_at[self.replanned] * self.budget_s
-                ):
-                    self.replanned += 1
+                self.replanned = passed
                 self._plan(trainer, verb)
         pl_module.log("train/planned_steps", host_number(self.planned_steps or trainer.max_steps))
 
