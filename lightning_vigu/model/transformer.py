@@ -265,9 +265,7 @@ class UniViGUTransformer(nn.Module):
             if c.video_absolute_positions:  # a token's value says which frame and place it is
                 x_v = x_v + sincos_3d(*grid, c.dim, video.device).to(x_v.dtype)
             tokens.append(x_v)
-            temb_v, mod_v = self.condition_embedder(
-                _as_batch(t_video, b, video.device), context if c.pooled_prompt else None
-            )
+            temb_v, mod_v = self.condition_embedder(_as_batch(t_video, b, video.device), context)
             mods.append(mod_v)
         if text is not None:
             x_t = self.vocab_embed(text)  # (B, Lt, D)
