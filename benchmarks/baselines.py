@@ -20,7 +20,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_vigu.batch import Batch, check_batch
+from lightning_vigu.batch import Batch, check_batch, video_as_float
 from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.model.embeddings import sincos_3d
 from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
@@ -240,7 +240,7 @@ class ARCaptionerModule(InjectedOptimizerModule):
         if "latents" in batch:
             return batch["latents"].float()
         with torch.no_grad():
-            return self.codec.encode(batch["video"].float())
+            return self.codec.encode(video_as_float(batch["video"]).float())
 
     def _shared_step(self, batch: Batch, stage: str) -> Tensor:
         texts = batch[self.hparams.caption_target]

@@ -32,24 +32,40 @@ from benchmarks.common import markdown_table, write_results
 from benchmarks.flops import device_rates, failure, train_flops
 from callbacks.ema import WarmupAveragedModel, WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
+from lightning_vigu.batch import batch_to_device
+from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, _rope_frequencies
 from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig
 
+# the loops before 〈rope tables〉 computed the rotary cos/sin inside the forward (``rope: graph``)
+# and copied float videos (``video: float``)
+_OLD = dict(rope="graph", video="float")
+_NOW = dict(rope="tables", video="uint8")
 LOOPS: dict[str, dict] = {
-    # the loop of conf/gpu.yaml two changes ago: compiled blocks, AdamW's default, per-tensor
+    # the loop of conf/gpu.yaml three changes ago: compiled blocks, AdamW's default, per-tensor
     # EMA, the loss read on the host every step (the non-finite check)
-    "before": dict(compile="blocks", fused=False, ema="per_tensor", host_reads=True),
+    "before": dict(compile="blocks", fused=False, ema="per_tensor", host_reads=True, **_OLD),
     # the loop of conf/gpu.yaml at 8861e1e: the whole transformer as one graph, fused AdamW,
     # torch's AveragedModel (which reads its count on the host), the loss read every step
-    "whole graph": dict(compile="model", fused=True, ema="foreach", host_reads=True),
-    # conf/gpu.yaml now: the same graph, and nothing read on the host during a step (the
-    # fused update skips non-finite steps, callbacks.EMA keeps its count on the host)
-    "no host reads": dict(compile="model", fused=True, ema="callback", host_reads=False),
+    "whole graph": dict(compile="model", fused=True, ema="foreach", host_reads=True, **_OLD),
+    # conf/gpu.yaml at 553f91a: the same graph, and nothing read on the host during a step
+    # (the fused update skips non-finite steps, callbacks.EMA keeps its count on the host)
+    "no host reads": dict(compile="model", fused=True, ema="callback", host_reads=False, **_OLD),
+    # that loop with the rotary tables gathered instead of computed in the graph
+    "rope tables": dict(
+        compile="model", fused=True, ema="callback", host_reads=False, rope="tables", video="float"
+    ),
+    # conf/gpu.yaml now: that loop, the clips copied to the GPU as uint8 pixels
+    "uint8 clips": dict(compile="model", fused=True, ema="callback", host_reads=False, **_NOW),
     # that loop with the graph replayed as CUDA graphs
-    "cuda graphs": dict(compile="cudagraphs", fused=True, ema="callback", host_reads=False),
+    "cuda graphs": dict(compile="cudagraphs", fused=True, ema="callback", host_reads=False, **_NOW),
+    # that loop with inductor's C++ wrapper (kernels launched from C++, not Python)
+    "cpp wrapper": dict(
+        compile="model", fused=True, ema="callback", host_reads=False, cpp_wrapper=True, **_NOW
+    ),
     # CPU: the eager loop, default vs fused AdamW
-    "eager": dict(compile="none", fused=False, ema="per_tensor", host_reads=True),
-    "eager fused": dict(compile="none", fused=True, ema="callback", host_reads=False),
+    "eager": dict(compile="none", fused=False, ema="per_tensor", host_reads=True, **_OLD),
+    "eager fused": dict(compile="none", fused=True, ema="callback", host_reads=False, **_NOW),
 }
 
 
@@ -66,9 +82,10 @@ class Case:
 PRESETS = {
     "gpu": dict(
         cases=[
-            Case("small", "gpu", 64, ("before", "whole graph", "no host reads", "cuda graphs")),
-            Case("base", "gpu", 64, ("before", "no host reads", "cuda graphs")),
-            Case("small", "cpu", 64, ("before", "no host reads", "cuda graphs")),
+            Case("small", "gpu", 64, ("no host reads", "uint8 clips")),
+            Case("base", "gpu", 64, ("no host reads", "uint8 clips")),
+            # compared with the first small rows (the same case)
+            Case("small", "gpu", 64, ("cuda graphs", "cpp wrapper")),
         ],
         steps=100,
         timed_from=40,
@@ -78,11 +95,55 @@ PRESETS = {
 
 
 def clips(world: str, num: int) -> tuple[torch.Tensor, list[dict]]:
-    """``num`` training clips of a world preset: videos ``(N, 3, T, H, W)`` in [-1, 1], records."""
+    """``num`` training clips of a world preset: videos ``(N, 3, T, H, W)`` uint8, records."""
     config = world_config(world)
     pairs = [make_clip(config, 0, "train", i) for i in range(num)]
     frames = torch.from_numpy(np.stack([f for f, _ in pairs]))  # (N, T, H, W, 3) uint8
-    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, [r for _, r in pairs]
+    return frames.permute(0, 4, 1, 2, 3).contiguous(), [r for _, r in pairs]
+
+
+class VideoRopeInGraph(VideoRope3D):
+    """:class:`VideoRope3D` as the model had it before 〈rope tables〉: cos/sin computed from
+    float64 angles in every forward (the compiler fused them into each rotation). The values
+    are the tables'; only where they are computed differs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("angles64", self.angles(), persistent=False)
+
+    def forward(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = self._on_grid(self.angles64, grid)
+        return ang.cos().float(), ang.sin().float()
+
+
+class TextRopeInGraph(TextRope1D):
+    """:class:`TextRope1D` as the model had it before 〈rope tables〉 (see above)."""
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = _rope_frequencies(self.head_dim, length, self.theta, device)
+        ang = torch.cat([ang, ang], dim=-1)[None, :, None]
+        return ang.cos().float(), ang.sin().float()
+
+
+def rope_in_graph(model: torch.nn.Module) -> None:
+    """Give ``model`` the rotary embeddings computed in the graph (before 〈rope tables〉)."""
+    rope = model.rope
+    model.rope = VideoRopeInGraph(
+        sum(rope.split), rope.patch_size, rope.max_seq_len, rope.theta
+    ).to(rope.cos.device)
+    if getattr(model, "rope_text", None) is not None:
+        model.rope_text = TextRopeInGraph(model.rope_text.head_dim, model.rope_text.theta)
+
+
+def host_batches(videos: torch.Tensor, kind: str) -> torch.Tensor:
+    """The clips as the loader hands them over: float in [-1, 1] (``float``, what
+    ``MemoryClips`` gave before 〈uint8 clips〉) or uint8 pixels (``uint8``)."""
+    return videos.float() / 127.5 - 1 if kind == "float" else videos
+
+
+def pin(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` in page-locked memory when copying to a GPU (what ``pin_memory=True`` does)."""
+    return x.pin_memory() if device.type == "cuda" else x
 
 
 def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
@@ -100,6 +161,8 @@ def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
         phase="recall",
         compile=loop["compile"] if device.type == "cuda" else "none",
     )
+    if loop["rope"] == "graph":
+        rope_in_graph(module.model)
     return module.to(device)
 
 
@@ -122,13 +185,18 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loop = LOOPS[name]
     videos, records = data
+    videos = host_batches(videos, loop["video"])
     row = {"size": case.size, "world": case.world, "batch": case.batch, "loop": name, **loop}
     try:
+        torch._inductor.config.cpp_wrapper = loop.get("cpp_wrapper", False)  # a process a loop
         module = build(case, loop, device)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), fused=loop["fused"])
         ema = averager(module, loop["ema"])
         order = torch.Generator().manual_seed(1)
+        draws = [torch.randint(0, len(records), (case.batch,), generator=order) for _ in range(16)]
+        # what a loader with pin_memory hands over: page-locked batches (16, used in turn)
+        pinned = [pin(videos[idx], device) for idx in draws]
         losses, start = [], None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -137,12 +205,15 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-            idx = torch.randint(0, len(records), (case.batch,), generator=order)
-            batch = {
-                "video": videos[idx].to(device, non_blocking=True),
-                "prompt": [records[i]["prompt"] for i in idx],
-                "caption": [records[i]["caption"] for i in idx],
-            }
+            idx = draws[step % len(draws)]
+            batch = batch_to_device(  # the DataModules' transfer (uint8 made float there)
+                {
+                    "video": pinned[step % len(draws)],
+                    "prompt": [records[i]["prompt"] for i in idx],
+                    "caption": [records[i]["caption"] for i in idx],
+                },
+                device,
+            )
             if module._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -230,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
 def report(rows: list[dict], preset: dict, a: argparse.Namespace) -> Path:
     """Compare the rows so far and write the results table."""
     compare(rows)
-    cols = ["size", "world", "batch", "loop", "compile", "fused", "ema", "host_reads"]
+    cols = ["size", "world", "batch", "loop", "compile", "fused", "ema", "host_reads", "rope"]
+    cols += ["video"]
     cols += ["seconds", "examples_per_s", "speedup", "tflops", "mfu", "peak_gib"]
     table = markdown_table(rows, cols + ["max_rel_loss_diff", "error"])
     table += (

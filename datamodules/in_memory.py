@@ -155,7 +155,9 @@ class MemoryClips:
         return clips, state["skipped"]
 
     def sample(self, i: int) -> dict:
-        """Clip ``i`` as a sample dict of the Batch contract (video back in ``[-1, 1]``)."""
+        """Clip ``i`` as a sample dict of the Batch contract, the video as its ``uint8`` pixels:
+        a batch of them is a quarter of the float one to collate, pin and copy to the GPU
+        (:func:`~lightning_vigu.batch.batch_to_device` makes it float on the device)."""
         out = {
             "prompt": self.prompt[i],
             "caption": self.caption[i],
@@ -163,7 +165,7 @@ class MemoryClips:
             "meta": self.meta[i],
         }
         for k, v in self.tensors.items():
-            out[k] = v[i].float() / 127.5 - 1.0 if k == "video" else v[i]
+            out[k] = v[i]
         return out
 
 

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_vigu.batch import Batch, check_batch, to_device
+from lightning_vigu.batch import Batch, check_batch, to_device, video_as_float
 from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.flows import FlowTimeModel, SamplerConfig, UnifiedSampler
 from lightning_vigu.flows.causal import make_caption_path
@@ -319,7 +319,7 @@ class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
             latents = batch["latents"].float()
         else:
             with torch.no_grad():
-                latents = self.codec.encode(batch["video"].float())
+                latents = self.codec.encode(video_as_float(batch["video"]).float())
         self._check_data_shape(batch, latents)
         b = latents.shape[0]
         if "prompt_emb" in batch and not self.prompt_encoder.trainable:

@@ -263,3 +263,25 @@ def test_video_absolute_positions_let_a_token_know_where_it_is():
     assert torch.allclose(blind, blind[:1].expand_as(blind), atol=1e-5)  # 16 equal tokens
     apart = (seeing[:, None] - seeing[None]).abs().flatten(2).amax(-1)  # (16, 16)
     assert apart[~torch.eye(16, dtype=torch.bool)].min() > 1e-3  # every token its own value
+
+
+def test_rope_tables_are_the_float64_angles_and_survive_a_cast_to_bf16():
+    from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D
+
+    rope = VideoRope3D(64, (1, 2, 2))
+    cos, sin = rope((3, 4, 5))
+    # token (t, h, w) = (2, 1, 3): channel pairs 0..11 rotate by frame, 12..21 by row, 22..31 by column
+    token = (2 * 4 + 1) * 5 + 3
+    freqs = [
+        1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in (24, 20, 20)
+    ]
+    angle = torch.cat([2 * freqs[0], 1 * freqs[1], 3 * freqs[2]]).repeat_interleave(2)
+    assert torch.equal(cos[0, token, 0], angle.cos().float())
+    assert torch.equal(sin[0, token, 0], angle.sin().float())
+    # bf16 weights (".to(torch.bfloat16)", bf16-true training) must not round the positions
+    cast = rope.to(torch.bfloat16)
+    assert cast.cos.dtype == torch.float32 and torch.equal(cast((3, 4, 5))[0], cos)
+    text = TextRope1D(64, table_length=8)
+    short, long = text(8, torch.device("cpu")), text(12, torch.device("cpu"))  # table, computed
+    assert torch.equal(long[0][:, :8], short[0]) and torch.equal(long[1][:, :8], short[1])
+    assert rope.state_dict() == {} and text.state_dict() == {}  # derived, not learned

@@ -299,6 +299,8 @@ def test_in_memory_training_holds_the_same_clips_and_walks_each_epoch_once(data_
     }
     batch = next(iter(dm.train_dataloader()))
     check_batch(batch)
+    assert batch["video"].dtype == torch.uint8  # copied as pixels, made float on the device
+    batch = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
     for key, video, caption in zip(batch["key"], batch["video"], batch["caption"]):
         assert torch.allclose(video, streamed[key]["video"], atol=1e-6)
         assert caption == streamed[key]["caption"]

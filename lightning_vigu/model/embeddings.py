@@ -148,7 +148,42 @@ def _rope_frequencies(
     )  # (P, dim/2)
 
 
-class VideoRope3D(nn.Module):
+_CPU = torch.device("cpu")  # angle tables are made here, also under a meta-device context
+
+
+class _RopeTables(nn.Module):
+    """cos/sin of a float64 angle table, kept as float32 buffers (``cos``, ``sin``).
+
+    A forward only gathers rows of the tables. Computing cos/sin from the angles inside the
+    forward let the compiler fuse them into every rotation, so each ``(B, S, H, D)`` element
+    evaluated float64 transcendentals: 16% of a ``small`` training step on an H200
+    (``benchmarks/results/train_loop_h200.md``). The tables are rebuilt in float32 whenever the
+    module is moved or cast (:meth:`_apply`), so ``.to(torch.bfloat16)`` or ``bf16-true``
+    training cannot round the positions, and ``to_empty`` leaves no uninitialised table. They
+    are derived, not learned: not in the state dict.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def angles(self) -> Tensor:
+        """The ``(positions, n)`` float64 angle table, on the CPU."""
+        raise NotImplementedError
+
+    def _build(self, device: torch.device) -> None:
+        angles = self.angles()  # float64 on the CPU (not every device has float64)
+        self.cos = angles.cos().float().to(device)
+        self.sin = angles.sin().float().to(device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._build(self.cos.device)
+        return self
+
+
+class VideoRope3D(_RopeTables):
     """Wan's 3-D rotary embedding: head channels split into (frame, height, width) parts.
 
     Channel pairs are interleaved (``(x0, x1), (x2, x3), ...``), as in Wan.
@@ -162,47 +197,67 @@ class VideoRope3D(nn.Module):
         theta: float = 10000.0,
     ) -> None:
         super().__init__()
-        self.patch_size = patch_size
         h_dim = w_dim = 2 * (head_dim // 6)
         self.split = (head_dim - h_dim - w_dim, h_dim, w_dim)
+        self.patch_size = patch_size
         self.max_seq_len = max_seq_len
-        angles = torch.cat([_rope_frequencies(d, max_seq_len, theta) for d in self.split], dim=1)
-        self.register_buffer("angles", angles, persistent=False)  # (P, head_dim / 2) float64
+        self.theta = theta
+        self._build(_CPU)
+
+    def angles(self) -> Tensor:
+        """``(max_seq_len, head_dim / 2)``: the frame, height and width angles side by side."""
+        return torch.cat(
+            [_rope_frequencies(d, self.max_seq_len, self.theta, _CPU) for d in self.split], dim=1
+        )
 
     def forward(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-        """cos/sin ``(1, f*h*w, 1, head_dim)`` for a post-patch grid ``(f, h, w)``."""
-        f, h, w = grid
+        """cos/sin ``(1, f*h*w, 1, head_dim)`` float32 for a post-patch grid ``(f, h, w)``."""
         if max(grid) > self.max_seq_len:
             raise ValueError(f"video grid {grid} exceeds the rope table length {self.max_seq_len}")
-        a_t, a_h, a_w = self.angles.split([d // 2 for d in self.split], dim=1)
-        ang = torch.cat(
+        return self._on_grid(self.cos, grid), self._on_grid(self.sin, grid)
+
+    def _on_grid(self, table: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        f, h, w = grid
+        t_t, t_h, t_w = table.split([d // 2 for d in self.split], dim=1)
+        rows = torch.cat(
             [
-                a_t[:f, None, None].expand(f, h, w, -1),
-                a_h[None, :h, None].expand(f, h, w, -1),
-                a_w[None, None, :w].expand(f, h, w, -1),
+                t_t[:f, None, None].expand(f, h, w, -1),
+                t_h[None, :h, None].expand(f, h, w, -1),
+                t_w[None, None, :w].expand(f, h, w, -1),
             ],
             dim=-1,
         ).reshape(1, f * h * w, 1, -1)  # (1, S, 1, head_dim / 2)
-        ang = ang.repeat_interleave(2, dim=-1)  # (1, S, 1, head_dim), interleaved pairs
-        return ang.cos().float(), ang.sin().float()
+        return rows.repeat_interleave(2, dim=-1)  # (1, S, 1, head_dim), interleaved pairs
 
 
-class TextRope1D(nn.Module):
+class TextRope1D(_RopeTables):
     """1-D rotary embedding over caption positions, rotate-half pairing (``i, i + d/2``).
 
-    Computed on the fly for the canvas length (no length limit, no state-dict entry).
+    Tables cover ``table_length`` positions; a longer canvas computes its own (no length limit,
+    no state-dict entry).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, table_length: int = 1024) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.table_length = table_length
+        self._build(_CPU)
+
+    def angles(self) -> Tensor:
+        """``(table_length, head_dim / 2)``."""
+        return _rope_frequencies(self.head_dim, self.table_length, self.theta, _CPU)
 
     def forward(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos/sin ``(1, length, 1, head_dim)``."""
-        ang = _rope_frequencies(self.head_dim, length, self.theta, device)  # (L, d/2), no host copy
-        ang = torch.cat([ang, ang], dim=-1)[None, :, None]  # (1, L, 1, head_dim)
-        return ang.cos().float(), ang.sin().float()
+        """cos/sin ``(1, length, 1, head_dim)`` float32."""
+        if length <= self.cos.shape[0] and self.cos.device == device:
+            cos, sin = self.cos[:length], self.sin[:length]
+        else:
+            ang = _rope_frequencies(self.head_dim, length, self.theta, device)  # no host copy
+            cos, sin = ang.cos().float(), ang.sin().float()
+        return torch.cat([cos, cos], dim=-1)[None, :, None], torch.cat([sin, sin], dim=-1)[
+            None, :, None
+        ]
 
 
 def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
