@@ -37,7 +37,7 @@ from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, _rope_frequ
 from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig
 
-# the loops before 〈rope tables〉 computed the rotary cos/sin inside the forward (``rope: graph``)
+# the loops before d19f7cd computed the rotary cos/sin inside the forward (``rope: graph``)
 # and copied float videos (``video: float``)
 _OLD = dict(rope="graph", video="float")
 _NOW = dict(rope="tables", video="uint8")
@@ -103,7 +103,7 @@ def clips(world: str, num: int) -> tuple[torch.Tensor, list[dict]]:
 
 
 class VideoRopeInGraph(VideoRope3D):
-    """:class:`VideoRope3D` as the model had it before 〈rope tables〉: cos/sin computed from
+    """:class:`VideoRope3D` as the model had it before d19f7cd: cos/sin computed from
     float64 angles in every forward (the compiler fused them into each rotation). The values
     are the tables'; only where they are computed differs."""
 
@@ -117,7 +117,7 @@ class VideoRopeInGraph(VideoRope3D):
 
 
 class TextRopeInGraph(TextRope1D):
-    """:class:`TextRope1D` as the model had it before 〈rope tables〉 (see above)."""
+    """:class:`TextRope1D` as the model had it before d19f7cd (see above)."""
 
     def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         ang = _rope_frequencies(self.head_dim, length, self.theta, device)
@@ -126,7 +126,7 @@ class TextRopeInGraph(TextRope1D):
 
 
 def rope_in_graph(model: torch.nn.Module) -> None:
-    """Give ``model`` the rotary embeddings computed in the graph (before 〈rope tables〉)."""
+    """Give ``model`` the rotary embeddings computed in the graph (before d19f7cd)."""
     rope = model.rope
     model.rope = VideoRopeInGraph(
         sum(rope.split), rope.patch_size, rope.max_seq_len, rope.theta
@@ -137,7 +137,7 @@ def rope_in_graph(model: torch.nn.Module) -> None:
 
 def host_batches(videos: torch.Tensor, kind: str) -> torch.Tensor:
     """The clips as the loader hands them over: float in [-1, 1] (``float``, what
-    ``MemoryClips`` gave before 〈uint8 clips〉) or uint8 pixels (``uint8``)."""
+    ``MemoryClips`` gave before d19f7cd) or uint8 pixels (``uint8``)."""
     return videos.float() / 127.5 - 1 if kind == "float" else videos
 
 
