@@ -98,7 +98,14 @@ def along(videos: Tensor, motions: list[str]) -> Tensor:
     return (d * unit).sum(-1)
 
 
-def build(frames: int, video_positions: bool, seed: int, patch_size=(1, 2, 2), pooled_prompt=False):
+def build(
+    frames: int,
+    video_positions: bool,
+    seed: int,
+    patch_size=(1, 2, 2),
+    pooled_prompt=False,
+    loss_weighting: str = "none",
+):
     from datamodules.synthetic import WorldTokenizer
     from lightning_vigu.flows import SamplerConfig
     from lightning_vigu.module import UniViGU
@@ -118,7 +125,9 @@ def build(frames: int, video_positions: bool, seed: int, patch_size=(1, 2, 2), p
         prompt_length=12,
         phase="generator",
         video_shape=(frames, SIZE, SIZE),
-        objective=ObjectiveConfig(prediction="data", time_shift=3.0, cfg_dropout=0.1),
+        objective=ObjectiveConfig(
+            prediction="data", time_shift=3.0, cfg_dropout=0.1, loss_weighting=loss_weighting
+        ),
         sampler=SamplerConfig(video_steps=20, guidance_scale=3.0, shift=3.0),
     )
 
@@ -176,11 +185,24 @@ def train(
 
 
 @torch.no_grad()
-def measure(module, frames: int, travel: float, per_motion: int = 12, clips: int = 100) -> dict:
-    """Sampled motion accuracy and the one-step travel with true and reversed prompts."""
+def measure(
+    module,
+    frames: int,
+    travel: float,
+    per_motion: int = 12,
+    clips: int = 100,
+    guidance: tuple[float, ...] = (3.0,),
+) -> dict:
+    """Sampled motion accuracy (at each guidance scale; the first is the headline) and the
+    one-step travel with true and reversed prompts."""
     module.eval()
     asked = [m for m in MOTIONS for _ in range(per_motion)]
-    drawn = classify(module.generate_video([PROMPTS[m] for m in asked], seed=0).cpu(), travel)
+    prompts = [PROMPTS[m] for m in asked]
+    by_scale = {}
+    for scale in guidance:  # the same noise at every scale
+        video = module.generate_video(prompts, seed=0, guidance_scale=scale).cpu()
+        by_scale[scale] = classify(video, travel)
+    drawn = by_scale[guidance[0]]
     moving = [m for m in MOTIONS if m != "still"]
     motions = [moving[i % len(moving)] for i in range(clips)]
     real = render(motions, frames, travel, np.random.default_rng(7))
@@ -196,9 +218,14 @@ def measure(module, frames: int, travel: float, per_motion: int = 12, clips: int
                 "travel_reversed_prompt": along(pred[1], motions).mean().item(),
             }
         )
-    accuracy = float(np.mean([d == a for d, a in zip(drawn, asked)]))
+    accuracy = {s: float(np.mean([d == a for d, a in zip(v, asked)])) for s, v in by_scale.items()}
     counts = {m: drawn.count(m) for m in [*MOTIONS, "none"]}
-    return {"motion_accuracy": accuracy, "drawn": counts, "rows": rows}
+    return {
+        "motion_accuracy": accuracy[guidance[0]],
+        "motion_accuracy_by_guidance": accuracy,
+        "drawn": counts,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,6 +256,19 @@ def main(argv: list[str] | None = None) -> None:
         default=False,
         help="the prompt's mean feature on the time embedding (model_overrides.pooled_prompt)",
     )
+    p.add_argument(
+        "--loss-weighting",
+        default="none",
+        choices=["none", "snr", "data"],
+        help="the video loss weighting (ObjectiveConfig.loss_weighting)",
+    )
+    p.add_argument(
+        "--guidance",
+        nargs="+",
+        type=float,
+        default=[3.0],
+        help="guidance scales to sample at (the first is the headline accuracy); 1: no guidance",
+    )
     p.add_argument("--label", default=None, help="names the result files")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
@@ -237,17 +277,24 @@ def main(argv: list[str] | None = None) -> None:
         label += "_patch" + "x".join(map(str, a.patch_size))
     if a.pooled_prompt:
         label += "_pooled"
+    if a.loss_weighting != "none":
+        label += f"_weight{a.loss_weighting}"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = build(a.frames, a.video_positions, a.seed, a.patch_size, a.pooled_prompt).to(device)
+    module = build(
+        a.frames, a.video_positions, a.seed, a.patch_size, a.pooled_prompt, a.loss_weighting
+    ).to(device)
     loss, steps = train(module, a.steps, a.frames, a.travel, a.batch, a.seed, minutes=a.minutes)
-    result = measure(module, a.frames, a.travel)
+    result = measure(module, a.frames, a.travel, guidance=tuple(a.guidance))
     table = (
         f"# Motion probe: {label}\n\n{steps} steps at batch {a.batch}, {a.frames} frames, "
         f"travel {a.travel} px, video positions {'on' if a.video_positions else 'off'}, pooled "
         f"prompt {'on' if a.pooled_prompt else 'off'}, tokens "
         f"of {'x'.join(map(str, a.patch_size))} latent frames x rows x columns; seed {a.seed}; final "
-        f"loss {loss:.4f}. Sampled motion accuracy **{result['motion_accuracy']:.3f}** (chance "
-        f"0.2; drawn: {result['drawn']}). One-step travel along the true direction (pixels; "
+        f"loss {loss:.4f}, loss weighting {a.loss_weighting}. Sampled motion accuracy "
+        f"**{result['motion_accuracy']:.3f}** at guidance {a.guidance[0]} (chance 0.2; drawn: "
+        f"{result['drawn']}); by guidance scale: "
+        + ", ".join(f"{s}: {v:.3f}" for s, v in result["motion_accuracy_by_guidance"].items())
+        + ". One-step travel along the true direction (pixels; "
         f"real clips: {a.travel}), with the true and the reversed prompt:\n\n"
         + markdown_table(result["rows"], ["t", "travel", "travel_reversed_prompt"])
     )

@@ -21,6 +21,7 @@ import gc
 import math
 import multiprocessing
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from benchmarks.common import markdown_table, write_results
 from benchmarks.flops import device_rates, failure, train_flops
+from benchmarks.step_profile import profile_steps
 from callbacks.ema import WarmupAveragedModel, WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
 from lightning_vigu.batch import batch_to_device
@@ -180,8 +182,10 @@ def averager(module: UniViGU, kind: str) -> AveragedModel:
     )
 
 
-def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
-    """Train ``steps`` steps of one loop; returns its row (losses, seconds per step, memory)."""
+def run_loop(case: Case, name: str, data, steps: int, timed_from: int, profile: int = 0) -> dict:
+    """Train ``steps`` steps of one loop; returns its row (losses, seconds per step, memory,
+    and with ``profile`` the :func:`~benchmarks.step_profile.profile_steps` summary of that many
+    further steps)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loop = LOOPS[name]
     videos, records = data
@@ -198,6 +202,36 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
         # what a loader with pin_memory hands over: page-locked batches (16, used in turn)
         pinned = [pin(videos[idx], device) for idx in draws]
         losses, start = [], None
+
+        def one(step: int, part=lambda name: nullcontext()) -> None:
+            with part("batch"):
+                idx = draws[step % len(draws)]
+                batch = batch_to_device(  # the DataModules' transfer (uint8 made float there)
+                    {
+                        "video": pinned[step % len(draws)],
+                        "prompt": [records[i]["prompt"] for i in idx],
+                        "caption": [records[i]["caption"] for i in idx],
+                    },
+                    device,
+                )
+            with part("forward"):
+                if module._cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    generator = module.step_generator("train", step)
+                    out = module.compute_loss(batch, module.phase, generator)
+                if loop["host_reads"] and not torch.isfinite(out.loss):  # the old check
+                    return
+            with part("backward"):
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+            with part("optimizer"):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            with part("ema"):
+                ema.update_parameters(module)
+            losses.append(out.loss.detach().clone())  # a CUDA graph's output is overwritten
+
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for step in range(steps):
@@ -205,30 +239,14 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-            idx = draws[step % len(draws)]
-            batch = batch_to_device(  # the DataModules' transfer (uint8 made float there)
-                {
-                    "video": pinned[step % len(draws)],
-                    "prompt": [records[i]["prompt"] for i in idx],
-                    "caption": [records[i]["caption"] for i in idx],
-                },
-                device,
-            )
-            if module._cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                out = module.compute_loss(batch, module.phase, module.step_generator("train", step))
-            if loop["host_reads"] and not torch.isfinite(out.loss):  # the old non-finite check
-                continue
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            ema.update_parameters(module)
-            losses.append(out.loss.detach().clone())  # a CUDA graph's output is overwritten
+            one(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / (steps - timed_from)
+        if profile:  # after the timing, on further steps (their losses are not kept)
+            kept = len(losses)
+            row["profile"] = profile_steps(lambda i, part: one(steps + i, part), profile)
+            del losses[kept:]
         cfg, hp = module.model.config, module.hparams
         _, *latent = module.codec.latent_shape(*videos.shape[2:])
         n_video = math.prod(n // p for n, p in zip(latent, cfg.patch_size))
@@ -251,9 +269,9 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int) -> dict:
     return row
 
 
-def run_one(case: Case, name: str, steps: int, timed_from: int) -> dict:
+def run_one(case: Case, name: str, steps: int, timed_from: int, profile: int = 0) -> dict:
     """One loop of a case, on the case's clips (the same clips for every loop)."""
-    return run_loop(case, name, clips(case.world, 8 * case.batch), steps, timed_from)
+    return run_loop(case, name, clips(case.world, 8 * case.batch), steps, timed_from, profile)
 
 
 def compare(rows: list[dict]) -> None:
@@ -279,6 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     p.add_argument("--steps", type=int, default=None, help="steps per loop (default: preset's)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after timing, profile this many more steps of each loop: GPU ms a step by kind of "
+        "kernel and by part of the step (benchmarks/step_profile.py)",
+    )
     a = p.parse_args(argv)
     preset = dict(PRESETS[a.preset])
     if a.steps:
@@ -292,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
             # compiled code), and each loop starts from a cold allocator and compile cache
             with spawn.Pool(1) as pool:
                 rows.append(
-                    pool.apply(run_one, (case, name, preset["steps"], preset["timed_from"]))
+                    pool.apply(
+                        run_one, (case, name, preset["steps"], preset["timed_from"], a.profile)
+                    )
                 )
             path = report(rows, preset, a)  # after every loop: a run cut short keeps its rows
     print(f"wrote {path}")
@@ -314,8 +341,30 @@ def report(rows: list[dict], preset: dict, a: argparse.Namespace) -> Path:
         f"from the case's first loop over all {preset['steps']} steps (same weights, batches and "
         f"per-step randomness)."
     )
+    profiled = [profile_row(r) for r in rows if "profile" in r]
+    if profiled:
+        columns = list(dict.fromkeys(k for r in profiled for k in r))  # kinds differ by loop
+        table += "\n\n" + markdown_table(profiled, columns)
+        table += (
+            "\n\nPer step, in milliseconds, from a torch.profiler trace of the steps after the "
+            "timed ones: `gpu` the GPU's kernels and copies (by kind of kernel, and `gpu <part>` "
+            "by the part of the step that launched them); `host <part>` the host's time in each "
+            "part under the profiler (inflated by it: read it as shares); `launches` kernels "
+            "and copies a step."
+        )
     print(table, flush=True)
     return write_results(f"train_loop_{a.preset}{a.tag}", {"rows": rows}, table, a.out)
+
+
+def profile_row(row: dict) -> dict:
+    """One flat table row of a loop's profile summary."""
+    prof = row["profile"]
+    out = {"size": row["size"], "loop": row["loop"], "gpu": prof["gpu_ms"]}
+    out.update(prof["gpu_ms_by_kind"])
+    out.update({f"gpu {k}": v for k, v in prof["gpu_ms_by_part"].items()})
+    out.update({f"host {k}": v for k, v in prof["host_ms_by_part"].items()})
+    out["launches"] = prof["launches"]
+    return out
 
 
 if __name__ == "__main__":

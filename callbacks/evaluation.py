@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from callbacks.sample_logger import off_under_fsdp, run_dir
+from lightning_vigu.batch import video_as_float
 from lightning_vigu.metrics import (
     CaptionMetrics,
     FrechetVideoDistance,
@@ -75,7 +76,7 @@ def collect(
     for batch in loader:
         k = min(num - n, len(batch["prompt"]))
         if "video" in batch:
-            out["video"].append(batch["video"][:k].cpu())
+            out["video"].append(video_as_float(batch["video"][:k]).cpu())  # uint8 in memory
         elif "latents" in batch and codec is not None:
             latents = batch["latents"][:k].float()
             out["latents"].append(latents.cpu())

@@ -95,6 +95,35 @@ def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
     assert rows[1]["max_rel_loss_diff"] < 1e-4
 
 
+def test_a_step_profile_charges_each_kernel_to_its_part_and_kind():
+    from benchmarks.step_profile import summarise
+
+    part = {"cat": "user_annotation", "name": "step/forward", "ts": 0, "dur": 100}
+    events = [
+        part,
+        {**part, "name": "step/backward", "ts": 100},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "args": {"correlation": 1}},
+        {"cat": "cuda_runtime", "name": "cuLaunchKernel", "ts": 150, "args": {"correlation": 2}},
+        {"cat": "kernel", "name": "nvjet_sm90_tst_192x192", "dur": 30, "args": {"correlation": 1}},
+        {"cat": "kernel", "name": "triton_poi_fused_add_0", "dur": 10, "args": {"correlation": 2}},
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "dur": 4, "args": {"correlation": 9}},
+    ]
+    out = summarise(events, steps=2)
+    assert out["gpu_ms"] == pytest.approx(0.022) and out["launches"] == 1.5
+    assert out["gpu_ms_by_kind"] == pytest.approx({"matmul": 0.015, "triton": 0.005, "copy": 0.002})
+    assert out["gpu_ms_by_part"] == pytest.approx(
+        {"forward": 0.015, "backward": 0.005, "outside": 0.002}
+    )
+    assert out["host_ms_by_part"] == pytest.approx({"forward": 0.05, "backward": 0.05})
+    # a real (CPU) step: every part of the training loop shows up on the host's side
+    case = train_loop.Case("tiny", "cpu", 2, ("eager fused",))
+    row = train_loop.run_one(case, "eager fused", steps=3, timed_from=1, profile=2)
+    assert "error" not in row and len(row["losses"]) == 3
+    host = row["profile"]["host_ms_by_part"]
+    assert set(host) == {"batch", "forward", "backward", "optimizer", "ema"}
+    assert all(v > 0 for v in host.values())
+
+
 def test_a_stamp_names_its_commit_and_says_when_the_tree_differs(tmp_path, monkeypatch):
     from benchmarks.common import commit
 
@@ -212,9 +241,13 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
     travelled = motion.along(clips[moving], [motions[i] for i in moving])
     assert torch.allclose(travelled, torch.full_like(travelled, 12.0), atol=0.05)
     assert motion.classify(torch.full_like(clips[:1], -1.0), travel=12.0) == ["none"]
-    motion.main(["--steps", "2", "--frames", "2", "--batch", "4", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "motion_positions_cpu.json").read_text())
+    args = ["--steps", "2", "--frames", "2", "--batch", "4", "--guidance", "3", "1"]
+    motion.main([*args, "--loss-weighting", "data", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "motion_positions_weightdata_cpu.json").read_text())
     assert 0.0 <= result["motion_accuracy"] <= 1.0 and sum(result["drawn"].values()) == 60
+    by_scale = result["motion_accuracy_by_guidance"]
+    assert set(by_scale) == {"3.0", "1.0"} and by_scale["3.0"] == result["motion_accuracy"]
+    assert result["args"]["loss_weighting"] == "data"
     assert [r["t"] for r in result["rows"]] == list(motion.TIMES) and result["steps"] == 2
     # a wall-clock budget plans the schedule's length from the first 50 steps (at least 100)
     module = motion.build(frames=2, video_positions=True, seed=0)

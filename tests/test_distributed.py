@@ -252,9 +252,9 @@ def test_evaluate_gathers_caption_metrics_and_fvd_over_ranks(
 def _world_clips() -> dict:
     from benchmarks.train_loop import clips
 
-    videos, records = clips("cpu", len(PROMPTS))
+    videos, records = clips("cpu", len(PROMPTS))  # uint8 pixels
     return {
-        "video": videos,
+        "video": videos.float() / 127.5 - 1,
         "prompt": [r["prompt"] for r in records],
         "caption": [r["caption"] for r in records],
         "meta": records,
