@@ -156,7 +156,7 @@ class _RopeTables(nn.Module):
 
     A forward only gathers rows of the tables. Computing cos/sin from the angles inside the
     forward let the compiler fuse them into every rotation, so each ``(B, S, H, D)`` element
-    evaluated float64 transcendentals: 16% of a ``small`` training step on an H200
+    evaluated float64 transcendentals: 17% of the GPU's work in a ``small`` training step on an H200
     (``benchmarks/results/train_loop_h200.md``). The tables are rebuilt in float32 whenever the
     module is moved or cast (:meth:`_apply`), so ``.to(torch.bfloat16)`` or ``bf16-true``
     training cannot round the positions, and ``to_empty`` leaves no uninitialised table. They
@@ -255,9 +255,8 @@ class TextRope1D(_RopeTables):
         else:
             ang = _rope_frequencies(self.head_dim, length, self.theta, device)  # no host copy
             cos, sin = ang.cos().float(), ang.sin().float()
-        return torch.cat([cos, cos], dim=-1)[None, :, None], torch.cat([sin, sin], dim=-1)[
-            None, :, None
-        ]
+        cos, sin = (torch.cat([t, t], dim=-1)[None, :, None] for t in (cos, sin))
+        return cos, sin  # (1, L, 1, head_dim) each
 
 
 def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
