@@ -34,7 +34,7 @@ from benchmarks.flops import device_rates, failure, train_flops
 from benchmarks.step_profile import profile_steps
 from callbacks.ema import WarmupAveragedModel, WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
-from lightning_vigu.batch import batch_to_device
+from lightning_vigu.batch import batch_to_device, video_as_float
 from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, _rope_frequencies
 from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig
@@ -140,7 +140,7 @@ def rope_in_graph(model: torch.nn.Module) -> None:
 def host_batches(videos: torch.Tensor, kind: str) -> torch.Tensor:
     """The clips as the loader hands them over: float in [-1, 1] (``float``, what
     ``MemoryClips`` gave before d19f7cd) or uint8 pixels (``uint8``)."""
-    return videos.float() / 127.5 - 1 if kind == "float" else videos
+    return video_as_float(videos) if kind == "float" else videos
 
 
 def pin(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -251,10 +251,11 @@ def test_evaluate_gathers_caption_metrics_and_fvd_over_ranks(
 # ---------------------------------------------------------------------------- the real model
 def _world_clips() -> dict:
     from benchmarks.train_loop import clips
+    from lightning_vigu.batch import video_as_float
 
     videos, records = clips("cpu", len(PROMPTS))  # uint8 pixels
     return {
-        "video": videos.float() / 127.5 - 1,
+        "video": video_as_float(videos),
         "prompt": [r["prompt"] for r in records],
         "caption": [r["caption"] for r in records],
         "meta": records,
