@@ -105,6 +105,7 @@ def build(
     patch_size=(1, 2, 2),
     pooled_prompt=False,
     loss_weighting: str = "none",
+    video_rope: str = "axial",
 ):
     from datamodules.synthetic import WorldTokenizer
     from lightning_vigu.flows import SamplerConfig
@@ -119,6 +120,7 @@ def build(
             "video_absolute_positions": video_positions,
             "patch_size": list(patch_size),
             "pooled_prompt": pooled_prompt,
+            "video_rope": video_rope,
         },
         tokenizer=WorldTokenizer(),
         caption_length=16,
@@ -257,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the prompt's mean feature on the time embedding (model_overrides.pooled_prompt)",
     )
     p.add_argument(
+        "--video-rope",
+        default="axial",
+        choices=["axial", "mixed"],
+        help="Wan's axial 3-D rope or pairs turning along oblique directions (model_overrides)",
+    )
+    p.add_argument(
         "--loss-weighting",
         default="none",
         choices=["none", "snr", "data"],
@@ -279,16 +287,24 @@ def main(argv: list[str] | None = None) -> None:
         label += "_pooled"
     if a.loss_weighting != "none":
         label += f"_weight{a.loss_weighting}"
+    if a.video_rope != "axial":
+        label += f"_rope{a.video_rope}"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = build(
-        a.frames, a.video_positions, a.seed, a.patch_size, a.pooled_prompt, a.loss_weighting
+        a.frames,
+        a.video_positions,
+        a.seed,
+        a.patch_size,
+        a.pooled_prompt,
+        a.loss_weighting,
+        a.video_rope,
     ).to(device)
     loss, steps = train(module, a.steps, a.frames, a.travel, a.batch, a.seed, minutes=a.minutes)
     result = measure(module, a.frames, a.travel, guidance=tuple(a.guidance))
     table = (
         f"# Motion probe: {label}\n\n{steps} steps at batch {a.batch}, {a.frames} frames, "
         f"travel {a.travel} px, video positions {'on' if a.video_positions else 'off'}, pooled "
-        f"prompt {'on' if a.pooled_prompt else 'off'}, tokens "
+        f"prompt {'on' if a.pooled_prompt else 'off'}, {a.video_rope} video rope, tokens "
         f"of {'x'.join(map(str, a.patch_size))} latent frames x rows x columns; seed {a.seed}; final "
         f"loss {loss:.4f}, loss weighting {a.loss_weighting}. Sampled motion accuracy "
         f"**{result['motion_accuracy']:.3f}** at guidance {a.guidance[0]} (chance 0.2; drawn: "

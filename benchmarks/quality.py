@@ -17,7 +17,9 @@
 
 and, when asked for (``--stages``), ablations at the same budget: ``recall_scratch`` (the
 paper's claim: recall from no generator, trained as long as generator + recall),
-``refine_frozen`` (refine with every attention weight frozen, the earlier recipe) and
+``refine_frozen`` (refine with every attention weight frozen, the earlier recipe),
+``generator_previous`` (the generator with the recipe before the mixed rope and the pooled
+prompt) and
 ``generator_fine`` (the generator with tokens of 4x4 pixels instead of 8x8). By default only the
 main stages run (:data:`MAIN`), so that they share the GPU with fewer processes and the
 evaluation is shorter (generator runs took 0.070-0.124 s a step four side by side on one H200,
@@ -147,6 +149,16 @@ STAGES: dict[str, Stage] = {
     ),
     "recall_causal": Stage("conf/recall.yaml", (2,), init="generator", extra=CAUSAL),
     "refine_causal": Stage("conf/refine.yaml", (3,), init="recall_causal", extra=CAUSAL),
+    # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
+    # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`
+    "generator_previous": Stage(
+        "conf/generator.yaml",
+        (1,),
+        extra=(
+            "--model.model_overrides={text_absolute_positions: true, "
+            "video_absolute_positions: true, video_rope: axial, pooled_prompt: false}",
+        ),
+    ),
     # the generator with tokens of 4x4 pixels (1,024 a clip) instead of 8x8 (256): finer
     # tokens for shapes, at four times the tokens a step
     "generator_fine": Stage(
@@ -154,7 +166,8 @@ STAGES: dict[str, Stage] = {
         (1,),
         extra=(
             "--model.model_overrides={text_absolute_positions: true, "
-            "video_absolute_positions: true, patch_size: [1, 1, 1]}",
+            "video_absolute_positions: true, video_rope: mixed, pooled_prompt: true, "
+            "patch_size: [1, 1, 1]}",
         ),
     ),
 }

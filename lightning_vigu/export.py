@@ -454,18 +454,21 @@ def export(
             "velocity; pass --allow-data-prediction to write the weights anyway"
         )
     model = trained.model()
-    # sine-cosine positions and the pooled prompt (ours, off for Wan) that the target lacks
-    unknown = ["video_absolute_positions", "pooled_prompt"] + (
+    # sine-cosine positions, the pooled prompt and the mixed rope (ours, off for Wan) that the
+    # target lacks
+    unknown = ["video_absolute_positions", "video_rope", "pooled_prompt"] + (
         ["text_absolute_positions"] * (fmt == "univigu")
     )
-    added = [key for key in unknown if getattr(model.config, key)]
+    wan = UniViGUConfig()  # Wan's choice for each
+    added = [key for key in unknown if getattr(model.config, key) != getattr(wan, key)]
     if added:
         target = "diffusers' WanTransformer3DModel" if fmt == "diffusers" else "the official script"
+        named = ", ".join(f"{k}: {str(getattr(model.config, k)).lower()}" for k in added)
         raise ValueError(
-            f"{ckpt} was trained with model_overrides {', '.join(f'{k}: true' for k in added)}: "
-            f"parts (sine-cosine positions, a pooled prompt) that {target} does not have, so the "
-            "exported model would compute something else; sample it with `python -m "
-            "lightning_vigu generate --ckpt`, or train with those overrides off to export"
+            f"{ckpt} was trained with model_overrides {named}: parts (sine-cosine positions, a "
+            f"mixed rope, a pooled prompt) that {target} does not have, so the exported model "
+            "would compute something else; sample it with `python -m lightning_vigu generate "
+            "--ckpt`, or train with those overrides off to export"
         )
     if fmt == "univigu" and model.config.causal_captions:
         raise ValueError(

@@ -172,10 +172,11 @@ def test_data_prediction_is_refused_for_velocity_formats(tmp_path):
 
 def test_parts_wan_lacks_are_refused_for_its_formats(tmp_path):
     overrides = {"video_absolute_positions": True, "text_absolute_positions": True}
-    ckpt = _fit(tmp_path, ema=False, model_overrides={**overrides, "pooled_prompt": True})
+    overrides |= {"video_rope": "mixed", "pooled_prompt": True}
+    ckpt = _fit(tmp_path, ema=False, model_overrides=overrides)
     for fmt, named in (
-        ("diffusers", "video_absolute_positions: true, pooled_prompt: true:"),
-        ("univigu", "pooled_prompt: true, text_absolute_positions: true:"),
+        ("diffusers", "video_absolute_positions: true, video_rope: mixed, pooled_prompt: true:"),
+        ("univigu", "video_rope: mixed, pooled_prompt: true, text_absolute_positions: true:"),
     ):
         args = ["export", f"--ckpt={ckpt}", f"--format={fmt}", f"--out={tmp_path}/{fmt}"]
         with pytest.raises(ValueError, match=f"model_overrides.*{named}.*does not have"):

@@ -20,8 +20,14 @@ from lightning_vigu.flows import SamplerConfig
 from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig
 
-# the `gate` size (tiny's layout, 4 layers of width 128) with the recipe's positions
-MODEL = {"text_absolute_positions": True, "video_absolute_positions": True}
+# the `gate` size (tiny's layout, 4 layers of width 128) with the recipe's positions, rope and
+# pooled prompt (conf/model/tiny.yaml)
+MODEL = {
+    "text_absolute_positions": True,
+    "video_absolute_positions": True,
+    "video_rope": "mixed",
+    "pooled_prompt": True,
+}
 
 
 def world_clips(num: int, frames: int) -> tuple[torch.Tensor, list[dict]]:

@@ -285,3 +285,41 @@ def test_rope_tables_are_the_float64_angles_and_survive_a_cast_to_bf16():
     short, long = text(8, torch.device("cpu")), text(12, torch.device("cpu"))  # table, computed
     assert torch.equal(long[0][:, :8], short[0]) and torch.equal(long[1][:, :8], short[1])
     assert rope.state_dict() == {} and text.state_dict() == {}  # derived, not learned
+
+
+def test_mixed_rope_turns_pairs_along_oblique_directions_and_scores_relative_offsets():
+    from lightning_vigu.model.embeddings import VideoRopeMixed, apply_rope_interleaved
+
+    rope = VideoRopeMixed(32, 4)
+    grid = (3, 4, 5)
+    cos, sin = rope(grid)
+    assert cos.shape == (1, 60, 4, 32)
+    # the closed form: pair i of head n turns by omega_i * (u_ni . (t, h, w)), from float64
+    freqs = rope.frequencies()  # (3, 4 * 16)
+    pos = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1)
+    angle = (pos.reshape(-1, 3).double() @ freqs).reshape(1, 60, 4, 16).repeat_interleave(2, -1)
+    torch.testing.assert_close(cos, angle.cos().float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin, angle.sin().float(), atol=1e-6, rtol=0)
+    assert (freqs != 0).all(), "every pair turns with frame, row and column together"
+    # a logit depends on the offset between query and key only: (0,0,0)->(1,2,1) as (1,1,3)->(2,3,4)
+    q, k = torch.randn(2, 1, 1, 4, 32).unbind(0)
+    index = {p: (p[0] * 4 + p[1]) * 5 + p[2] for p in [(0, 0, 0), (1, 2, 1), (1, 1, 3), (2, 3, 4)]}
+
+    def logit(a, b):
+        rq = apply_rope_interleaved(
+            q, cos[:, index[a] : index[a] + 1], sin[:, index[a] : index[a] + 1]
+        )
+        rk = apply_rope_interleaved(
+            k, cos[:, index[b] : index[b] + 1], sin[:, index[b] : index[b] + 1]
+        )
+        return (rq * rk).sum(-1)
+
+    torch.testing.assert_close(logit((0, 0, 0), (1, 2, 1)), logit((1, 1, 3), (2, 3, 4)))
+    cast = rope.to(torch.bfloat16)  # tables stay float32 from the float64 angles
+    assert cast.cos.dtype == torch.float32 and torch.equal(cast(grid)[0], cos)
+    assert rope.state_dict() == {}
+    m = build_model("tiny", vocab_size=None, video_rope="mixed")
+    out = m(torch.randn(1, 48, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 64))
+    assert out.shape == (1, 48, 2, 4, 4)
+    with pytest.raises(ValueError, match="video_rope must be 'axial' or 'mixed'"):
+        build_model("tiny", vocab_size=None, video_rope="diagonal")

@@ -230,6 +230,70 @@ class VideoRope3D(_RopeTables):
         return rows.repeat_interleave(2, dim=-1)  # (1, S, 1, head_dim), interleaved pairs
 
 
+class VideoRopeMixed(_RopeTables):
+    """A 3-D rotary embedding whose channel pairs turn along oblique directions of (frame, row,
+    column), not along one axis each (RoPE-Mixed, Heo et al. 2024, "Rotary Position Embedding
+    for Vision Transformer", here with fixed rather than learned frequencies; not in Wan).
+
+    With Wan's axial split a head's attention logit is a frame term plus a row term plus a column
+    term, so its attention factorises into a frame offset times a place offset and cannot follow
+    an object along a diagonal track (place offset growing with frame offset). Here pair ``i``
+    of head ``n`` rotates by ``omega_i * (u_ni . p)`` for a unit direction ``u_ni`` in
+    (frame, row, column) space, so the logit can depend on ``place - v * frame`` for any speed
+    ``v``. Magnitudes ``omega_i = theta^(-i / (head_dim / 2))`` span each head; directions are
+    drawn once from a fixed seed (float64 on the CPU: derived, not learned, not in the state
+    dict). On the motion probe this let the prompt steer which way an object moves
+    (``benchmarks/results/ablation.md``, part 10).
+
+    The angle is linear in the position, so the tables hold one angle per axis and position and
+    a forward multiplies the three unit complex numbers of a token's frame, row and column:
+    no transcendental in the graph.
+    """
+
+    SEED = 0
+
+    def __init__(
+        self, head_dim: int, num_heads: int, max_seq_len: int = 1024, theta: float = 100.0
+    ) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head width, got {head_dim}")
+        self.head_dim, self.num_heads = head_dim, num_heads
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        self._build(_CPU)
+
+    def frequencies(self) -> Tensor:
+        """``(3, num_heads * head_dim / 2)`` float64: each pair's angle per unit of frame, row
+        and column (head-major)."""
+        n = self.head_dim // 2
+        gen = torch.Generator().manual_seed(self.SEED)
+        u = torch.randn(self.num_heads, n, 3, generator=gen, dtype=torch.float64)
+        u = u / u.norm(dim=-1, keepdim=True)
+        omega = self.theta ** (-torch.arange(n, dtype=torch.float64) / n)  # (n,)
+        return (u * omega[None, :, None]).reshape(-1, 3).T  # (3, H * n)
+
+    def angles(self) -> Tensor:
+        """``(max_seq_len, 3 * num_heads * head_dim / 2)``: the frame, row and column angles."""
+        pos = torch.arange(self.max_seq_len, dtype=torch.float64)
+        return torch.cat([torch.outer(pos, f) for f in self.frequencies()], dim=1)
+
+    def forward(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        """cos/sin ``(1, f*h*w, num_heads, head_dim)`` float32 for a post-patch grid."""
+        if max(grid) > self.max_seq_len:
+            raise ValueError(f"video grid {grid} exceeds the rope table length {self.max_seq_len}")
+        f, h, w = grid
+        cos, sin = (t.unflatten(1, (3, -1)) for t in (self.cos, self.sin))  # (P, 3, H * n)
+        c_t, c_h, c_w = (cos[:f, 0, None, None], cos[None, :h, 1, None], cos[None, None, :w, 2])
+        s_t, s_h, s_w = (sin[:f, 0, None, None], sin[None, :h, 1, None], sin[None, None, :w, 2])
+        c_th, s_th = c_t * c_h - s_t * s_h, s_t * c_h + c_t * s_h  # frame + row
+        c_all, s_all = c_th * c_w - s_th * s_w, s_th * c_w + c_th * s_w  # + column
+        shape = (1, f * h * w, self.num_heads, -1)
+        return tuple(
+            t.reshape(shape).repeat_interleave(2, dim=-1) for t in (c_all, s_all)
+        )  # (1, S, H, head_dim) each, interleaved pairs
+
+
 class TextRope1D(_RopeTables):
     """1-D rotary embedding over caption positions, rotate-half pairing (``i, i + d/2``).
 

@@ -29,6 +29,7 @@ from lightning_vigu.model.embeddings import (
     TextRope1D,
     TimeEmbedding,
     VideoRope3D,
+    VideoRopeMixed,
     sincos_3d,
 )
 
@@ -59,6 +60,11 @@ class UniViGUConfig:
     # Its projection starts at `pooled_prompt_gain` times the unit-variance scale: at 0 or 1 the
     # prompt's control of the layout (which way an object moves) is not learned in 600 steps of
     # the motion probe at pure noise, at 8 it is (benchmarks/results/ablation.md, part 8)
+    # `axial`: Wan's 3-D rope (each channel pair turns with the frame, the row or the column);
+    # `mixed`: pairs turn along oblique directions of (frame, row, column), so one head can follow
+    # an object along a diagonal track (RoPE-Mixed with fixed frequencies; not in Wan): the one
+    # change under which the prompt steered which way an object moves (ablation.md, part 10)
+    video_rope: str = "axial"
     pooled_prompt: bool = False
     pooled_prompt_gain: float = 8.0
     # caption tokens attend to the video and to earlier caption tokens only, and video tokens
@@ -100,7 +106,12 @@ class UniViGUTransformer(nn.Module):
         dim, head_dim = c.dim, c.attention_head_dim
         text_ffn = (c.text_ffn_dim or c.ffn_dim) if c.vocab_size is not None else None
         # video path (diffusers' names)
-        self.rope = VideoRope3D(head_dim, tuple(c.patch_size), c.rope_max_seq_len)
+        if c.video_rope == "axial":
+            self.rope = VideoRope3D(head_dim, tuple(c.patch_size), c.rope_max_seq_len)
+        elif c.video_rope == "mixed":
+            self.rope = VideoRopeMixed(head_dim, c.num_attention_heads, c.rope_max_seq_len)
+        else:
+            raise ValueError(f"video_rope must be 'axial' or 'mixed', got '{c.video_rope}'")
         self.patch_embedding = nn.Conv3d(
             c.in_channels, dim, kernel_size=c.patch_size, stride=c.patch_size
         )
