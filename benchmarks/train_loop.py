@@ -149,7 +149,10 @@ def pin(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
-    """The GPU preset's module (``conf/gpu.yaml``'s recipe) with the loop's compilation."""
+    """The GPU preset's module with the loop's compilation. The architecture is held fixed
+    across loops and sessions (caption positions only), so rows stay comparable: the recipe's
+    video positions, mixed video rope and pooled prompt (``conf/model/tiny.yaml``) are not in
+    it."""
     torch.manual_seed(0)
     config = world_config(case.world)
     module = UniViGU(
