@@ -55,16 +55,16 @@ class UniViGUConfig:
     # fixed 3-D sine-cosine positions added to the video tokens after the patch embedding, as
     # in DiT (not in Wan, whose rope alone leaves a token's value blind to where it is)
     video_absolute_positions: bool = False
+    # `axial`: Wan's 3-D rope (each channel pair turns with the frame, the row or the column);
+    # `mixed`: pairs turn along oblique directions of (frame, row, column), so one head can follow
+    # an object along a diagonal track (RoPE-Mixed with fixed frequencies; not in Wan); with the
+    # pooled prompt it made the prompt steer which way an object moves (ablation.md, part 10)
+    video_rope: str = "axial"
     # the prompt's mean feature, projected, added to the video time embedding (SD3's pooled text
     # vector; not in Wan): a multiplicative path from the prompt into every block's modulation.
     # Its projection starts at `pooled_prompt_gain` times the unit-variance scale: at 0 or 1 the
     # prompt's control of the layout (which way an object moves) is not learned in 600 steps of
     # the motion probe at pure noise, at 8 it is (benchmarks/results/ablation.md, part 8)
-    # `axial`: Wan's 3-D rope (each channel pair turns with the frame, the row or the column);
-    # `mixed`: pairs turn along oblique directions of (frame, row, column), so one head can follow
-    # an object along a diagonal track (RoPE-Mixed with fixed frequencies; not in Wan): the one
-    # change under which the prompt steered which way an object moves (ablation.md, part 10)
-    video_rope: str = "axial"
     pooled_prompt: bool = False
     pooled_prompt_gain: float = 8.0
     # caption tokens attend to the video and to earlier caption tokens only, and video tokens
