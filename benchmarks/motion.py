@@ -20,6 +20,10 @@ prompt dropout 0.1) from freshly drawn clips. Two numbers come out:
   input is pure noise and the best prediction is the mean clip of the prompt's motion, whose
   square travels nearly the full ``--travel``: any travel there comes from the prompt alone.
 
+With ``--colours N`` the square's colour is drawn from the first ``N`` of :data:`COLOURS` and the
+prompt names it ("a green square moves left"), one step toward the GPU world, whose prompts
+state colour and shape too; sampling and the travel are still measured on red squares.
+
 The same failure as the GPU world's static samples (``ablation.md``: the reversed prompt
 changes nothing) shows here in minutes, so a recipe change aimed at motion is tried here first.
 """
@@ -39,12 +43,33 @@ from benchmarks.denoise import one_step_predictions, reverse_directions
 SIZE, SIDE = 32, 10
 MOTIONS = {"still": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PROMPTS = {m: f"a red square moves {m}" for m in MOTIONS} | {"still": "a red square does not move"}
+# the square's colour (RGB in {0, 1}); red first, the probe's only colour by default
+COLOURS = {
+    "red": (1, 0, 0),
+    "green": (0, 1, 0),
+    "blue": (0, 0, 1),
+    "yellow": (1, 1, 0),
+    "magenta": (1, 0, 1),
+    "cyan": (0, 1, 1),
+}
 TIMES = (0.0, 0.03, 0.06, 0.1, 0.2)  # 0: pure noise, where the prompt is all there is to read
 
 
-def render(motions: list[str], frames: int, travel: float, rng: np.random.Generator) -> Tensor:
+def prompt(motion: str, colour: str = "red") -> str:
+    """The prompt of a clip: its motion, and the square's colour."""
+    return PROMPTS[motion].replace("red", colour)
+
+
+def render(
+    motions: list[str],
+    frames: int,
+    travel: float,
+    rng: np.random.Generator,
+    colours: list[str] | None = None,
+) -> Tensor:
     """Clips ``(B, 3, frames, 32, 32)`` in [-1, 1]: the square's start is uniform over the
-    places that keep its whole track inside the frame; edges are anti-aliased."""
+    places that keep its whole track inside the frame; edges are anti-aliased; ``colours``
+    (default: all red) names each square's colour in :data:`COLOURS`."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     clips = np.full((len(motions), 3, frames, SIZE, SIZE), -1.0, np.float32)
     lo, hi = SIDE / 2, SIZE - SIDE / 2
@@ -57,7 +82,9 @@ def render(motions: list[str], frames: int, travel: float, rng: np.random.Genera
             cx, cy = x0 + dx * travel * c, y0 + dy * travel * c
             cover = np.clip(SIDE / 2 - np.abs(xx - cx) + 0.5, 0, 1)
             cover = cover * np.clip(SIDE / 2 - np.abs(yy - cy) + 0.5, 0, 1)
-            clips[i, 0, f] = -1 + 1.8 * cover
+            for channel, on in enumerate(COLOURS[colours[i] if colours else "red"]):
+                if on:
+                    clips[i, channel, f] = -1 + 1.8 * cover
     return torch.from_numpy(clips)
 
 
@@ -143,10 +170,12 @@ def train(
     seed: int,
     lr: float = 1e-3,
     minutes: float | None = None,
+    colours: int = 1,
 ) -> tuple[float, int]:
     """AdamW with 100 warm-up steps and a cosine to zero over ``steps``, or, with ``minutes``,
-    over as many steps as that wall clock holds (planned from steps 10-50). Returns the mean
-    of the last 100 losses and the steps taken."""
+    over as many steps as that wall clock holds (planned from steps 10-50); each square's colour
+    is one of the first ``colours`` of :data:`COLOURS`. Returns the mean of the last 100 losses
+    and the steps taken."""
     import time
 
     from tqdm import tqdm
@@ -163,8 +192,11 @@ def train(
     bar, step, start = tqdm(total=steps, desc="motion probe", unit="step"), 0, time.perf_counter()
     while step < plan["steps"]:
         motions = [names[i] for i in rng.integers(len(names), size=batch)]
-        prompts = [PROMPTS[m] for m in motions]
-        video = render(motions, frames, travel, rng).to(module.device)
+        tints = ["red"] * batch  # drawn only with more colours: the default stream stays as it was
+        if colours > 1:
+            tints = [list(COLOURS)[i] for i in rng.integers(colours, size=batch)]
+        prompts = [prompt(m, c) for m, c in zip(motions, tints)]
+        video = render(motions, frames, travel, rng, tints).to(module.device)
         data = {"video": video, "prompt": prompts, "caption": prompts}
         out = module.compute_loss(data, module.phase, module.step_generator("train", step))
         opt.zero_grad()
@@ -277,6 +309,14 @@ def main(argv: list[str] | None = None) -> None:
         default=[3.0],
         help="guidance scales to sample at (the first is the headline accuracy); 1: no guidance",
     )
+    p.add_argument(
+        "--colours",
+        type=int,
+        default=1,
+        choices=range(1, len(COLOURS) + 1),
+        metavar=f"1..{len(COLOURS)}",
+        help="colours the square is drawn in, named in the prompt (1: red only)",
+    )
     p.add_argument("--label", default=None, help="names the result files")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
@@ -289,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         label += f"_weight{a.loss_weighting}"
     if a.video_rope != "axial":
         label += f"_rope{a.video_rope}"
+    if a.colours > 1:
+        label += f"_colours{a.colours}"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = build(
         a.frames,
@@ -299,12 +341,15 @@ def main(argv: list[str] | None = None) -> None:
         a.loss_weighting,
         a.video_rope,
     ).to(device)
-    loss, steps = train(module, a.steps, a.frames, a.travel, a.batch, a.seed, minutes=a.minutes)
+    loss, steps = train(
+        module, a.steps, a.frames, a.travel, a.batch, a.seed, minutes=a.minutes, colours=a.colours
+    )
     result = measure(module, a.frames, a.travel, guidance=tuple(a.guidance))
     table = (
         f"# Motion probe: {label}\n\n{steps} steps at batch {a.batch}, {a.frames} frames, "
         f"travel {a.travel} px, video positions {'on' if a.video_positions else 'off'}, pooled "
-        f"prompt {'on' if a.pooled_prompt else 'off'}, {a.video_rope} video rope, tokens "
+        f"prompt {'on' if a.pooled_prompt else 'off'}, {a.video_rope} video rope, {a.colours} "
+        f"colour(s) named in the prompt (measured on red), tokens "
         f"of {'x'.join(map(str, a.patch_size))} latent frames x rows x columns; seed {a.seed}; final "
         f"loss {loss:.4f}, loss weighting {a.loss_weighting}. Sampled motion accuracy "
         f"**{result['motion_accuracy']:.3f}** at guidance {a.guidance[0]} (chance 0.2; drawn: "

@@ -255,3 +255,14 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
     assert steps == 100 and math.isfinite(loss)
     spanning = motion.build(frames=2, video_positions=True, seed=0, patch_size=(2, 2, 2))
     assert tuple(spanning.model.config.patch_size) == (2, 2, 2)  # a token spans two frames
+    # --colours: each square in a named colour, the prompt naming it; the recipe's rope
+    green = motion.render(["left"], 4, 12.0, np.random.default_rng(0), colours=["green"])
+    red = motion.render(["left"], 4, 12.0, np.random.default_rng(0))
+    assert torch.equal(green[:, 1], red[:, 0]) and (green[:, [0, 2]] == -1).all()
+    assert motion.prompt("left", "green") == "a green square moves left"
+    extra = ["--colours", "3", "--video-rope", "mixed", "--pooled-prompt", "--out", str(tmp_path)]
+    motion.main([*args, *extra])
+    result = json.loads(
+        (tmp_path / "motion_positions_pooled_ropemixed_colours3_cpu.json").read_text()
+    )
+    assert result["args"]["colours"] == 3 and result["args"]["video_rope"] == "mixed"
