@@ -39,19 +39,14 @@ from torch import Tensor
 
 from benchmarks.common import markdown_table, write_results
 from benchmarks.denoise import one_step_predictions, reverse_directions
+from datamodules.synthetic.world import COLOURS as WORLD_COLOURS
 
 SIZE, SIDE = 32, 10
 MOTIONS = {"still": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PROMPTS = {m: f"a red square moves {m}" for m in MOTIONS} | {"still": "a red square does not move"}
-# the square's colour (RGB in {0, 1}); red first, the probe's only colour by default
-COLOURS = {
-    "red": (1, 0, 0),
-    "green": (0, 1, 0),
-    "blue": (0, 0, 1),
-    "yellow": (1, 1, 0),
-    "magenta": (1, 0, 1),
-    "cyan": (0, 1, 1),
-}
+# the square's colour: the synthetic world's six names (red first, the probe's only colour by
+# default), each drawn at full strength in the channels where the world's shade is bright
+COLOURS = {name: tuple(int(v > 127) for v in rgb) for name, rgb in WORLD_COLOURS.items()}
 TIMES = (0.0, 0.03, 0.06, 0.1, 0.2)  # 0: pure noise, where the prompt is all there is to read
 
 

@@ -260,6 +260,7 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
     red = motion.render(["left"], 4, 12.0, np.random.default_rng(0))
     assert torch.equal(green[:, 1], red[:, 0]) and (green[:, [0, 2]] == -1).all()
     assert motion.prompt("left", "green") == "a green square moves left"
+    assert list(motion.COLOURS)[0] == "red" and motion.COLOURS["yellow"] == (1, 1, 0)
     extra = ["--colours", "3", "--video-rope", "mixed", "--pooled-prompt", "--out", str(tmp_path)]
     motion.main([*args, *extra])
     result = json.loads(
