@@ -19,14 +19,16 @@ and, when asked for (``--stages``), ablations at the same budget: ``recall_scrat
 paper's claim: recall from no generator, trained as long as generator + recall),
 ``refine_frozen`` (refine with every attention weight frozen, the earlier recipe),
 ``generator_previous`` (the generator with the recipe before the mixed rope and the pooled
-prompt) and
+prompt), ``generator_b64`` (the generator at the batch of 64 clips and lr the suite used before
+batches of 256) and
 ``generator_fine`` (the generator with tokens of 4x4 pixels instead of 8x8). By default only the
 main stages run (:data:`MAIN`), so that they share the GPU with fewer processes and the
 evaluation is shorter (generator runs took 0.070-0.124 s a step four side by side on one H200,
 0.059-0.088 s alone; ``benchmarks/results/ablation.md``); ablations run in their own
 invocation, next to the stages they compare with. Stages run in *waves* of equal wall-clock budget
-(``--minutes`` per wave); a stage spans one or two waves, and the stages of a wave train side by
-side on the GPU (small models leave most of it idle). Each stage plans its length from its
+(``--minutes`` per wave); a stage spans one or more waves, and the stages of a wave train side by
+side on the GPU. The generator trains through waves 1-2, twin and recall in wave 3 and refine in
+wave 4, so a video path learns for most of the budget before the caption phases start from it. Each stage plans its length from its
 budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
 weights (:class:`callbacks.EMA`). Then every stage is evaluated on the test split and the
 held-out-combinations (``unseen``) split: caption attribute accuracy (parser), prompt adherence
@@ -72,11 +74,17 @@ from datamodules.synthetic.detector import DetectorSettings
 
 # The world at 16x32x32 (256 video tokens a clip, as the scaling suite): the detector and the
 # parser are exact at this size, and a step costs a quarter of the 64x64 world's.
+# Batches of 256 clips: the tokens of a step of conf/gpu.yaml's 64x64 world at 64 clips (65,536).
+# At 64 clips of 256 tokens a small model's step was the host's (the GPU ~25% busy): 256 clips
+# take little longer a step, and lr 1e-3 (sqrt(4) x 5e-4) for the 4x batch
+# (benchmarks/results/ablation.md, part 11).
 GPU_DATA = [
     "--data=conf/data/synthetic_gpu.yaml",
     "--data.init_args.preset=cpu",
     "--data.init_args.num_workers=3",
+    "--data.init_args.batch_size=256",
 ]
+GPU_LR = "--model.lr=1e-3"
 PRESETS = {
     # minutes: the budget of one wave; eval clips per split; sampling steps; CLI overrides
     "gpu": dict(
@@ -84,7 +92,7 @@ PRESETS = {
         max_steps=20000,
         eval_clips=128,
         sample_steps=30,
-        overlay=["-c", "conf/gpu.yaml", *GPU_DATA, "--model.video_shape=[16,32,32]"],
+        overlay=["-c", "conf/gpu.yaml", *GPU_DATA, "--model.video_shape=[16,32,32]", GPU_LR],
         arcap_overlay=[  # the baseline takes the data and trainer settings, not UniViGU's
             *GPU_DATA,
             "--trainer.accelerator=gpu",
@@ -92,7 +100,7 @@ PRESETS = {
             "--model.size=small",
             "--model.caption_length=64",
             "--model.warmup_steps=200",
-            "--model.lr=5e-4",
+            GPU_LR,
         ],
         data=("conf/data/synthetic_gpu.yaml", dict(preset="cpu")),
     ),
@@ -138,32 +146,39 @@ class Stage:
 
 CAUSAL = ("--model.caption_objective=autoregressive",)  # the next-token caption stream
 STAGES: dict[str, Stage] = {
-    "generator": Stage("conf/generator.yaml", (1,)),
-    "twin": Stage("conf/generator.yaml", (2,), init="generator"),
-    "recall": Stage("conf/recall.yaml", (2,), init="generator"),
-    "refine": Stage("conf/refine.yaml", (3,), init="recall"),
+    "generator": Stage("conf/generator.yaml", (1, 2)),
+    "twin": Stage("conf/generator.yaml", (3,), init="generator"),
+    "recall": Stage("conf/recall.yaml", (3,), init="generator"),
+    "refine": Stage("conf/refine.yaml", (4,), init="recall"),
     "arcap": Stage("conf/arcap.yaml", (1, 2)),  # as long as recall + refine
-    "recall_scratch": Stage("conf/recall.yaml", (1, 2)),
+    "recall_scratch": Stage("conf/recall.yaml", (1, 2, 3)),  # as long as generator + recall
     "refine_frozen": Stage(
-        "conf/refine.yaml", (3,), init="recall", extra=("--phase=refine_frozen",)
+        "conf/refine.yaml", (4,), init="recall", extra=("--phase=refine_frozen",)
     ),
-    "recall_causal": Stage("conf/recall.yaml", (2,), init="generator", extra=CAUSAL),
-    "refine_causal": Stage("conf/refine.yaml", (3,), init="recall_causal", extra=CAUSAL),
+    "recall_causal": Stage("conf/recall.yaml", (3,), init="generator", extra=CAUSAL),
+    "refine_causal": Stage("conf/refine.yaml", (4,), init="recall_causal", extra=CAUSAL),
     # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
     # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`
     "generator_previous": Stage(
         "conf/generator.yaml",
-        (1,),
+        (1, 2),
         extra=(
             "--model.model_overrides={text_absolute_positions: true, "
             "video_absolute_positions: true, video_rope: axial, pooled_prompt: false}",
         ),
     ),
+    # the generator at the suite's batch and lr before batches of 256 (64 clips, lr 5e-4): their
+    # ablation at the same wall clock, side by side with `generator`
+    "generator_b64": Stage(
+        "conf/generator.yaml",
+        (1, 2),
+        extra=("--data.init_args.batch_size=64", "--model.lr=5e-4"),
+    ),
     # the generator with tokens of 4x4 pixels (1,024 a clip) instead of 8x8 (256): finer
     # tokens for shapes, at four times the tokens a step
     "generator_fine": Stage(
         "conf/generator.yaml",
-        (1,),
+        (1, 2),
         extra=(
             "--model.model_overrides={text_absolute_positions: true, "
             "video_absolute_positions: true, video_rope: mixed, pooled_prompt: true, "
@@ -171,7 +186,7 @@ STAGES: dict[str, Stage] = {
         ),
     ),
 }
-WAVES = (1, 2, 3)
+WAVES = (1, 2, 3, 4)
 MAIN = ("generator", "twin", "recall", "refine", "arcap", "recall_causal", "refine_causal")
 """The stages the quality targets are read from (the default of ``--stages``)."""
 # How a stage is scored: its EMA weights with the config's sampler; the variants below score

@@ -1,6 +1,7 @@
 """Training-loop suite: the real unified training step, today's loop against the faster one.
 
     python -m benchmarks.train_loop --preset gpu      # one GPU: small and base, both loops
+    python -m benchmarks.train_loop --preset world    # one GPU: the quality suite's world and batch
     python -m benchmarks.train_loop --preset toy      # CPU smoke test (eager loops only)
 
 A step is what ``fit`` runs per batch, minus Lightning's bookkeeping: the objective of the
@@ -27,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.optim.swa_utils import AveragedModel
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import ROOT, markdown_table, write_results
 from benchmarks.flops import device_rates, failure, train_flops
 from benchmarks.step_profile import profile_steps
 from callbacks.ema import WarmupAveragedModel, WarmupEMA
@@ -79,6 +81,7 @@ class Case:
     world: str
     batch: int
     loops: tuple[str, ...]
+    model: str = "fixed"  # "recipe": conf/model/tiny.yaml's model_overrides (see build)
 
 
 PRESETS = {
@@ -92,8 +95,20 @@ PRESETS = {
         steps=100,
         timed_from=40,
     ),
+    # the quality suite's world (16x32x32, 256 tokens a clip) with the recipe's model: the batch
+    # it used (64 clips) against the one it uses now (256, the tokens of a 64x64 step at 64)
+    "world": dict(
+        cases=[
+            Case("small", "cpu", 64, ("uint8 clips",), model="recipe"),
+            Case("small", "cpu", 256, ("uint8 clips", "cuda graphs"), model="recipe"),
+        ],
+        steps=100,
+        timed_from=40,
+    ),
     "toy": dict(cases=[Case("tiny", "cpu", 4, ("eager", "eager fused"))], steps=6, timed_from=3),
 }
+RECIPE = ROOT / "conf" / "model" / "tiny.yaml"
+"""Where ``Case(model="recipe")`` reads its ``model_overrides`` (so it follows the recipe)."""
 
 
 def clips(world: str, num: int) -> tuple[torch.Tensor, list[dict]]:
@@ -149,24 +164,29 @@ def pin(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
-    """The GPU preset's module with the loop's compilation. The architecture is held fixed
-    across loops and sessions (caption positions only), so rows stay comparable: the recipe's
-    video positions, mixed video rope and pooled prompt (``conf/model/tiny.yaml``) are not in
-    it."""
+    """The GPU preset's module with the loop's compilation. For ``Case(model="fixed")`` the
+    architecture is held fixed across loops and sessions (caption positions only), so rows stay
+    comparable; ``model="recipe"`` takes the recipe's overrides (video positions, mixed video
+    rope, pooled prompt: ``conf/model/tiny.yaml``)."""
     torch.manual_seed(0)
     config = world_config(case.world)
+    overrides = {"text_absolute_positions": True}
+    if case.model == "recipe":
+        overrides = yaml.safe_load(RECIPE.read_text())["model_overrides"]
     module = UniViGU(
         size=case.size,
         tokenizer=WorldTokenizer(),
         caption_length=64,
         prompt_length=32,
         video_shape=(config.num_frames, config.height, config.width),
-        model_overrides={"text_absolute_positions": True},
+        model_overrides=overrides,
         objective=ObjectiveConfig(prediction="data", time_shift=3.0),
         phase="recall",
         compile=loop["compile"] if device.type == "cuda" else "none",
     )
     if loop["rope"] == "graph":
+        if case.model != "fixed":
+            raise ValueError("loops with the rope computed in the graph time the fixed model only")
         rope_in_graph(module.model)
     return module.to(device)
 
@@ -193,7 +213,8 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int, profile: 
     loop = LOOPS[name]
     videos, records = data
     videos = host_batches(videos, loop["video"])
-    row = {"size": case.size, "world": case.world, "batch": case.batch, "loop": name, **loop}
+    row = {"size": case.size, "world": case.world, "batch": case.batch, "model": case.model}
+    row.update(loop=name, **loop)
     try:
         torch._inductor.config.cpp_wrapper = loop.get("cpp_wrapper", False)  # a process a loop
         module = build(case, loop, device)
@@ -278,12 +299,19 @@ def run_one(case: Case, name: str, steps: int, timed_from: int, profile: int = 0
 
 
 def compare(rows: list[dict]) -> None:
-    """Add, per case, the speed-up over the case's first loop and the loss-curve agreement."""
+    """Add, per case, the speed-up over the case's first loop and the loss-curve agreement;
+    and the clips a second over the first row of the same size, world and model (another
+    batch: ``clips_vs_first``)."""
     for row in rows:
+        model = (row["size"], row["world"], row.get("model", "fixed"))
+        first = next(r for r in rows if (r["size"], r["world"], r.get("model", "fixed")) == model)
+        if row["batch"] != first["batch"] and "seconds" in row and "seconds" in first:
+            row["clips_vs_first"] = row["examples_per_s"] / first["examples_per_s"]
         ref = next(
             r
             for r in rows
-            if (r["size"], r["world"], r["batch"]) == (row["size"], row["world"], row["batch"])
+            if (r["size"], r["world"], r["batch"], r.get("model", "fixed"))
+            == (row["size"], row["world"], row["batch"], row.get("model", "fixed"))
         )
         if "seconds" in row and "seconds" in ref:
             row["speedup"] = ref["seconds"] / row["seconds"]
@@ -331,9 +359,9 @@ def main(argv: list[str] | None = None) -> None:
 def report(rows: list[dict], preset: dict, a: argparse.Namespace) -> Path:
     """Compare the rows so far and write the results table."""
     compare(rows)
-    cols = ["size", "world", "batch", "loop", "compile", "fused", "ema", "host_reads", "rope"]
-    cols += ["video"]
-    cols += ["seconds", "examples_per_s", "speedup", "tflops", "mfu", "peak_gib"]
+    cols = ["size", "world", "batch", "model", "loop", "compile", "fused", "ema", "host_reads"]
+    cols += ["rope", "video"]
+    cols += ["seconds", "examples_per_s", "speedup", "clips_vs_first", "tflops", "mfu", "peak_gib"]
     table = markdown_table(rows, cols + ["max_rel_loss_diff", "error"])
     table += (
         f"\n\nA step: recall objective (t2v/v2t/joint mix) on a batch of synthetic clips, "

@@ -267,3 +267,18 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
         (tmp_path / "motion_positions_pooled_ropemixed_colours3_cpu.json").read_text()
     )
     assert result["args"]["colours"] == 3 and result["args"]["video_rope"] == "mixed"
+
+
+def test_quality_stages_start_after_the_stage_they_start_from(tmp_path):
+    """A stage trains in its waves from its ``init`` stage's last checkpoint: that stage must
+    have finished in an earlier wave, and every wave is one ``--waves`` can ask for."""
+    for name, stage in quality.STAGES.items():
+        assert set(stage.waves) <= set(quality.WAVES), name
+        assert list(stage.waves) == sorted(stage.waves), name
+        if stage.init:
+            assert quality.STAGES[stage.init].waves[-1] < stage.waves[0], name
+    # an ablation's own overrides come after the preset's (the generator_b64 batch wins)
+    cmd = quality.stage_command(tmp_path, "generator_b64", quality.PRESETS["gpu"])
+    assert cmd.index("--data.init_args.batch_size=64") > cmd.index(
+        "--data.init_args.batch_size=256"
+    )
