@@ -75,8 +75,9 @@ from datamodules.synthetic.detector import DetectorSettings
 # The world at 16x32x32 (256 video tokens a clip, as the scaling suite): the detector and the
 # parser are exact at this size, and a step costs a quarter of the 64x64 world's.
 # Batches of 256 clips: the tokens of a step of conf/gpu.yaml's 64x64 world at 64 clips (65,536).
-# At 64 clips of 256 tokens a small model's step was the host's (the GPU ~25% busy): 256 clips
-# take little longer a step, and lr 1e-3 (sqrt(4) x 5e-4) for the 4x batch
+# At 64 clips of 256 tokens a small model's step was the host's (the GPU ~25% busy); alone on an
+# H200, 256 clips a step pass 5x the clips a second, and in the same minutes the generator
+# reached 0.58 adherence against 0.48; lr 1e-3 (sqrt(4) x 5e-4) for the 4x batch
 # (benchmarks/results/ablation.md, part 11).
 GPU_DATA = [
     "--data=conf/data/synthetic_gpu.yaml",
@@ -88,7 +89,7 @@ GPU_LR = "--model.lr=1e-3"
 PRESETS = {
     # minutes: the budget of one wave; eval clips per split; sampling steps; CLI overrides
     "gpu": dict(
-        minutes=3.0,
+        minutes=3.5,  # four waves: 14 minutes of training (15.6 with process starts, 69cd808)
         max_steps=20000,
         eval_clips=128,
         sample_steps=30,
