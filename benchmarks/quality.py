@@ -28,8 +28,9 @@ evaluation is shorter (generator runs took 0.070-0.124 s a step four side by sid
 invocation, next to the stages they compare with. Stages run in *waves* of equal wall-clock budget
 (``--minutes`` per wave); a stage spans one or more waves, and the stages of a wave train side by
 side on the GPU. The generator trains through waves 1-2, twin and recall in wave 3 and refine in
-wave 4, so a video path learns for most of the budget before the caption phases start from it. Each stage plans its length from its
-budget (:class:`callbacks.TimeBudget`, so its lr schedule ends at its last step) and keeps EMA
+wave 4, so the video path learns for half the budget before the caption phases start from it.
+Each stage plans its length from its budget (:class:`callbacks.TimeBudget`, so its lr schedule
+ends at its last step) and keeps EMA
 weights (:class:`callbacks.EMA`). Then every stage is evaluated on the test split and the
 held-out-combinations (``unseen``) split: caption attribute accuracy (parser), prompt adherence
 (detector), FVD against real clips of the same split, joint agreement; ``generator`` and

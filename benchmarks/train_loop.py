@@ -302,17 +302,15 @@ def compare(rows: list[dict]) -> None:
     """Add, per case, the speed-up over the case's first loop and the loss-curve agreement;
     and the clips a second over the first row of the same size, world and model (another
     batch: ``clips_vs_first``)."""
+
+    def model(r: dict) -> tuple:
+        return r["size"], r["world"], r.get("model", "fixed")  # rows before 69cd808: fixed
+
     for row in rows:
-        model = (row["size"], row["world"], row.get("model", "fixed"))
-        first = next(r for r in rows if (r["size"], r["world"], r.get("model", "fixed")) == model)
+        first = next(r for r in rows if model(r) == model(row))
         if row["batch"] != first["batch"] and "seconds" in row and "seconds" in first:
             row["clips_vs_first"] = row["examples_per_s"] / first["examples_per_s"]
-        ref = next(
-            r
-            for r in rows
-            if (r["size"], r["world"], r["batch"], r.get("model", "fixed"))
-            == (row["size"], row["world"], row["batch"], row.get("model", "fixed"))
-        )
+        ref = next(r for r in rows if (model(r), r["batch"]) == (model(row), row["batch"]))
         if "seconds" in row and "seconds" in ref:
             row["speedup"] = ref["seconds"] / row["seconds"]
             a, b = np.asarray(ref["losses"]), np.asarray(row["losses"])
