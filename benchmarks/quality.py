@@ -34,8 +34,9 @@ ends at its last step) and keeps EMA
 weights (:class:`callbacks.EMA`). Then every stage is evaluated on the test split and the
 held-out-combinations (``unseen``) split: caption attribute accuracy (parser), prompt adherence
 (detector), FVD against real clips of the same split, joint agreement; ``generator`` and
-``refine`` are also scored with their live (not averaged) weights, the EMA ablation, and
-``generator`` and ``twin`` with the DDIM video sampler at eta 1 (:data:`VARIANTS`).
+``refine`` are also scored with their live (not averaged) weights, the EMA ablation,
+``generator`` and ``twin`` with the DDIM video sampler at eta 1, and ``twin`` at guidance 5
+(:data:`VARIANTS`).
 
 A finished stage is skipped, a stage cut off part-way resumes from its ``last.ckpt`` and an
 evaluated stage is not evaluated again, so a run split over several device calls (``--waves``,
@@ -90,7 +91,7 @@ GPU_LR = "--model.lr=1e-3"
 PRESETS = {
     # minutes: the budget of one wave; eval clips per split; sampling steps; CLI overrides
     "gpu": dict(
-        minutes=3.5,  # four waves: 14 minutes of training (15.6 with process starts, 69cd808)
+        minutes=4.0,  # four waves: 16 minutes of training (3.5 a wave took 15.6 with starts, 69cd808)
         max_steps=20000,
         eval_clips=128,
         sample_steps=30,
@@ -192,15 +193,20 @@ WAVES = (1, 2, 3, 4)
 MAIN = ("generator", "twin", "recall", "refine", "arcap", "recall_causal", "refine_causal")
 """The stages the quality targets are read from (the default of ``--stages``)."""
 # How a stage is scored: its EMA weights with the config's sampler; the variants below score
-# some stages again: ``raw weights`` (live, not averaged: the EMA ablation) and ``ddim eta 1``
-# (the DDIM video sampler re-drawing noise at every step, against the Euler ODE)
+# some stages again: ``raw weights`` (live, not averaged: the EMA ablation), ``ddim eta 1``
+# (the DDIM video sampler re-drawing noise at every step, against the Euler ODE) and
+# ``guidance 5`` (classifier-free guidance 5 instead of the config's 3)
 VARIANTS: dict[str, tuple[str, dict | None]] = {
     "ema": ("ema", None),
     "raw weights": ("raw", None),
     "ddim eta 1": ("ema", {"video_eta": 1.0}),
+    "guidance 5": ("ema", {"guidance_scale": 5.0}),
 }
-RAW_WEIGHTS = ("generator", "refine")
-DDIM = ("generator", "twin")
+SCORED_AGAIN = {  # variant: the stages it scores
+    "raw weights": ("generator", "refine"),
+    "ddim eta 1": ("generator", "twin"),
+    "guidance 5": ("twin",),
+}
 
 
 def stage_command(work: Path, name: str, preset: dict) -> list[str]:
@@ -313,8 +319,7 @@ def run(args) -> Path:
     raw_path = work / "quality_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {"stages": {}}
     todo = [(s, "ema") for s in stages]
-    todo += [(s, "raw weights") for s in RAW_WEIGHTS if s in stages]
-    todo += [(s, "ddim eta 1") for s in DDIM if s in stages]
+    todo += [(s, v) for v, names in SCORED_AGAIN.items() for s in names if s in stages]
     for stage, variant in todo:
         key = stage if variant == "ema" else f"{stage} ({variant})"
         if key in raw["stages"] and not args.reevaluate:
@@ -385,6 +390,7 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "v2t/meteor",
         "t2v/adherence_accuracy",
         "t2v/adherence_floor",
+        "t2v/travel_ratio",
         "t2v/fvd",
         "joint/agreement",
     ]
@@ -406,12 +412,15 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "per wave, stages of a wave side by side on the GPU), its schedule planned to end at its "
         f"last step (`steps`), and is scored with its EMA weights on {p.get('eval_clips')} clips "
         "per split (`(raw weights)`: the live weights of the same run; `(ddim eta 1)`: the "
-        "DDIM video sampler re-drawing noise at every step instead of Euler). `attr_accuracy`: "
+        "DDIM video sampler re-drawing noise at every step instead of Euler; `(guidance 5)`: "
+        "classifier-free guidance 5 instead of 3). `attr_accuracy`: "
         "attributes the target states (the prompt for recall, the detailed caption otherwise); "
         "`attr_ceiling`: what true prompts written for the same clips score on it; "
         "`stated_accuracy`: the share of what the caption says that is true of the clip; "
         "`adherence_floor`: the adherence of real clips scored against other clips' prompts "
-        "(chance for a valid video). FVD protocol in quality.json.\n\n"
+        "(chance for a valid video); `travel_ratio`: the median distance a moving object the "
+        "prompt names travels over the distance asked (1: as asked, 0: still). FVD protocol "
+        "in quality.json.\n\n"
     )
     if raw.get("detector") is None:
         head += (

@@ -10,8 +10,9 @@
   perfect prompt writer scores on the same clips;
 * text -> video: the module generates a video per prompt; prompt adherence from the analytic
   detector (synthetic world) next to its chance level ``adherence_floor`` (real clips scored
-  against other clips' prompts: a valid video that ignores the prompt), FVD against the real
-  clips and CLIPScore when their weights are configured;
+  against other clips' prompts: a valid video that ignores the prompt) and ``travel_ratio``
+  (median distance a named moving object travels over the distance its prompt asks for), FVD
+  against the real clips and CLIPScore when their weights are configured;
 * joint: a video and a caption generated together; agreement between what the detector sees
   and what the caption says.
 
@@ -37,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -199,9 +201,9 @@ def evaluate(
         keep_samples: also return the first this many clips' generated videos (uint8) and
             captions in :attr:`EvalResult.samples` (for sample grids; this rank's clips).
     """
-    from datamodules.synthetic.detector import detect, score_video
+    from datamodules.synthetic.detector import detect, score_video, travel_ratios
     from datamodules.synthetic.parse import parse_text, prompt_ceiling, score_caption
-    from datamodules.synthetic.scoring import mean_accuracy
+    from datamodules.synthetic.scoring import mean_accuracy, score_scene
 
     directions = set(directions)
     n, device = len(clips["prompt"]), module.device
@@ -266,15 +268,24 @@ def evaluate(
             # key order over all ranks): a valid video of the world that ignores the prompt
             order = _by_key(list(zip(keys, clips["meta"])))
             after = {k: order[(i + 1) % len(order)][1] for i, (k, _) in enumerate(order)}
+            scenes = [detect(v) for v in gen]
             scores = _by_key(
                 [
-                    (k, score_video(v, m, "prompt"), score_video(real, after[k], "prompt"))
-                    for k, v, m, real in zip(keys, gen, clips["meta"], clips["video"])
+                    (
+                        k,
+                        score_scene(scene, m, "prompt"),
+                        score_video(real, after[k], "prompt"),
+                        travel_ratios(scene, m),
+                    )  # fmt: skip
+                    for k, scene, m, real in zip(keys, scenes, clips["meta"], clips["video"])
                 ]
             )
             acc = mean_accuracy([s[1] for s in scores])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
             results["t2v/adherence_floor"] = mean_accuracy([s[2] for s in scores])["accuracy"]
+            ratios = [r for s in scores for r in s[3]]
+            if ratios:  # how far the named moving objects travel, against how far asked
+                results["t2v/travel_ratio"] = float(np.median(ratios))
         if fvd is not None:
             fvd.reset()
             for sl in _chunks(n, batch_size):

@@ -15,6 +15,7 @@ from datamodules.synthetic import (
     score_video,
     world_config,
 )
+from datamodules.synthetic.detector import travel_ratios
 from datamodules.synthetic.generate import clip_record, make_clip
 from lightning_vigu.video_io import ClipSpec, decode_clip, encode_video, to_tensor
 
@@ -200,3 +201,30 @@ def test_missing_attributes_count_as_wrong():
     assert score_caption("", RECORD).accuracy == 0.0
     assert score_caption("a red circle moving to the right", RECORD, scope="prompt").accuracy == 1.0
     assert score.by_attribute()["colour"] == 0.5
+
+
+def test_travel_ratios_measure_how_far_the_named_objects_move():
+    """Real clips travel as far as their records say (ratio 1); the same clip read against a
+    record asking for the opposite direction goes the wrong way (ratio -1), and against a record
+    asking twice the distance half as far."""
+    ratios = []
+    for index in range(40):
+        frames, record = _decoded_clip("test", index)
+        ratios += travel_ratios(detect(frames), record)
+    assert len(ratios) >= 10 and np.allclose(ratios, 1.0, atol=0.1), ratios
+    for index in range(40):
+        frames, record = _decoded_clip("test", index)
+        i = record["prompt_objects"][0]
+        obj = record["objects"][i]
+        if obj["motion"] in ("left", "right") and obj["speed"] == "slow":
+            break
+    else:
+        pytest.fail("no slow horizontal object named by a prompt in 40 clips")
+    scene = detect(frames)
+    wrong = copy.deepcopy(record)
+    wrong["objects"][i].update(motion={"left": "right", "right": "left"}[obj["motion"]])
+    assert travel_ratios(scene, wrong)[0] == pytest.approx(-1.0, abs=0.1)
+    wrong["objects"][i].update(motion=obj["motion"], speed="fast")
+    assert travel_ratios(scene, wrong)[0] == pytest.approx(0.5, abs=0.05)
+    wrong["objects"][i].update(colour="not a colour")  # not found: no ratio
+    assert travel_ratios(scene, wrong) == []

@@ -28,7 +28,16 @@ from scipy import ndimage
 
 from datamodules.synthetic.render import SHAPE_AREA, SHAPE_CENTROID_V, coverage
 from datamodules.synthetic.scoring import AttributeScore, Scope, score_scene
-from datamodules.synthetic.world import BACKGROUNDS, CELL_X, CELL_Y, COLOURS, SHAPES, SIZES, SPEEDS
+from datamodules.synthetic.world import (
+    BACKGROUNDS,
+    CELL_X,
+    CELL_Y,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SIZES,
+    SPEEDS,
+)
 
 _NAMES = (*COLOURS, *BACKGROUNDS)
 _PALETTE = np.asarray([*COLOURS.values(), *BACKGROUNDS.values()], dtype=np.float32)  # (K, 3)
@@ -237,3 +246,25 @@ def score_video(
         settings: detector tolerances.
     """
     return score_scene(detect(video, settings), record, scope)
+
+
+def travel_ratios(scene: dict, record: dict) -> list[float]:
+    """How far each moving object the prompt names travels in a detected ``scene``, as a
+    fraction of how far the record says it moves: the found displacement along the record's
+    direction over the record's distance (1: as asked; 0: still; below 0: the wrong way).
+
+    Objects are matched by colour (the world draws each colour once a clip); a named object
+    whose colour was not found, or that the record keeps still, has no ratio. Speed adherence
+    says only whether a track crossed the slow/fast threshold; the ratios say whether sampled
+    objects move too little (a mean of possible tracks) or too much.
+    """
+    found = {o["colour"]: o for o in scene.get("objects", [])}
+    ratios = []
+    for i in record["prompt_objects"]:
+        obj = record["objects"][i]
+        if obj["motion"] == "still" or obj["colour"] not in found:
+            continue
+        dx, dy = DIRECTIONS[obj["motion"]]
+        tx, ty = found[obj["colour"]]["travel"]
+        ratios.append(float((dx * tx + dy * ty) / SPEEDS[obj["speed"]]))
+    return ratios
