@@ -11,8 +11,9 @@
 * text -> video: the module generates a video per prompt; prompt adherence from the analytic
   detector (synthetic world) next to its chance level ``adherence_floor`` (real clips scored
   against other clips' prompts: a valid video that ignores the prompt) and ``travel_ratio``
-  (median distance a named moving object travels over the distance its prompt asks for), FVD
-  against the real clips and CLIPScore when their weights are configured;
+  (median distance a named moving object travels over the distance its prompt asks for; also
+  ``travel_ratio_slow`` / ``_fast`` per asked speed), FVD against the real clips and CLIPScore
+  when their weights are configured;
 * joint: a video and a caption generated together; agreement between what the detector sees
   and what the caption says.
 
@@ -283,9 +284,13 @@ def evaluate(
             acc = mean_accuracy([s[1] for s in scores])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
             results["t2v/adherence_floor"] = mean_accuracy([s[2] for s in scores])["accuracy"]
+            # how far the named moving objects travel against how far asked: all, and per speed
             ratios = [r for s in scores for r in s[3]]
-            if ratios:  # how far the named moving objects travel, against how far asked
-                results["t2v/travel_ratio"] = float(np.median(ratios))
+            groups = {"": ("slow", "fast"), "_slow": ("slow",), "_fast": ("fast",)}
+            for suffix, speeds in groups.items():
+                picked = [r for speed, r in ratios if speed in speeds]
+                if picked:
+                    results[f"t2v/travel_ratio{suffix}"] = float(np.median(picked))
         if fvd is not None:
             fvd.reset()
             for sl in _chunks(n, batch_size):

@@ -211,7 +211,8 @@ def test_travel_ratios_measure_how_far_the_named_objects_move():
     for index in range(40):
         frames, record = _decoded_clip("test", index)
         ratios += travel_ratios(detect(frames), record)
-    assert len(ratios) >= 10 and np.allclose(ratios, 1.0, atol=0.1), ratios
+    assert {speed for speed, _ in ratios} == {"slow", "fast"}
+    assert len(ratios) >= 10 and np.allclose([r for _, r in ratios], 1.0, atol=0.1), ratios
     for index in range(40):
         frames, record = _decoded_clip("test", index)
         i = record["prompt_objects"][0]
@@ -223,8 +224,8 @@ def test_travel_ratios_measure_how_far_the_named_objects_move():
     scene = detect(frames)
     wrong = copy.deepcopy(record)
     wrong["objects"][i].update(motion={"left": "right", "right": "left"}[obj["motion"]])
-    assert travel_ratios(scene, wrong)[0] == pytest.approx(-1.0, abs=0.1)
+    assert travel_ratios(scene, wrong)[0][1] == pytest.approx(-1.0, abs=0.1)
     wrong["objects"][i].update(motion=obj["motion"], speed="fast")
-    assert travel_ratios(scene, wrong)[0] == pytest.approx(0.5, abs=0.05)
+    assert travel_ratios(scene, wrong)[0] == ("fast", pytest.approx(0.5, abs=0.05))
     wrong["objects"][i].update(colour="not a colour")  # not found: no ratio
     assert travel_ratios(scene, wrong) == []

@@ -248,15 +248,17 @@ def score_video(
     return score_scene(detect(video, settings), record, scope)
 
 
-def travel_ratios(scene: dict, record: dict) -> list[float]:
+def travel_ratios(scene: dict, record: dict) -> list[tuple[str, float]]:
     """How far each moving object the prompt names travels in a detected ``scene``, as a
-    fraction of how far the record says it moves: the found displacement along the record's
-    direction over the record's distance (1: as asked; 0: still; below 0: the wrong way).
+    fraction of how far the record says it moves: ``(asked speed, ratio)`` per object, the
+    ratio being the found displacement along the record's direction over the record's
+    distance (1: as asked; 0: still; below 0: the wrong way).
 
-    Objects are matched by colour (the world draws each colour once a clip); a named object
+    Objects are matched by colour (every object of a clip has its own colour); a named object
     whose colour was not found, or that the record keeps still, has no ratio. Speed adherence
     says only whether a track crossed the slow/fast threshold; the ratios say whether sampled
-    objects move too little (a mean of possible tracks) or too much.
+    objects move too little (a mean of possible tracks) or too much, and, per asked speed,
+    whether slow and fast are told apart (a fast object that travels a slow distance: 0.5).
     """
     found = {o["colour"]: o for o in scene.get("objects", [])}
     ratios = []
@@ -266,5 +268,5 @@ def travel_ratios(scene: dict, record: dict) -> list[float]:
             continue
         dx, dy = DIRECTIONS[obj["motion"]]
         tx, ty = found[obj["colour"]]["travel"]
-        ratios.append(float((dx * tx + dy * ty) / SPEEDS[obj["speed"]]))
+        ratios.append((obj["speed"], float((dx * tx + dy * ty) / SPEEDS[obj["speed"]])))
     return ratios
