@@ -277,7 +277,7 @@ def evaluate(
                         score_scene(scene, m, "prompt"),
                         score_video(real, after[k], "prompt"),
                         travel_ratios(scene, m),
-                    )  # fmt: skip
+                    )
                     for k, scene, m, real in zip(keys, scenes, clips["meta"], clips["video"])
                 ]
             )

@@ -13,9 +13,9 @@ from datamodules.synthetic import (
     parse_text,
     score_caption,
     score_video,
+    travel_ratios,
     world_config,
 )
-from datamodules.synthetic.detector import travel_ratios
 from datamodules.synthetic.generate import clip_record, make_clip
 from lightning_vigu.video_io import ClipSpec, decode_clip, encode_video, to_tensor
 
@@ -207,20 +207,19 @@ def test_travel_ratios_measure_how_far_the_named_objects_move():
     """Real clips travel as far as their records say (ratio 1); the same clip read against a
     record asking for the opposite direction goes the wrong way (ratio -1), and against a record
     asking twice the distance half as far."""
-    ratios = []
-    for index in range(40):
-        frames, record = _decoded_clip("test", index)
-        ratios += travel_ratios(detect(frames), record)
+    clips = [_decoded_clip("test", index) for index in range(40)]
+    ratios = [r for frames, record in clips for r in travel_ratios(detect(frames), record)]
     assert {speed for speed, _ in ratios} == {"slow", "fast"}
     assert len(ratios) >= 10 and np.allclose([r for _, r in ratios], 1.0, atol=0.1), ratios
-    for index in range(40):
-        frames, record = _decoded_clip("test", index)
-        i = record["prompt_objects"][0]
-        obj = record["objects"][i]
-        if obj["motion"] in ("left", "right") and obj["speed"] == "slow":
-            break
-    else:
-        pytest.fail("no slow horizontal object named by a prompt in 40 clips")
+    slow_horizontal = [
+        (frames, record, record["prompt_objects"][0])
+        for frames, record in clips
+        if record["objects"][record["prompt_objects"][0]]["motion"] in ("left", "right")
+        and record["objects"][record["prompt_objects"][0]]["speed"] == "slow"
+    ]
+    assert slow_horizontal, "no slow horizontal object named by a prompt in 40 clips"
+    frames, record, i = slow_horizontal[0]
+    obj = record["objects"][i]
     scene = detect(frames)
     wrong = copy.deepcopy(record)
     wrong["objects"][i].update(motion={"left": "right", "right": "left"}[obj["motion"]])

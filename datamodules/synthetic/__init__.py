@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from datamodules.synthetic.detector import DetectorSettings, detect, score_video
+from datamodules.synthetic.detector import DetectorSettings, detect, score_video, travel_ratios
 from datamodules.synthetic.generate import clip_record, make_clip, write_split
 from datamodules.synthetic.parse import parse_text, score_caption
 from datamodules.synthetic.scoring import AttributeScore, expected_attributes, mean_accuracy
@@ -39,6 +39,7 @@ __all__ = [
     "parse_text",
     "score_caption",
     "score_video",
+    "travel_ratios",
     "words",
     "world_config",
     "write_split",
