@@ -2,6 +2,8 @@
 
     python -m benchmarks.train_loop --preset gpu      # one GPU: small and base, both loops
     python -m benchmarks.train_loop --preset world    # one GPU: the quality suite's world and batch
+    python -m benchmarks.train_loop --preset phases   # one GPU: each phase's step, alone
+    python -m benchmarks.train_loop --preset phases --side-by-side 60   # ... and all at once
     python -m benchmarks.train_loop --preset toy      # CPU smoke test (eager loops only)
 
 A step is what ``fit`` runs per batch, minus Lightning's bookkeeping: the objective of the
@@ -12,7 +14,10 @@ the EMA average is updated. Every configuration of one (size, clip shape) case s
 same initial weights and sees the same batches with the same per-step randomness, so the table
 reports speed *and* whether the loss curves agree (largest difference over the first steps).
 The loops run one after the other, each in a fresh process, and the results are written after
-every loop, so a run cut short by its time limit keeps what it measured.
+every loop, so a run cut short by its time limit keeps what it measured. With ``--side-by-side
+SECONDS`` every loop of the preset also trains at the same time as the others, each in its own
+process on the one GPU (as the quality suite's stages of a wave do): after compiling they wait for
+each other, then count their steps for ``SECONDS``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ LOOPS: dict[str, dict] = {
     "uint8 clips": dict(compile="model", fused=True, ema="callback", host_reads=False, **_NOW),
     # that loop with the graph replayed as CUDA graphs
     "cuda graphs": dict(compile="cudagraphs", fused=True, ema="callback", host_reads=False, **_NOW),
+    # that loop with inductor's max-autotune (each matrix multiply's kernel chosen by timing)
+    "autotune": dict(compile="autotune", fused=True, ema="callback", host_reads=False, **_NOW),
     # that loop with inductor's C++ wrapper (kernels launched from C++, not Python)
     "cpp wrapper": dict(
         compile="model", fused=True, ema="callback", host_reads=False, cpp_wrapper=True, **_NOW
@@ -82,6 +89,8 @@ class Case:
     batch: int
     loops: tuple[str, ...]
     model: str = "fixed"  # "recipe": conf/model/tiny.yaml's model_overrides (see build)
+    phase: str = "recall"  # the phase whose objective the step runs
+    caption_objective: str = "flow"  # or "autoregressive" (the next-token caption stream)
 
 
 PRESETS = {
@@ -101,6 +110,30 @@ PRESETS = {
         cases=[
             Case("small", "cpu", 64, ("uint8 clips",), model="recipe"),
             Case("small", "cpu", 256, ("uint8 clips", "cuda graphs"), model="recipe"),
+        ],
+        steps=100,
+        timed_from=40,
+    ),
+    # base on the GPU preset (issue 15's MFU target): the GPU overlay's loop and two candidates
+    "base": dict(
+        cases=[Case("base", "gpu", 64, ("uint8 clips", "cuda graphs", "autotune"))],
+        steps=100,
+        timed_from=40,
+    ),
+    # the quality suite's wave 3 (benchmarks/quality.py): the twin (generator phase), recall and
+    # recall with next-token captions, at the suite's world, batch and model
+    "phases": dict(
+        cases=[
+            Case("small", "cpu", 256, ("uint8 clips",), model="recipe", phase="generator"),
+            Case("small", "cpu", 256, ("uint8 clips",), model="recipe"),
+            Case(
+                "small",
+                "cpu",
+                256,
+                ("uint8 clips",),
+                model="recipe",
+                caption_objective="autoregressive",
+            ),
         ],
         steps=100,
         timed_from=40,
@@ -181,7 +214,8 @@ def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
         video_shape=(config.num_frames, config.height, config.width),
         model_overrides=overrides,
         objective=ObjectiveConfig(prediction="data", time_shift=3.0),
-        phase="recall",
+        phase=case.phase,
+        caption_objective=case.caption_objective,
         compile=loop["compile"] if device.type == "cuda" else "none",
     )
     if loop["rope"] == "graph":
@@ -205,16 +239,26 @@ def averager(module: UniViGU, kind: str) -> AveragedModel:
     )
 
 
-def run_loop(case: Case, name: str, data, steps: int, timed_from: int, profile: int = 0) -> dict:
+def run_loop(
+    case: Case,
+    name: str,
+    data,
+    steps: int,
+    timed_from: int,
+    profile: int = 0,
+    shared: tuple | None = None,
+) -> dict:
     """Train ``steps`` steps of one loop; returns its row (losses, seconds per step, memory,
     and with ``profile`` the :func:`~benchmarks.step_profile.profile_steps` summary of that many
-    further steps)."""
+    further steps). With ``shared = (barrier, seconds)`` the loop is one of several training at
+    once: after ``timed_from`` steps it waits at the barrier for the others, then times as many
+    steps as fit in ``seconds``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loop = LOOPS[name]
     videos, records = data
     videos = host_batches(videos, loop["video"])
     row = {"size": case.size, "world": case.world, "batch": case.batch, "model": case.model}
-    row.update(loop=name, **loop)
+    row.update(phase=case.phase, caption_objective=case.caption_objective, loop=name, **loop)
     try:
         torch._inductor.config.cpp_wrapper = loop.get("cpp_wrapper", False)  # a process a loop
         module = build(case, loop, device)
@@ -258,15 +302,16 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int, profile: 
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for step in range(steps):
-            if step == timed_from:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-            one(step)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / (steps - timed_from)
+        if shared is None:
+            for step in range(steps):
+                if step == timed_from:
+                    synchronize(device)
+                    start = time.perf_counter()
+                one(step)
+            synchronize(device)
+            seconds = (time.perf_counter() - start) / (steps - timed_from)
+        else:
+            seconds = steps_in_window(one, timed_from, device, *shared, row)
         if profile:  # after the timing, on further steps (their losses are not kept)
             kept = len(losses)
             row["profile"] = profile_steps(lambda i, part: one(steps + i, part), profile)
@@ -274,7 +319,8 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int, profile: 
         cfg, hp = module.model.config, module.hparams
         _, *latent = module.codec.latent_shape(*videos.shape[2:])
         n_video = math.prod(n // p for n, p in zip(latent, cfg.patch_size))
-        flops = train_flops(cfg, n_video, hp.caption_length, hp.prompt_length, case.batch)
+        text = hp.caption_length if module.phase.uses_text else 0  # generator: video only
+        flops = train_flops(cfg, n_video, text, hp.prompt_length, case.batch)
         row.update(
             losses=[float(v) for v in losses],
             seconds=seconds,
@@ -284,6 +330,8 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int, profile: 
         row.update(device_rates(flops, seconds))
     except Exception as exn:  # a compile or memory failure is a result, not a crash
         row["error"] = failure(exn)
+        if shared is not None:
+            shared[0].abort()  # the others stop waiting for this loop
     finally:
         module = opt = ema = None
         gc.collect()
@@ -293,9 +341,49 @@ def run_loop(case: Case, name: str, data, steps: int, timed_from: int, profile: 
     return row
 
 
-def run_one(case: Case, name: str, steps: int, timed_from: int, profile: int = 0) -> dict:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (the timing's edges only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def steps_in_window(one, warmup: int, device: torch.device, barrier, window: float, row) -> float:
+    """Seconds per step of ``one(step)`` while the other loops sharing ``barrier`` train too:
+    ``warmup`` steps (compilation), the barrier, then steps until ``window`` seconds have
+    passed. Adds the steps counted to ``row``."""
+    for step in range(warmup):
+        one(step)
+    synchronize(device)
+    barrier.wait(timeout=900)  # the slowest compilation
+    start, step = time.perf_counter(), warmup
+    while time.perf_counter() - start < window:
+        one(step)
+        step += 1
+    synchronize(device)
+    row.update(side_by_side=barrier.parties, window_steps=step - warmup)
+    return (time.perf_counter() - start) / (step - warmup)
+
+
+def run_one(
+    case: Case, name: str, steps: int, timed_from: int, profile: int = 0, shared=None
+) -> dict:
     """One loop of a case, on the case's clips (the same clips for every loop)."""
-    return run_loop(case, name, clips(case.world, 8 * case.batch), steps, timed_from, profile)
+    data = clips(case.world, 8 * case.batch)
+    return run_loop(case, name, data, steps, timed_from, profile, shared)
+
+
+def run_side_by_side(preset: dict, seconds: float) -> list[dict]:
+    """Every loop of the preset at once, one process each on the one GPU, each timed over
+    the same ``seconds`` of wall clock once all have compiled."""
+    jobs = [(case, name) for case in preset["cases"] for name in case.loops]
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Manager() as manager, spawn.Pool(len(jobs)) as pool:
+        barrier = manager.Barrier(len(jobs))
+        pending = [
+            pool.apply_async(run_one, (case, name, 0, preset["timed_from"], 0, (barrier, seconds)))
+            for case, name in jobs
+        ]
+        return [job.get() for job in pending]
 
 
 def compare(rows: list[dict]) -> None:
@@ -304,7 +392,9 @@ def compare(rows: list[dict]) -> None:
     batch: ``clips_vs_first``)."""
 
     def model(r: dict) -> tuple:
-        return r["size"], r["world"], r.get("model", "fixed")  # rows before 69cd808: fixed
+        # rows before 69cd808: the fixed model, recall's step; side-by-side rows: their own
+        objective = r.get("phase", "recall"), r.get("caption_objective", "flow")
+        return r["size"], r["world"], r.get("model", "fixed"), *objective, r.get("side_by_side")
 
     for row in rows:
         first = next(r for r in rows if model(r) == model(row))
@@ -313,6 +403,8 @@ def compare(rows: list[dict]) -> None:
         ref = next(r for r in rows if (model(r), r["batch"]) == (model(row), row["batch"]))
         if "seconds" in row and "seconds" in ref:
             row["speedup"] = ref["seconds"] / row["seconds"]
+            if row.get("side_by_side"):  # the steps differ from loop to loop
+                continue
             a, b = np.asarray(ref["losses"]), np.asarray(row["losses"])
             row["max_loss_diff"] = float(np.abs(a - b).max())
             row["max_rel_loss_diff"] = float((np.abs(a - b) / np.abs(a)).max())
@@ -333,6 +425,14 @@ def main(argv: list[str] | None = None) -> None:
         help="after timing, profile this many more steps of each loop: GPU ms a step by kind of "
         "kernel and by part of the step (benchmarks/step_profile.py)",
     )
+    p.add_argument(
+        "--side-by-side",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="then train every loop of the preset at once, one process each, and count their "
+        "steps in this many seconds of wall clock",
+    )
     a = p.parse_args(argv)
     preset = dict(PRESETS[a.preset])
     if a.steps:
@@ -351,18 +451,21 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 )
             path = report(rows, preset, a)  # after every loop: a run cut short keeps its rows
+    if a.side_by_side:
+        rows += run_side_by_side(preset, a.side_by_side)
+        path = report(rows, preset, a)
     print(f"wrote {path}")
 
 
 def report(rows: list[dict], preset: dict, a: argparse.Namespace) -> Path:
     """Compare the rows so far and write the results table."""
     compare(rows)
-    cols = ["size", "world", "batch", "model", "loop", "compile", "fused", "ema", "host_reads"]
-    cols += ["rope", "video"]
+    cols = ["size", "world", "batch", "model", "phase", "caption_objective", "loop", "compile"]
+    cols += ["fused", "ema", "host_reads", "rope", "video", "side_by_side", "window_steps"]
     cols += ["seconds", "examples_per_s", "speedup", "clips_vs_first", "tflops", "mfu", "peak_gib"]
     table = markdown_table(rows, cols + ["max_rel_loss_diff", "error"])
     table += (
-        f"\n\nA step: recall objective (t2v/v2t/joint mix) on a batch of synthetic clips, "
+        f"\n\nA step: the phase's objective (recall: the t2v/v2t/joint mix) on a batch of synthetic clips, "
         f"bf16 autocast on GPU, backward, clipping, AdamW, EMA; timed over steps "
         f"{preset['timed_from']}-{preset['steps']} (after compilation). `host_reads`: the loss "
         f"is read on the host every step (the non-finite check before fused AdamW skipped such "
@@ -370,6 +473,12 @@ def report(rows: list[dict], preset: dict, a: argparse.Namespace) -> Path:
         f"from the case's first loop over all {preset['steps']} steps (same weights, batches and "
         f"per-step randomness)."
     )
+    if a.side_by_side:
+        table += (
+            f" Rows with `side_by_side` N: the N loops trained at once, one process each on the "
+            f"one GPU, each timed over the same {a.side_by_side:g} s of wall clock "
+            f"(`window_steps` steps) after all had compiled."
+        )
     profiled = [profile_row(r) for r in rows if "profile" in r]
     if profiled:
         columns = list(dict.fromkeys(k for r in profiled for k in r))  # kinds differ by loop

@@ -41,7 +41,14 @@ from lightning_vigu.training import (
     warmup_cosine,
 )
 
-COMPILE_MODES = ("none", "blocks", "model", "cudagraphs")
+COMPILE_MODES = ("none", "blocks", "model", "cudagraphs", "autotune")
+# the whole-transformer modes and torch.compile's mode for each (``autotune``: inductor times
+# candidate kernels for each matrix multiply at compile time, minutes on a GPU)
+_TORCH_MODES = {
+    "model": None,
+    "cudagraphs": "reduce-overhead",
+    "autotune": "max-autotune-no-cudagraphs",
+}
 
 
 def compile_transformer(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Module, bool]:
@@ -49,8 +56,8 @@ def compile_transformer(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Mod
 
     Returns the transformer the training step calls and whether its calls replay CUDA graphs
     (the step must then mark where it begins). ``blocks`` compiles every block in place, so
-    sampling runs them too. ``model`` and ``cudagraphs`` compile a training-only wrapper around
-    the same weights: sampling and validation run the transformer eagerly, so their batch
+    sampling runs them too. ``model``, ``cudagraphs`` and ``autotune`` compile a training-only
+    wrapper around the same weights: sampling and validation run the transformer eagerly, so their batch
     shapes (a few clips, doubled for guidance) never wait for a compilation or a graph
     recording, which cost 36 s at the first sample logging of a `small` run on an H200.
     """
@@ -59,10 +66,8 @@ def compile_transformer(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Mod
     if mode == "blocks":
         for block in model.blocks:
             block.compile()
-    elif mode in ("model", "cudagraphs"):
-        return torch.compile(model, mode="reduce-overhead" if mode == "cudagraphs" else None), (
-            mode == "cudagraphs"
-        )
+    elif mode in _TORCH_MODES:
+        return torch.compile(model, mode=_TORCH_MODES[mode]), mode == "cudagraphs"
     return model, False
 
 
@@ -123,9 +128,11 @@ class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
             choice with gradient checkpointing of large models); ``model`` (the whole
             transformer as one graph, see ``benchmarks/results/train_loop_h200.md``);
             ``cudagraphs`` (``model`` replayed as
-            CUDA graphs, which removes the kernel launches that bound small models' steps).
-            ``model`` and ``cudagraphs`` compile the training step only: sampling and
-            validation run eagerly (see :func:`compile_transformer`).
+            CUDA graphs, which removes the kernel launches that bound small models' steps);
+            ``autotune`` (``model`` with inductor's max-autotune: each matrix multiply's kernel
+            chosen by timing candidates, minutes of compilation). The whole-transformer modes
+            compile the training step only: sampling and validation run eagerly (see
+            :func:`compile_transformer`).
         attention_backend: ``sdpa`` or ``xformers``.
         max_nonfinite_steps: stop after this many consecutive non-finite losses (skipped).
         seed: base seed of the per-step randomness (times, noise, tasks).
