@@ -23,6 +23,7 @@ each other, then count their steps for ``SECONDS``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import multiprocessing
@@ -433,13 +434,23 @@ def main(argv: list[str] | None = None) -> None:
         help="then train every loop of the preset at once, one process each, and count their "
         "steps in this many seconds of wall clock",
     )
+    p.add_argument("--loops", nargs="+", default=None, help="only these loops of the preset")
+    p.add_argument(
+        "--no-alone", action="store_true", help="with --side-by-side: skip the loops alone"
+    )
     a = p.parse_args(argv)
     preset = dict(PRESETS[a.preset])
+    if a.loops:
+        cases = [
+            dataclasses.replace(c, loops=tuple(n for n in c.loops if n in a.loops))
+            for c in preset["cases"]
+        ]
+        preset["cases"] = [c for c in cases if c.loops]
     if a.steps:
         preset.update(steps=a.steps, timed_from=min(preset["timed_from"], a.steps // 2))
     rows: list[dict] = []
     spawn = multiprocessing.get_context("spawn")
-    for case in preset["cases"]:
+    for case in [] if a.no_alone else preset["cases"]:
         for name in case.loops:
             # a fresh process per loop: compiling a second model of another shape in one
             # process failed on the GPU (a reshape of the first shape's sizes inside the
