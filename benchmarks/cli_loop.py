@@ -36,6 +36,7 @@ from benchmarks.common import ROOT, markdown_table, write_results
 from benchmarks.flops import peak_flops, train_flops
 from lightning_vigu.codecs.pixel import PixelCodec
 from lightning_vigu.model import model_config
+from lightning_vigu.phases import get_phase
 
 LOOPS = {
     "before": ("before", ()),
@@ -55,7 +56,7 @@ def command(a, size: str, out: Path, run: Path) -> list[str]:
         "lightning_vigu",
         "fit",
         "-c",
-        "conf/recall.yaml",
+        a.config,
         *overlay,
         f"--model.size={size}",
         f"--trainer.max_steps={a.steps}",
@@ -65,6 +66,7 @@ def command(a, size: str, out: Path, run: Path) -> list[str]:
         f"--trainer.callbacks.first={a.timed[0]}",
         f"--trainer.callbacks.last={a.timed[1]}",
         f"--trainer.callbacks.out={out}",
+        *a.extra,
     ]
 
 
@@ -74,7 +76,8 @@ def step_flops(record: dict) -> float:
     cfg = model_config(hp["size"])
     _, *latent = PixelCodec().latent_shape(*hp["video_shape"])
     video = math.prod(n // p for n, p in zip(latent, cfg.patch_size))
-    return train_flops(cfg, video, hp["caption_length"], hp["prompt_length"], record["batch"])
+    text = hp["caption_length"] if get_phase(hp.get("phase", "recall")).uses_text else 0
+    return train_flops(cfg, video, text, hp["prompt_length"], record["batch"])
 
 
 def run(label: str, trees: dict, size: str, a, work: Path, timer_dir: Path) -> dict:
@@ -136,8 +139,9 @@ def report(rows: list[dict], a) -> Path:
     cols = ["size", "loop", "caption_length", "seconds", "examples_per_s", "speedup", "tflops"]
     table = markdown_table(rows, [*cols, "mfu", "peak_gib", "wall_s", "error"])
     table += (
-        f"\n\n`python -m lightning_vigu fit -c conf/recall.yaml -c {a.overlay} --model.size=SIZE "
-        f"--data.init_args.num_train={a.num_train} --trainer.max_steps={a.steps}` in each tree "
+        f"\n\n`python -m lightning_vigu fit -c {a.config} -c {a.overlay} --model.size=SIZE "
+        f"--data.init_args.num_train={a.num_train} --trainer.max_steps={a.steps} "
+        f"{' '.join(a.extra)}` in each tree "
         f"(`before`: {a.before_label}); seconds per step between steps {a.timed[0]} and "
         f"{a.timed[1]} (`benchmarks/step_timer.py`); `wall_s`: the whole command, data "
         f"generation and compilation included. MFU: this tree's model FLOPs at the run's "
@@ -159,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=245, help="below 250: no validation or checkpoint")
     p.add_argument("--timed", type=int, nargs=2, default=[60, 240])
     p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--config", default="conf/recall.yaml", help="the phase config")
     p.add_argument("--overlay", default="conf/gpu.yaml", help="'none': the CPU job (smoke test)")
+    p.add_argument(
+        "--extra", nargs=argparse.REMAINDER, default=[], help="CLI arguments for every run"
+    )
     p.add_argument("--run-timeout", type=float, default=420.0, help="seconds a run may take")
     p.add_argument("--work", type=Path, default=None, help="run folders (default: a temp dir)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
