@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
 from dataclasses import asdict, dataclass
@@ -95,7 +96,16 @@ PRESETS = {
         max_steps=20000,
         eval_clips=128,
         sample_steps=30,
-        overlay=["-c", "conf/gpu.yaml", *GPU_DATA, "--model.video_shape=[16,32,32]", GPU_LR],
+        overlay=[
+            "-c",
+            "conf/gpu.yaml",
+            *GPU_DATA,
+            "--model.video_shape=[16,32,32]",
+            GPU_LR,
+            # the loop every recorded run used: CUDA graphs (conf/gpu.yaml) are faster alone at
+            # 64x64, but not yet measured on this world with stages side by side on one GPU
+            "--model.compile=model",
+        ],
         arcap_overlay=[  # the baseline takes the data and trainer settings, not UniViGU's
             *GPU_DATA,
             "--trainer.accelerator=gpu",
@@ -333,6 +343,7 @@ def run(args) -> Path:
             "eval": evaluate_stage(work, stage, preset, data_cfg, fvd, variant),
             "loss": loss_curve(work, stage),
             "train_seconds": seconds,
+            **budget_timing(work / stage / "train.log"),
             "budget_minutes": preset["minutes"] and preset["minutes"] * len(STAGES[stage].waves),
         }
         raw.update(
@@ -343,6 +354,27 @@ def run(args) -> Path:
         )
         raw_path.write_text(json.dumps(raw, indent=1, default=str))
     return raw_path
+
+
+_TRAINED = re.compile(
+    r"\[TimeBudget\] trained (\d+) steps in ([\d.]+) s; first step after ([\d.]+) s"
+)
+
+
+def budget_timing(log: Path) -> dict:
+    """Where a stage's wall clock went, from the last ``[TimeBudget] trained ...`` line of its
+    log (:class:`callbacks.TimeBudget`): ``fit_seconds`` from the start of training (the
+    process's start-up before it is ``train_seconds - fit_seconds``), ``first_step_seconds``
+    (compilation included) and ``seconds_per_step`` after the first step. Empty without it."""
+    found = _TRAINED.findall(log.read_text(errors="replace")) if log.is_file() else []
+    if not found:
+        return {}
+    steps, fit, first = int(found[-1][0]), float(found[-1][1]), float(found[-1][2])
+    return {
+        "fit_seconds": fit,
+        "first_step_seconds": first,
+        "seconds_per_step": (fit - first) / max(steps - 1, 1),
+    }
 
 
 def report(raw_path: Path, out_dir: Path | None = None) -> Path:
@@ -374,6 +406,8 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
                         (c[-1][0] for c in entry.get("loss", {}).values() if c), default=None
                     ),
                     "minutes": entry.get("budget_minutes"),
+                    "first_step_s": entry.get("first_step_seconds"),
+                    "s_per_step": entry.get("seconds_per_step"),
                     **{k: v for k, v in res.items() if isinstance(v, float)},
                 }
             )
@@ -382,6 +416,8 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "split",
         "minutes",
         "steps",
+        "first_step_s",
+        "s_per_step",
         "v2t/attr_accuracy",
         "v2t/attr_ceiling",
         "v2t/stated_accuracy",

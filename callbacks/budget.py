@@ -72,6 +72,7 @@ class TimeBudget(L.Callback):
         self._window: float | None = None
         self._window_step = 0  # the step at which the timing window opened (the last plan)
         self._limit = -1  # the trainer's own max_steps, which no plan exceeds
+        self.first_step_s: float | None = None  # from the start of training to its first step's end
         self._saved_at: int | None = None  # the step of the latest checkpoint written
 
     def elapsed(self) -> float:
@@ -90,6 +91,8 @@ class TimeBudget(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         done = trainer.global_step - self._first_step
+        if done == 1 and self._start is not None:  # compilation and the first batch included
+            self.first_step_s = time.time() - self._start
         if done == self.skip_steps:  # a resumed run times its own steps again
             self._window, self._window_step = time.time(), trainer.global_step
         elif self._window is not None and done >= self.skip_steps + self.measure_steps:
@@ -114,6 +117,15 @@ class TimeBudget(L.Callback):
         rank_zero_info(
             f"[TimeBudget] {per_step:.3f} s per step: {verb} {self.planned_steps} steps in "
             f"{self.budget_s / 60:.1f} min; the schedule ends there"
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is None:
+            return
+        first = "" if self.first_step_s is None else f"{self.first_step_s:.1f}"
+        rank_zero_info(
+            f"[TimeBudget] trained {trainer.global_step - self._first_step} steps in "
+            f"{time.time() - self._start:.1f} s; first step after {first} s"
         )
 
     def on_save_checkpoint(

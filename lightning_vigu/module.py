@@ -352,7 +352,7 @@ class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
     @property
     def training_flow(self) -> FlowTimeModel:
         """The flow the training step runs: :attr:`flow` through the compiled transformer
-        (``compile: model | cudagraphs``), else :attr:`flow` itself."""
+        (``compile: model | cudagraphs | autotune``), else :attr:`flow` itself."""
         compiled = self.__dict__.get("_compiled")
         if compiled is None or getattr(compiled, "_orig_mod", None) is not self.flow.model:
             return self.flow  # not compiled, or the transformer was replaced after compiling

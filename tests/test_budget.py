@@ -3,6 +3,8 @@ ending at the planned step, and last.ckpt holding that step."""
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import pytest
 import torch
@@ -10,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_training import RandomVideoDataModule, _trainer, tiny_module
 
 import callbacks.budget as budget
+from benchmarks import quality
 from callbacks import EMA, TimeBudget
 
 
@@ -63,6 +66,21 @@ def test_the_plan_fits_the_budget_and_the_schedule_decays_to_its_last_step(tmp_p
     assert lrs.lrs[-1] == pytest.approx(floor, rel=0.05)
     with pytest.raises(ValueError, match="minutes > 0"):
         TimeBudget(0)
+
+
+def test_the_end_of_training_says_where_the_time_went(tmp_path, monkeypatch, caplog):
+    # the quality suite reads it from a stage's log: start-up vs steps (recall's half steps)
+    with caplog.at_level(logging.INFO):
+        trainer, plan, _ = _fit(tmp_path, monkeypatch, 1.0, 0.5, every=1000)
+    line = next(r.getMessage() for r in caplog.records if "[TimeBudget] trained" in r.getMessage())
+    log = tmp_path / "train.log"
+    log.write_text(f"other output\n{line}\n")
+    timing = quality.budget_timing(log)
+    # the fake clock moves 1 s at each batch's start: the first step ends 1 s into training
+    assert timing["first_step_seconds"] == pytest.approx(1.0)
+    assert timing["fit_seconds"] == pytest.approx(trainer.global_step, abs=1)
+    assert timing["seconds_per_step"] == pytest.approx(1.0, abs=0.05)
+    assert quality.budget_timing(tmp_path / "missing.log") == {}
 
 
 def test_last_checkpoint_holds_the_planned_end_between_intervals(tmp_path, monkeypatch):
