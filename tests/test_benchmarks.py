@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import quality, scaling, throughput, train_loop
+from benchmarks import quality, scaling, step_timer, throughput, train_loop
 
 
 def test_throughput_toy_measures_steps_ratios_and_sampling_latency(tmp_path):
@@ -93,6 +93,47 @@ def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
     # the same weights, batches and per-step randomness: fused AdamW, the callback's EMA and
     # no host reads give the loss curve of the default loop
     assert rows[1]["max_rel_loss_diff"] < 1e-4
+
+
+def test_loops_side_by_side_each_count_their_steps_in_the_same_window():
+    """The quality suite's stages share one GPU; the suite times its phases that way too."""
+    preset = dict(
+        cases=[
+            train_loop.Case("tiny", "cpu", 2, ("eager fused",), phase="generator"),
+            train_loop.Case("tiny", "cpu", 2, ("eager fused",)),
+        ],
+        steps=4,
+        timed_from=2,
+    )
+    rows = train_loop.run_side_by_side(preset, 1.0)
+    train_loop.compare(rows)
+    assert [r["phase"] for r in rows] == ["generator", "recall"]
+    for row in rows:
+        assert "error" not in row and row["side_by_side"] == 2 and row["window_steps"] >= 1
+        # the window's steps over its seconds (at least the window, at most a step more)
+        assert row["seconds"] * row["window_steps"] >= 1.0
+        assert "max_rel_loss_diff" not in row  # the loops ran different numbers of steps
+    # the generator phase has no caption stream: fewer model FLOPs a step than recall's
+    assert rows[0]["tflops"] * rows[0]["seconds"] < rows[1]["tflops"] * rows[1]["seconds"]
+
+
+def test_the_cli_loop_times_the_real_fit_command_with_an_injected_timer(tmp_path):
+    """benchmarks.cli_loop runs ``fit`` as a user would, in a tree, with the step timer added
+    to its callbacks (CPU: the main job without the GPU overlay, a few steps)."""
+    from benchmarks import cli_loop
+
+    args = ["--sizes", "tiny", "--overlay", "none", "--loops", "now", "--steps", "4"]
+    args += ["--timed", "1", "3", "--num-train", "16", "--work", str(tmp_path / "w")]
+    cli_loop.main([*args, "--out", str(tmp_path / "out")])
+    row = json.loads((tmp_path / "out" / "cli_loop.json").read_text())["rows"][0]
+    assert "error" not in row, row
+    record = json.loads((tmp_path / "w" / "tiny-now.json").read_text())
+    assert record["first"] == 1 and record["last"] == 3 and record["batch"] == 16
+    assert row["seconds"] == record["seconds"] > 0
+    assert row["examples_per_s"] == pytest.approx(16 / record["seconds"])
+    assert row["caption_length"] == 64  # conf/model/tiny.yaml's canvas, read from the run
+    with pytest.raises(ValueError, match="first < last"):
+        step_timer.StepTimer(3, 3, str(tmp_path / "x.json"))
 
 
 def test_a_step_profile_charges_each_kernel_to_its_part_and_kind():
