@@ -340,9 +340,12 @@ class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
         latents, context, empty = self.batch_inputs(batch)
         target = prompt_tokens = null = None
         if self.model.has_text and phase.uses_text:
-            texts = batch["prompt"] if phase.caption_target == "prompt" else batch["caption"]
-            target = self.encode_canvas(texts)
             prompt_tokens = self.encode_canvas(batch["prompt"])
+            target = (  # recall reconstructs the prompt: one canvas, tokenised and copied once
+                prompt_tokens
+                if phase.caption_target == "prompt"
+                else self.encode_canvas(batch["caption"])
+            )
             null = self.encode_canvas([""])
         flow = self.training_flow if self.training else self.flow
         return self.objective(
