@@ -11,6 +11,10 @@
 * ``diffusers`` -- the video path as a diffusers ``WanTransformer3DModel`` folder
   (``config.json`` + ``diffusion_pytorch_model.safetensors``): drop it into a Wan2.1 pipeline
   folder as ``transformer/`` and ``WanPipeline`` generates with the trained generator.
+* ``init`` -- what a later phase starts from (``--init_from FILE``): the run's video path and
+  prompt encoder as a plain state dict (``.pt``), without the caption stream, which ``init_from``
+  then initialises from the video path as Uni-ViGU does. ``conf/init/tiny_generator.pt``, the
+  prior of the README's main job, was written this way.
 * ``lora`` -- the LoRA adapters alone, with diffusers' key names
   (``transformer.blocks.0.attn1.to_q.lora_A.weight``) in ``pytorch_lora_weights.safetensors``,
   for ``WanPipeline.load_lora_weights`` on the base Wan2.1 transformer.
@@ -44,7 +48,7 @@ from lightning_vigu.pretrained import (
 )
 from lightning_vigu.runs import load_checkpoint_file
 
-FORMATS = ("univigu", "diffusers", "lora")
+FORMATS = ("univigu", "diffusers", "lora", "init")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what WanPipeline.load_lora_weights reads
 _DIFFUSERS_FIXED = {  # WanTransformer3DModel options of the text-to-video model we implement
     "qk_norm": "rms_norm_across_heads",
@@ -143,6 +147,23 @@ def _plain(value):
     return value
 
 
+def _weights_key(checkpoint: dict, weights: str, path: Path) -> str:
+    """Where a Lightning checkpoint keeps the asked weights (``auto`` | ``ema`` | ``live``)."""
+    if weights not in ("auto", "ema", "live"):
+        raise ValueError(f"weights must be 'auto', 'ema' or 'live', got '{weights}'")
+    if "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{path} has no 'state_dict' (top level: {list(checkpoint)[:10]}): it is not a "
+            "Lightning checkpoint; a Uni-ViGU release file loads with load_univigu_checkpoint"
+        )
+    has_ema = "current_model_state" in checkpoint  # EMA swaps its average into 'state_dict'
+    if weights == "ema" and not has_ema:
+        raise ValueError(
+            f"{path} holds no EMA weights (the run had no EMA callback); use --weights live"
+        )
+    return "current_model_state" if weights == "live" and has_ema else "state_dict"
+
+
 def read_checkpoint(
     path: str | Path, weights: str = "auto", trust_pickle: bool = False
 ) -> TrainedCheckpoint:
@@ -154,21 +175,10 @@ def read_checkpoint(
             ``ema`` (fail without EMA) or ``live`` (the training weights).
         trust_pickle: allow arbitrary pickled objects in the file (only for files you trust).
     """
-    if weights not in ("auto", "ema", "live"):
-        raise ValueError(f"weights must be 'auto', 'ema' or 'live', got '{weights}'")
     path = Path(path)
     checkpoint = _load_file(path, trust_pickle)
-    if "state_dict" not in checkpoint:
-        raise ValueError(
-            f"{path} has no 'state_dict' (top level: {list(checkpoint)[:10]}): it is not a "
-            "Lightning checkpoint; a Uni-ViGU release file loads with load_univigu_checkpoint"
-        )
-    has_ema = "current_model_state" in checkpoint  # EMA swaps its average into 'state_dict'
-    if weights == "ema" and not has_ema:
-        raise ValueError(
-            f"{path} holds no EMA weights (the run had no EMA callback); use --weights live"
-        )
-    key = "current_model_state" if weights == "live" and has_ema else "state_dict"
+    key = _weights_key(checkpoint, weights, path)
+    has_ema = "current_model_state" in checkpoint
     state = {}
     for name, value in checkpoint[key].items():
         for wrapper in _WRAPPERS:  # FSDP / torch.compile wrappers, wherever they sit
@@ -399,6 +409,25 @@ def _split_adapter_key(key: str) -> tuple[str, str, str]:
     raise ValueError(f"'{key}' is not a LoRA adapter key")
 
 
+def export_init(ckpt: str | Path, out: str | Path, weights: str, trust_pickle: bool) -> Path:
+    """Write the checkpoint's weights outside the caption stream as a plain state dict, the
+    file ``init_from`` starts a later phase from (EMA weights by default, see
+    :func:`read_checkpoint`)."""
+    checkpoint = _load_file(Path(ckpt), trust_pickle)
+    source = checkpoint[_weights_key(checkpoint, weights, Path(ckpt))]
+    state = {
+        k: v.detach().clone()
+        for k, v in source.items()
+        if not k.startswith("model.") or parameter_group(k.removeprefix("model.")) == "video"
+    }
+    if not any(k.startswith("model.") for k in state):
+        raise ValueError(f"{ckpt} holds no 'model.*' tensors: it is not a UniViGU checkpoint")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
+
+
 def export_lora(trained: TrainedCheckpoint, out: str | Path) -> Path:
     """Write the run's LoRA adapters alone in diffusers' format (a folder)."""
     adapters = trained.adapters()
@@ -444,6 +473,8 @@ def export(
     """Export a training checkpoint (see the module docstring for the formats)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}'; choose one of {list(FORMATS)}")
+    if fmt == "init":
+        return export_init(ckpt, out, weights, trust_pickle)
     trained = read_checkpoint(ckpt, weights, trust_pickle)
     if fmt == "lora":
         return export_lora(trained, out)
@@ -492,7 +523,10 @@ def export_main(argv: list[str]) -> None:
     p.add_argument("--ckpt", type=str, required=True, help=".ckpt file or FSDP checkpoint folder")
     p.add_argument("--format", type=str, required=True, help=f"one of {list(FORMATS)}")
     p.add_argument(
-        "--out", type=str, required=True, help="univigu: a .pth/.safetensors file; else a folder"
+        "--out",
+        type=str,
+        required=True,
+        help="univigu: a .pth/.safetensors file; init: a .pt file; else a folder",
     )
     p.add_argument("--weights", type=str, default="auto", help="auto | ema | live")
     p.add_argument(

@@ -88,6 +88,27 @@ def test_ema_weights_by_default_live_on_request(ckpt, tmp_path):
         read_checkpoint(tmp_path / "missing.ckpt")
 
 
+def test_init_format_is_what_a_later_phase_starts_from(ckpt, tmp_path):
+    """``export --format init``: the video path and the prompt encoder (EMA weights) as a plain
+    state dict; ``init_from`` loads it and builds the caption stream from the video path."""
+    out = tmp_path / "init" / "generator.pt"
+    main(["export", "--ckpt", str(ckpt), "--format", "init", "--out", str(out)])
+    state = torch.load(out, weights_only=True)
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("prompt_encoder.") for k in state)
+    assert not any("ffn_t." in k or "time_embedding_t" in k for k in state)  # the caption stream
+    for key, value in state.items():
+        assert torch.equal(value, raw[key])  # the EMA average, as saved
+    module = tiny_module(init_from=str(out))
+    key = "model.blocks.0.attn1.to_q.weight"
+    assert torch.equal(module.state_dict()[key], raw[key])
+    block = module.model.blocks[0]
+    assert torch.equal(block.ffn_t.net[0].proj.weight, block.ffn.net[0].proj.weight)
+    assert not torch.equal(
+        block.ffn_t.net[0].proj.weight, raw["model.blocks.0.ffn_t.net.0.proj.weight"]
+    )
+
+
 def test_sharded_fsdp_folder_reads_like_its_consolidated_file(ckpt, tmp_path):
     import torch.distributed.checkpoint as dcp
 
