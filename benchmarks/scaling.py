@@ -99,7 +99,7 @@ def size_overlay(work: Path, size: str, preset: dict) -> Path:
 def train(work: Path, size: str, preset: dict) -> None:
     """Train one size through the CLI (finished sizes are skipped, cut-off ones resume)."""
     cmd = [sys.executable, "-m", "lightning_vigu", "fit", "-c", "conf/recall.yaml"]
-    cmd += ["-c", str(size_overlay(work, size, preset))]
+    cmd += ["-c", str(size_overlay(work, size, preset)), "--init_from=null"]  # from scratch
     overlay = stage_overlay(
         work, size, preset["steps"], preset["max_time"], preset["eval_every"], keep_all=True
     )

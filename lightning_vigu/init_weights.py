@@ -63,6 +63,8 @@ def load_init_weights(module: UniViGU, path: str, trust_pickle: bool = False) ->
         raise ValueError(
             f"checkpoint '{path}' does not fit this model (other size or vocabulary?): "
             + "; ".join(shape_errors[:5])
+            + ". Pass --init_from=<a checkpoint of this model> or --init_from=null to train "
+            "from scratch"
         )
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected:

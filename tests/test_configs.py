@@ -185,7 +185,7 @@ def test_every_command_a_config_header_hints_parses(capsys, name, args):
     files = [a.removeprefix("conf/") for a in args if a.startswith("conf/")]
     assert args[::2][: len(files)] == ["-c"] * len(files), f"{name}: {args}"
     config = print_config(capsys, *files, extra=tuple(args[2 * len(files) :]))
-    if any(a.startswith("--init_from=") for a in args):  # the generator -> recall hand-over
+    if any(a.startswith("--init_from=runs/") for a in args):  # the generator -> recall hand-over
         assert config["init_from"] == "runs/generator/checkpoints/last.ckpt"
 
 
