@@ -61,6 +61,7 @@ HEADLINE = {  # the numbers printed after each round
     "v2t/attr_accuracy": "caption attribute accuracy",
     "t2v/adherence_accuracy": "prompt adherence",
     "t2v/adherence_colour": "colour adherence",
+    "t2v/adherence_floor_colour": "colour of a real clip of another prompt",
     "joint/agreement": "joint agreement",
 }
 
@@ -283,7 +284,9 @@ def evaluate(
             )
             acc = mean_accuracy([s[1] for s in scores])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
-            results["t2v/adherence_floor"] = mean_accuracy([s[2] for s in scores])["accuracy"]
+            floor = mean_accuracy([s[2] for s in scores])  # and per attribute (colour: chance)
+            results["t2v/adherence_floor"] = floor.pop("accuracy")
+            results.update({f"t2v/adherence_floor_{k}": v for k, v in floor.items()})
             # how far the named moving objects travel against how far asked: all, and per speed
             ratios = [r for s in scores for r in s[3]]
             groups = {"": ("slow", "fast"), "_slow": ("slow",), "_fast": ("fast",)}

@@ -228,3 +228,34 @@ def test_travel_ratios_measure_how_far_the_named_objects_move():
     assert travel_ratios(scene, wrong)[0] == ("fast", pytest.approx(0.5, abs=0.05))
     wrong["objects"][i].update(colour="not a colour")  # not found: no ratio
     assert travel_ratios(scene, wrong) == []
+
+
+def test_the_evaluation_reports_each_attributes_chance_beside_its_adherence():
+    """A generator that draws each prompt's own real clip adheres fully; beside it the floor (real
+    clips read against the next clip's prompt) is reported overall and per attribute, so a
+    colour adherence can be read against the colour that any valid clip of the world matches."""
+    import torch
+
+    from callbacks.evaluation import evaluate
+
+    pairs = [_decoded_clip("test", index) for index in range(8)]
+    videos = torch.stack([to_tensor(frames) for frames, _ in pairs])
+    records = [record for _, record in pairs]
+    prompts = [record["prompt"] for record in records]
+    assert len(set(prompts)) == len(prompts)
+
+    class RealClips:
+        device = torch.device("cpu")
+
+        def generate_video(self, asked, seed=None, **kwargs):
+            return videos[[prompts.index(p) for p in asked]]
+
+    clips = {"video": videos, "prompt": prompts, "caption": prompts, "meta": records}
+    clips["key"] = [f"{i:03d}" for i in range(8)]
+    numbers = evaluate(RealClips(), clips, directions=("t2v",)).metrics
+    assert numbers["t2v/adherence_accuracy"] >= 0.95
+    nxt = [score_video(videos[i], records[(i + 1) % 8], "prompt") for i in range(8)]
+    expected = mean_accuracy(nxt)
+    assert numbers["t2v/adherence_floor"] == pytest.approx(expected["accuracy"])
+    assert numbers["t2v/adherence_floor_colour"] == pytest.approx(expected["colour"])
+    assert numbers["t2v/adherence_floor"] < numbers["t2v/adherence_accuracy"]
