@@ -164,7 +164,8 @@ STAGES: dict[str, Stage] = {
     "recall": Stage("conf/recall.yaml", (3,), init="generator"),
     "refine": Stage("conf/refine.yaml", (4,), init="recall"),
     "arcap": Stage("conf/arcap.yaml", (1, 2)),  # as long as recall + refine
-    "recall_scratch": Stage("conf/recall.yaml", (1, 2, 3)),  # as long as generator + recall
+    # as long as generator + recall; from scratch (conf/recall.yaml starts from the tiny prior)
+    "recall_scratch": Stage("conf/recall.yaml", (1, 2, 3), extra=("--init_from=null",)),
     "refine_frozen": Stage(
         "conf/refine.yaml", (4,), init="recall", extra=("--phase=refine_frozen",)
     ),

@@ -33,8 +33,10 @@ def read_init_state(path: str, trust_pickle: bool = False) -> dict[str, Tensor]:
 
         return {f"model.{k}": v for k, v in load_wan_transformer(path).state_dict().items()}
     if not file.is_file():
+        where = "" if file.is_absolute() else f" (relative paths are read from {Path.cwd()})"
         raise FileNotFoundError(
-            f"init_from checkpoint '{path}' does not exist; train the previous phase first (e.g. conf/generator.yaml) or fix the path"
+            f"init_from checkpoint '{path}' does not exist{where}; train the previous phase "
+            "first (e.g. conf/generator.yaml), fix the path, or pass --init_from=null"
         )
     ckpt = load_checkpoint_file(
         file,

@@ -97,6 +97,8 @@ def test_ddp_fit_on_two_cpu_processes_splits_the_shards(tmp_path):
     cache = tmp_path / "cache"
     _fit_on_two_cpu_ranks(
         tmp_path, "conf/recall.yaml",
+        # the run's folder is tmp_path: the config's prior is named from the repository
+        f"--init_from={ROOT / 'conf/init/tiny_generator.pt'}",
         "--trainer.max_epochs=1", "--trainer.val_check_interval=4",
         # the config checkpoints every 250 steps: add one every 2 for this 4-step run
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
