@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, markdown_table, write_results
-from benchmarks.flops import peak_flops, train_flops
+from benchmarks.flops import clip_train_flops, peak_flops
 from lightning_vigu.codecs.pixel import PixelCodec
 from lightning_vigu.model import model_config
 from lightning_vigu.phases import get_phase
@@ -74,11 +73,11 @@ def command(a, size: str, out: Path, run: Path) -> list[str]:
 def step_flops(record: dict) -> float:
     """Model FLOPs of one training step of the run the timer recorded."""
     hp = record["hparams"]
-    cfg = model_config(hp["size"])
-    _, *latent = PixelCodec().latent_shape(*hp["video_shape"])
-    video = math.prod(n // p for n, p in zip(latent, cfg.patch_size))
+    latent = PixelCodec().latent_shape(*hp["video_shape"])
     text = hp["caption_length"] if get_phase(hp.get("phase", "recall")).uses_text else 0
-    return train_flops(cfg, video, text, hp["prompt_length"], record["batch"])
+    return clip_train_flops(
+        model_config(hp["size"]), latent, text, hp["prompt_length"], record["batch"]
+    )
 
 
 def run(label: str, trees: dict, size: str, a, work: Path, timer_dir: Path) -> dict:

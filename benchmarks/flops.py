@@ -16,6 +16,7 @@ checkpointing is hardware work, not model FLOPs, so it is not counted (that is M
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from lightning_vigu.model import UniViGUConfig
 
@@ -47,6 +48,19 @@ def train_flops(
 ) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward)."""
     return 3.0 * forward_flops(cfg, video_tokens, text_tokens, context_len, batch)
+
+
+def clip_train_flops(
+    cfg: UniViGUConfig,
+    latent_shape: Sequence[int],
+    text_tokens: int,
+    context_len: int,
+    batch: int = 1,
+) -> float:
+    """Model FLOPs of one training step on clips whose latents are ``(c, t, h, w)``
+    (``codec.latent_shape``), patched into video tokens by ``cfg.patch_size``."""
+    video = math.prod(n // p for n, p in zip(latent_shape[1:], cfg.patch_size))
+    return train_flops(cfg, video, text_tokens, context_len, batch)
 
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

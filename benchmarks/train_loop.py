@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import math
 import multiprocessing
 import time
 from contextlib import nullcontext
@@ -38,7 +37,7 @@ import yaml
 from torch.optim.swa_utils import AveragedModel
 
 from benchmarks.common import ROOT, markdown_table, write_results
-from benchmarks.flops import device_rates, failure, train_flops
+from benchmarks.flops import clip_train_flops, device_rates, failure
 from benchmarks.step_profile import profile_steps
 from callbacks.ema import WarmupAveragedModel, WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
@@ -318,10 +317,9 @@ def run_loop(
             row["profile"] = profile_steps(lambda i, part: one(steps + i, part), profile)
             del losses[kept:]
         cfg, hp = module.model.config, module.hparams
-        _, *latent = module.codec.latent_shape(*videos.shape[2:])
-        n_video = math.prod(n // p for n, p in zip(latent, cfg.patch_size))
         text = hp.caption_length if module.phase.uses_text else 0  # generator: video only
-        flops = train_flops(cfg, n_video, text, hp.prompt_length, case.batch)
+        latent = module.codec.latent_shape(*videos.shape[2:])
+        flops = clip_train_flops(cfg, latent, text, hp.prompt_length, case.batch)
         row.update(
             losses=[float(v) for v in losses],
             seconds=seconds,
