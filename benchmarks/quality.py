@@ -29,6 +29,8 @@ invocation, next to the stages they compare with. Stages run in *waves* of equal
 (``--minutes`` per wave); a stage spans one or more waves, and the stages of a wave train side by
 side on the GPU. The generator trains through waves 1-2, twin and recall(_causal) in wave 3
 and refine(_causal) in wave 4, so the video path learns for half the budget before the caption phases start from it.
+On the GPU preset the training graphs of stages that start in a later wave are compiled beside
+the first wave (:func:`warm_up_stages`), so that their budgets train rather than compile.
 Each stage plans its length from its budget (:class:`callbacks.TimeBudget`, so its lr schedule
 ends at its last step) and keeps EMA
 weights (:class:`callbacks.EMA`). Then every stage is evaluated on the test split and the
@@ -50,8 +52,11 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import textwrap
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,6 +97,7 @@ PRESETS = {
     # minutes: the budget of one wave; eval clips per split; sampling steps; CLI overrides
     "gpu": dict(
         minutes=4.0,  # four waves: 16 minutes of training (3.5 a wave took 15.6 with starts, 69cd808)
+        warm_up=True,  # later stages' graphs compiled beside wave 1 (warm_up_stages)
         max_steps=20000,
         eval_clips=128,
         sample_steps=30,
@@ -226,19 +232,80 @@ SCORED_AGAIN = {
 }
 
 
-def stage_command(work: Path, name: str, preset: dict) -> list[str]:
-    """The CLI command that trains one stage (its overlay written into its run folder)."""
+def stage_command(work: Path, name: str, preset: dict, warm_up: bool = False) -> list[str]:
+    """The CLI command that trains one stage (its overlay written into its run folder).
+
+    ``warm_up``: the command that compiles the stage's training graph instead (see
+    :func:`start_warm_ups`): :data:`WARM_UP_STEPS` steps from no checkpoint (the stage it starts
+    from has not trained yet; the graph depends on shapes, not weights), in ``<work>/_warm_up``.
+    """
     stage = STAGES[name]
     module = "benchmarks.baselines" if name == "arcap" else "lightning_vigu"
     cmd = [sys.executable, "-m", module, "fit", "-c", stage.config]
-    if stage.init:
+    if warm_up:
+        cmd.append("--init_from=null")
+    elif stage.init:
         cmd.append(f"--init_from={work / stage.init / 'checkpoints' / 'last.ckpt'}")
     cmd += [*preset["arcap_overlay" if name == "arcap" else "overlay"], *stage.extra]  # extra wins
+    if warm_up:
+        return [*cmd, "-c", str(stage_overlay(work / WARM_UP, name, WARM_UP_STEPS))]
     minutes = preset["minutes"] * len(stage.waves) if preset["minutes"] else None
     overlay = stage_overlay(
         work, name, preset["max_steps"], every_n=200 if minutes else None, minutes=minutes, ema=True
     )
     return [*cmd, "-c", str(overlay)]
+
+
+WARM_UP, WARM_UP_STEPS = "_warm_up", 3
+
+
+def warm_up_stages(work: Path, stages: list[str], waves: tuple[int, ...]) -> list[str]:
+    """The stages whose training graph is compiled beside the first wave asked for.
+
+    A stage compiles its graph at its start, inside its wall-clock budget, unless the compile
+    cache already holds it. In the run of cb65b7b the twin (the generator's graph, cached) took
+    its first step after 5 s, recall_causal after 63 s of its 240 (alone on one H200, 40 recall
+    steps took 94.6 s from a cold cache and 42.3 s from a warm one; ablation.md, part 14). So
+    every unfinished stage that starts after that wave, and whose config and extra arguments no
+    earlier-starting stage shares, is compiled once beforehand; compiling is host work, so it
+    costs the first wave's stages little of the GPU.
+    """
+    first = min(waves)
+    started = {(STAGES[s].config, STAGES[s].extra) for s in stages if STAGES[s].waves[0] <= first}
+    chosen = []
+    for name in stages:
+        stage = STAGES[name]
+        key = (stage.config, stage.extra)
+        done = (work / name / "train_seconds.txt").is_file()
+        if stage.waves[0] > first and key not in started and not done and name != "arcap":
+            chosen.append(name)
+            started.add(key)
+    return chosen
+
+
+def start_warm_ups(work: Path, stages: list[str], preset: dict) -> threading.Thread:
+    """Compile the given stages' graphs one after another in a background thread (a failed
+    warm-up is reported and skipped: its stage then compiles at its start)."""
+
+    def chain() -> None:
+        for name in stages:
+            log = work / WARM_UP / name / "train.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            started = time.time()
+            with log.open("w") as out:
+                code = subprocess.call(
+                    stage_command(work, name, preset, warm_up=True),
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            took = time.time() - started
+            status = "compiled" if code == 0 else f"failed (exit {code}; see {log})"
+            print(f"[bench] warm-up {name}: {status} in {took:.0f} s", flush=True)
+
+    thread = threading.Thread(target=chain, name="warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def train_waves(work: Path, stages: list[str], preset: dict, waves: tuple[int, ...]) -> None:
@@ -247,9 +314,13 @@ def train_waves(work: Path, stages: list[str], preset: dict, waves: tuple[int, .
     must have finished by the end of its last wave."""
     parallel = preset["minutes"] is not None
     running: dict[str, object] = {}
+    warm = warm_up_stages(work, stages, waves) if preset.get("warm_up") else []
+    warming = start_warm_ups(work, warm, preset) if warm else None
     for wave in waves:
         for name in stages:
             if STAGES[name].waves[0] == wave:
+                if warming is not None and name in warm:
+                    warming.join()  # its graph compiled (or its warm-up failed): start
                 running[name] = start_training(work, name, stage_command(work, name, preset))
                 if not parallel:
                     finish_training(work, name, running.pop(name))
@@ -257,6 +328,8 @@ def train_waves(work: Path, stages: list[str], preset: dict, waves: tuple[int, .
             finish_training(work, name, running.pop(name))
     for name, proc in running.items():  # stages whose last wave was not asked for
         finish_training(work, name, proc)
+    if warming is not None:  # warm-ups for waves not asked for in this invocation
+        warming.join()
 
 
 SAMPLES = 4  # clips per split whose generated videos and captions go into the sample grid

@@ -53,6 +53,30 @@ def test_scaling_toy_scores_every_kept_checkpoint_and_plots(tmp_path, monkeypatc
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step
 
 
+def test_quality_warms_up_the_graphs_of_later_stages(tmp_path, monkeypatch):
+    """Stages that start after the first wave and share no earlier stage's config are compiled
+    beforehand; the warm-up command trains a few steps from no checkpoint, in its own folder."""
+    main = [s for s in quality.STAGES if s in quality.MAIN]
+    # the twin trains the generator's graph (cached by then); arcap is not compiled
+    assert quality.warm_up_stages(tmp_path, main, quality.WAVES) == [
+        "recall_causal",
+        "refine_causal",
+    ]
+    assert quality.warm_up_stages(tmp_path, main, (4,)) == []
+    (tmp_path / "recall_causal").mkdir()
+    (tmp_path / "recall_causal" / "train_seconds.txt").write_text("1\n")  # finished before
+    assert quality.warm_up_stages(tmp_path, main, (1, 2)) == ["refine_causal"]
+    preset = quality.PRESETS["toy"]
+    cmd = quality.stage_command(tmp_path, "refine_causal", preset, warm_up=True)
+    assert "--init_from=null" in cmd and not any(str(tmp_path / "recall_causal") in a for a in cmd)
+    # the command runs: a few steps of the stage's CLI, in <work>/_warm_up/<stage>
+    monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
+    quality.start_warm_ups(tmp_path, ["generator"], preset).join()
+    log = (tmp_path / quality.WARM_UP / "generator" / "train.log").read_text()
+    assert f"max_steps={quality.WARM_UP_STEPS}` reached" in log, log[-2000:]
+    assert not (tmp_path / "generator").exists()  # the stage's own folder is untouched
+
+
 def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
     """Two stages keep CI short; the other stages run the same train/evaluate code."""
     monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
