@@ -18,6 +18,7 @@ and, when asked for (``--stages``), ablations at the same budget: ``recall`` -> 
 same two phases with the discrete-flow caption stream, the paper's), ``recall_scratch`` (the
 paper's claim: recall from no generator, trained as long as generator + recall),
 ``refine_frozen`` (refine with every attention weight frozen, the earlier recipe),
+``recall_causal_caption1`` (recall_causal with the caption loss at 1.0 instead of 0.1),
 ``generator_previous`` (the generator with the recipe before the mixed rope and the pooled
 prompt), ``generator_b64`` (the generator at the batch of 64 clips and lr the suite used before
 batches of 256) and
@@ -175,6 +176,14 @@ STAGES: dict[str, Stage] = {
         "conf/refine.yaml", (4,), init="recall", extra=("--phase=refine_frozen",)
     ),
     "recall_causal": Stage("conf/recall.yaml", (3,), init="generator", extra=CAUSAL),
+    # recall_causal with the caption loss at 1.0 instead of the preset's 0.1: their ablation at
+    # the same budget, side by side with `recall_causal` (ablation.md, part 14)
+    "recall_causal_caption1": Stage(
+        "conf/recall.yaml",
+        (3,),
+        init="generator",
+        extra=(*CAUSAL, "--phase={preset: recall, loss_weights: {video: 1.0, text: 1.0}}"),
+    ),
     "refine_causal": Stage("conf/refine.yaml", (4,), init="recall_causal", extra=CAUSAL),
     # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
     # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`
