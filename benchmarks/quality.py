@@ -29,7 +29,8 @@ evaluation is shorter (generator runs took 0.070-0.124 s a step four side by sid
 invocation, next to the stages they compare with. Stages run in *waves* of equal wall-clock budget
 (``--minutes`` per wave); a stage spans one or more waves, and the stages of a wave train side by
 side on the GPU. The generator trains through waves 1-2, twin and recall(_causal) in wave 3
-and refine(_causal) in wave 4, so the video path learns for half the budget before the caption phases start from it.
+and refine(_causal) in wave 4, so the video path learns for half the budget before the caption
+phases start from it.
 On the GPU preset the training graphs of stages that start in a later wave are compiled beside
 the first wave (:func:`warm_up_stages`), so that their budgets train rather than compile.
 Each stage plans its length from its budget (:class:`callbacks.TimeBudget`, so its lr schedule
@@ -256,8 +257,9 @@ def stage_command(work: Path, name: str, preset: dict, warm_up: bool = False) ->
     elif stage.init:
         cmd.append(f"--init_from={work / stage.init / 'checkpoints' / 'last.ckpt'}")
     cmd += [*preset["arcap_overlay" if name == "arcap" else "overlay"], *stage.extra]  # extra wins
-    if warm_up:
-        return [*cmd, "-c", str(stage_overlay(work / WARM_UP, name, WARM_UP_STEPS))]
+    if warm_up:  # no validation, no interval checkpoints: only the training graph is wanted
+        overlay = stage_overlay(work / WARM_UP, name, WARM_UP_STEPS, every_n=10**9)
+        return [*cmd, "-c", str(overlay), "--trainer.limit_val_batches=0"]
     minutes = preset["minutes"] * len(stage.waves) if preset["minutes"] else None
     overlay = stage_overlay(
         work, name, preset["max_steps"], every_n=200 if minutes else None, minutes=minutes, ema=True
