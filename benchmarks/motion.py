@@ -24,6 +24,14 @@ With ``--colours N`` the square's colour is drawn from the first ``N`` of :data:
 prompt names it ("a green square moves left"), one step toward the GPU world, whose prompts
 state colour and shape too; sampling and the travel are still measured on red squares.
 
+With ``--speeds`` a moving square travels either ``--travel`` pixels ("a red square moves
+quickly left") or half of it ("... moves slowly left"), as the world's fast and slow objects
+(0.30 and 0.15 of the frame); ``speed_accuracy`` then counts sampled clips that move the asked
+way at the asked speed (fast from three quarters of the travel on, slow from a quarter to
+three quarters), and ``travel_ratio_slow`` / ``_fast`` give the median travel over the asked
+distance per asked speed (the GPU world's twin moved every object the slow distance,
+``ablation.md`` part 14).
+
 The same failure as the GPU world's static samples (``ablation.md``: the reversed prompt
 changes nothing) shows here in minutes, so a recipe change aimed at motion is tried here first.
 """
@@ -50,26 +58,37 @@ COLOURS = {name: tuple(int(v > 127) for v in rgb) for name, rgb in WORLD_COLOURS
 TIMES = (0.0, 0.03, 0.06, 0.1, 0.2)  # 0: pure noise, where the prompt is all there is to read
 
 
-def prompt(motion: str, colour: str = "red") -> str:
-    """The prompt of a clip: its motion, and the square's colour."""
-    return PROMPTS[motion].replace("red", colour)
+SPEEDS = {"slow": 0.5, "fast": 1.0}  # a moving square's travel, as a fraction of --travel
+SPEED_WORDS = {"slow": "slowly", "fast": "quickly"}
+
+
+def prompt(motion: str, colour: str = "red", speed: str | None = None) -> str:
+    """The prompt of a clip: its motion (at ``speed``, when given and the square moves), and
+    the square's colour."""
+    text = PROMPTS[motion].replace("red", colour)
+    if speed is not None and motion != "still":
+        text = text.replace(" moves ", f" moves {SPEED_WORDS[speed]} ")
+    return text
 
 
 def render(
     motions: list[str],
     frames: int,
-    travel: float,
+    travel: float | list[float],
     rng: np.random.Generator,
     colours: list[str] | None = None,
 ) -> Tensor:
     """Clips ``(B, 3, frames, 32, 32)`` in [-1, 1]: the square's start is uniform over the
-    places that keep its whole track inside the frame; edges are anti-aliased; ``colours``
-    (default: all red) names each square's colour in :data:`COLOURS`."""
+    places that keep its whole track inside the frame; edges are anti-aliased; ``travel`` is
+    one distance for all clips or one per clip; ``colours`` (default: all red) names each
+    square's colour in :data:`COLOURS`."""
+    travels = travel if isinstance(travel, list) else [travel] * len(motions)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     clips = np.full((len(motions), 3, frames, SIZE, SIZE), -1.0, np.float32)
     lo, hi = SIDE / 2, SIZE - SIDE / 2
     for i, m in enumerate(motions):
         dx, dy = MOTIONS[m]
+        travel = travels[i]
         x0 = rng.uniform(lo + max(0, -dx) * travel, hi - max(0, dx) * travel)
         y0 = rng.uniform(lo + max(0, -dy) * travel, hi - max(0, dy) * travel)
         for f in range(frames):
@@ -93,16 +112,16 @@ def centroids(videos: Tensor) -> Tensor:
     return torch.stack([x, y], -1)
 
 
-def classify(videos: Tensor, travel: float) -> list[str]:
-    """The motion of each clip: still below half the travel, else the main axis' direction;
-    ``none`` when a frame shows no square."""
+def classify(videos: Tensor, travel: float, still_below: float = 0.5) -> list[str]:
+    """The motion of each clip: still below ``still_below`` of the travel, else the main axis'
+    direction; ``none`` when a frame shows no square."""
     out = []
     for c in centroids(videos):
         if torch.isnan(c).any():
             out.append("none")
             continue
         dx, dy = (c[-1] - c[0]).tolist()
-        if max(abs(dx), abs(dy)) < travel / 2:
+        if max(abs(dx), abs(dy)) < travel * still_below:
             out.append("still")
         elif abs(dx) > abs(dy):
             out.append("right" if dx > 0 else "left")
@@ -166,10 +185,12 @@ def train(
     lr: float = 1e-3,
     minutes: float | None = None,
     colours: int = 1,
+    speeds: bool = False,
 ) -> tuple[float, int]:
     """AdamW with 100 warm-up steps and a cosine to zero over ``steps``, or, with ``minutes``,
     over as many steps as that wall clock holds (planned from steps 10-50); each square's colour
-    is one of the first ``colours`` of :data:`COLOURS`. Returns the mean of the last 100 losses
+    is one of the first ``colours`` of :data:`COLOURS`; with ``speeds`` each moving square is
+    slow or fast (:data:`SPEEDS`), as its prompt says. Returns the mean of the last 100 losses
     and the steps taken."""
     import time
 
@@ -190,8 +211,12 @@ def train(
         tints = ["red"] * batch  # drawn only with more colours: the default stream stays as it was
         if colours > 1:
             tints = [list(COLOURS)[i] for i in rng.integers(colours, size=batch)]
-        prompts = [prompt(m, c) for m, c in zip(motions, tints)]
-        video = render(motions, frames, travel, rng, tints).to(module.device)
+        paces = [None] * batch  # drawn only with speeds: the default stream stays as it was
+        if speeds:
+            paces = [list(SPEEDS)[i] for i in rng.integers(len(SPEEDS), size=batch)]
+        prompts = [prompt(m, c, v) for m, c, v in zip(motions, tints, paces)]
+        travels = [travel * SPEEDS[v] if v else travel for v in paces]
+        video = render(motions, frames, travels, rng, tints).to(module.device)
         data = {"video": video, "prompt": prompts, "caption": prompts}
         out = module.compute_loss(data, module.phase, module.step_generator("train", step))
         opt.zero_grad()
@@ -221,21 +246,40 @@ def measure(
     per_motion: int = 12,
     clips: int = 100,
     guidance: tuple[float, ...] = (3.0,),
+    speeds: bool = False,
 ) -> dict:
     """Sampled motion accuracy (at each guidance scale; the first is the headline) and the
-    one-step travel with true and reversed prompts."""
+    one-step travel with true and reversed prompts; with ``speeds``, each moving motion is asked
+    at both speeds (``per_motion`` clips each) and the speed is scored too."""
     module.eval()
-    asked = [m for m in MOTIONS for _ in range(per_motion)]
-    prompts = [PROMPTS[m] for m in asked]
-    by_scale = {}
+    paces = list(SPEEDS) if speeds else [None]
+    asked = [(m, v) for m in MOTIONS for v in ([None] if m == "still" else paces)]
+    asked = [a for a in asked for _ in range(per_motion)]
+    prompts = [prompt(m, speed=v) for m, v in asked]
+    still_below = SPEEDS["slow"] / 2 if speeds else 0.5  # a slow square must count as moving
+    by_scale, videos = {}, {}
     for scale in guidance:  # the same noise at every scale
-        video = module.generate_video(prompts, seed=0, guidance_scale=scale).cpu()
-        by_scale[scale] = classify(video, travel)
+        videos[scale] = module.generate_video(prompts, seed=0, guidance_scale=scale).cpu()
+        by_scale[scale] = classify(videos[scale], travel, still_below)
     drawn = by_scale[guidance[0]]
-    moving = [m for m in MOTIONS if m != "still"]
-    motions = [moving[i % len(moving)] for i in range(clips)]
+    result = {}
+    if speeds:
+        moving = [i for i, (m, _) in enumerate(asked) if m != "still"]
+        gone = along(videos[guidance[0]][moving], [asked[i][0] for i in moving]) / travel
+        fast = (gone >= 0.75).tolist()
+        slow = ((gone >= 0.25) & (gone < 0.75)).tolist()
+        right = [
+            drawn[i] == asked[i][0] and (fast[k] if asked[i][1] == "fast" else slow[k])
+            for k, i in enumerate(moving)
+        ]
+        result["speed_accuracy"] = float(np.mean(right))
+        for v in SPEEDS:
+            ratio = [gone[k].item() / SPEEDS[v] for k, i in enumerate(moving) if asked[i][1] == v]
+            result[f"travel_ratio_{v}"] = float(np.median(ratio))
+    moving_motions = [m for m in MOTIONS if m != "still"]
+    motions = [moving_motions[i % len(moving_motions)] for i in range(clips)]
     real = render(motions, frames, travel, np.random.default_rng(7))
-    told = [PROMPTS[m] for m in motions]
+    told = [prompt(m, speed="fast" if speeds else None) for m in motions]  # the full travel
     flipped = [reverse_directions(p) for p in told]
     rows = []
     for t in TIMES:  # the same noise (seed 0) under both prompts
@@ -247,12 +291,15 @@ def measure(
                 "travel_reversed_prompt": along(pred[1], motions).mean().item(),
             }
         )
-    accuracy = {s: float(np.mean([d == a for d, a in zip(v, asked)])) for s, v in by_scale.items()}
+    accuracy = {
+        s: float(np.mean([d == a[0] for d, a in zip(v, asked)])) for s, v in by_scale.items()
+    }
     counts = {m: drawn.count(m) for m in [*MOTIONS, "none"]}
     return {
         "motion_accuracy": accuracy[guidance[0]],
         "motion_accuracy_by_guidance": accuracy,
         "drawn": counts,
+        **result,
         "rows": rows,
     }
 
@@ -312,6 +359,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar=f"1..{len(COLOURS)}",
         help="colours the square is drawn in, named in the prompt (1: red only)",
     )
+    p.add_argument(
+        "--speeds",
+        action="store_true",
+        help="moving squares go slowly (half the travel) or quickly, as the prompt says",
+    )
     p.add_argument("--label", default=None, help="names the result files")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
@@ -326,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         label += f"_rope{a.video_rope}"
     if a.colours > 1:
         label += f"_colours{a.colours}"
+    if a.speeds:
+        label += "_speeds"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = build(
         a.frames,
@@ -337,9 +391,24 @@ def main(argv: list[str] | None = None) -> None:
         a.video_rope,
     ).to(device)
     loss, steps = train(
-        module, a.steps, a.frames, a.travel, a.batch, a.seed, minutes=a.minutes, colours=a.colours
+        module,
+        a.steps,
+        a.frames,
+        a.travel,
+        a.batch,
+        a.seed,
+        minutes=a.minutes,
+        colours=a.colours,
+        speeds=a.speeds,
     )
-    result = measure(module, a.frames, a.travel, guidance=tuple(a.guidance))
+    result = measure(module, a.frames, a.travel, guidance=tuple(a.guidance), speeds=a.speeds)
+    speed = (
+        f" Sampled speed accuracy **{result['speed_accuracy']:.3f}** (direction and speed both "
+        f"right; chance about 0.1); median travel over the asked distance: slow "
+        f"{result['travel_ratio_slow']:.2f}, fast {result['travel_ratio_fast']:.2f}."
+        if a.speeds
+        else ""
+    )
     table = (
         f"# Motion probe: {label}\n\n{steps} steps at batch {a.batch}, {a.frames} frames, "
         f"travel {a.travel} px, video positions {'on' if a.video_positions else 'off'}, pooled "
@@ -350,7 +419,9 @@ def main(argv: list[str] | None = None) -> None:
         f"**{result['motion_accuracy']:.3f}** at guidance {a.guidance[0]} (chance 0.2; drawn: "
         f"{result['drawn']}); by guidance scale: "
         + ", ".join(f"{s}: {v:.3f}" for s, v in result["motion_accuracy_by_guidance"].items())
-        + ". One-step travel along the true direction (pixels; "
+        + "."
+        + speed
+        + " One-step travel along the true direction (pixels; "
         f"real clips: {a.travel}), with the true and the reversed prompt:\n\n"
         + markdown_table(result["rows"], ["t", "travel", "travel_reversed_prompt"])
     )

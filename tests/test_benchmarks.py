@@ -333,6 +333,19 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
         (tmp_path / "motion_positions_pooled_ropemixed_colours3_cpu.json").read_text()
     )
     assert result["args"]["colours"] == 3 and result["args"]["video_rope"] == "mixed"
+    # --speeds: a slow square travels half as far, the prompt says which; real clips score 1
+    assert motion.prompt("left", speed="slow") == "a red square moves slowly left"
+    assert motion.prompt("still", speed="fast") == "a red square does not move"
+    asked = [("left", "slow"), ("up", "fast"), ("still", None), ("right", "slow")]
+    travels = [12.0 * motion.SPEEDS[v] if v else 12.0 for _, v in asked]
+    clips = motion.render([m for m, _ in asked], 4, travels, np.random.default_rng(0))
+    assert motion.classify(clips, 12.0, still_below=0.25) == [m for m, _ in asked]
+    gone = motion.along(clips, [m for m, _ in asked]).tolist()
+    assert gone == pytest.approx([6.0, 12.0, 0.0, 6.0], abs=0.05)
+    motion.main([*args, "--speeds", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "motion_positions_speeds_cpu.json").read_text())
+    assert 0.0 <= result["speed_accuracy"] <= 1.0 and sum(result["drawn"].values()) == 108
+    assert {"travel_ratio_slow", "travel_ratio_fast"} <= set(result)
 
 
 def test_quality_stages_start_after_the_stage_they_start_from(tmp_path):
