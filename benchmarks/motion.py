@@ -265,17 +265,24 @@ def measure(
     result = {}
     if speeds:
         moving = [i for i, (m, _) in enumerate(asked) if m != "still"]
-        gone = along(videos[guidance[0]][moving], [asked[i][0] for i in moving]) / travel
-        fast = (gone >= 0.75).tolist()
-        slow = ((gone >= 0.25) & (gone < 0.75)).tolist()
-        right = [
-            drawn[i] == asked[i][0] and (fast[k] if asked[i][1] == "fast" else slow[k])
-            for k, i in enumerate(moving)
-        ]
-        result["speed_accuracy"] = float(np.mean(right))
-        for v in SPEEDS:
-            ratio = [gone[k].item() / SPEEDS[v] for k, i in enumerate(moving) if asked[i][1] == v]
-            result[f"travel_ratio_{v}"] = float(np.median(ratio))
+        by_speed = {}
+        for scale, video in videos.items():
+            gone = along(video[moving], [asked[i][0] for i in moving]) / travel
+            fast = (gone >= 0.75).tolist()
+            slow = ((gone >= 0.25) & (gone < 0.75)).tolist()
+            right = [
+                by_scale[scale][i] == asked[i][0]
+                and (fast[k] if asked[i][1] == "fast" else slow[k])
+                for k, i in enumerate(moving)
+            ]
+            scored = {"speed_accuracy": float(np.mean(right))}
+            for v in SPEEDS:
+                ratio = [
+                    gone[k].item() / SPEEDS[v] for k, i in enumerate(moving) if asked[i][1] == v
+                ]
+                scored[f"travel_ratio_{v}"] = float(np.median(ratio))
+            by_speed[scale] = scored
+        result = {**by_speed[guidance[0]], "speed_by_guidance": by_speed}
     moving_motions = [m for m in MOTIONS if m != "still"]
     motions = [moving_motions[i % len(moving_motions)] for i in range(clips)]
     real = render(motions, frames, travel, np.random.default_rng(7))
@@ -405,7 +412,14 @@ def main(argv: list[str] | None = None) -> None:
     speed = (
         f" Sampled speed accuracy **{result['speed_accuracy']:.3f}** (direction and speed both "
         f"right; chance about 0.1); median travel over the asked distance: slow "
-        f"{result['travel_ratio_slow']:.2f}, fast {result['travel_ratio_fast']:.2f}."
+        f"{result['travel_ratio_slow']:.2f}, fast {result['travel_ratio_fast']:.2f}; by guidance "
+        "scale: "
+        + ", ".join(
+            f"{g}: {r['speed_accuracy']:.3f} ({r['travel_ratio_slow']:.2f} / "
+            f"{r['travel_ratio_fast']:.2f})"
+            for g, r in result["speed_by_guidance"].items()
+        )
+        + "."
         if a.speeds
         else ""
     )

@@ -346,6 +346,10 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
     result = json.loads((tmp_path / "motion_positions_speeds_cpu.json").read_text())
     assert 0.0 <= result["speed_accuracy"] <= 1.0 and sum(result["drawn"].values()) == 108
     assert {"travel_ratio_slow", "travel_ratio_fast"} <= set(result)
+    speed = result["speed_by_guidance"]
+    assert (
+        set(speed) == {"3.0", "1.0"} and speed["3.0"]["speed_accuracy"] == result["speed_accuracy"]
+    )
 
 
 def test_quality_stages_start_after_the_stage_they_start_from(tmp_path):
