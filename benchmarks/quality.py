@@ -302,7 +302,7 @@ def start_warm_ups(work: Path, stages: list[str], preset: dict) -> threading.Thr
         for name in stages:
             log = work / WARM_UP / name / "train.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            started = time.time()
+            began = time.time()
             with log.open("w") as out:
                 code = subprocess.call(
                     stage_command(work, name, preset, warm_up=True),
@@ -310,7 +310,7 @@ def start_warm_ups(work: Path, stages: list[str], preset: dict) -> threading.Thr
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
-            took = time.time() - started
+            took = time.time() - began
             status = "compiled" if code == 0 else f"failed (exit {code}; see {log})"
             print(f"[bench] warm-up {name}: {status} in {took:.0f} s", flush=True)
 

@@ -78,22 +78,29 @@ def test_quality_warms_up_the_graphs_of_later_stages(tmp_path, monkeypatch):
 
 
 def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
-    """Two stages keep CI short; the other stages run the same train/evaluate code."""
+    """Three stages (each scored variant once) keep CI short; the other stages run the same
+    train/evaluate code."""
     monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
     work, out = tmp_path / "work", tmp_path / "out"
-    args = ["all", "--preset", "toy", "--stages", "generator", "recall_causal"]
+    args = ["all", "--preset", "toy", "--stages", "generator", "twin", "recall_causal"]
     quality.main([*args, "--work", str(work), "--out", str(out)])
     result = json.loads((out / "quality.json").read_text())
     rows = {(r["stage"], r["split"]): r for r in result["rows"]}
-    # raw: the EMA ablation
-    stages = ("generator", "recall_causal", "recall_causal (raw weights)")
+    # raw: the EMA ablation; ddim: the sampler ablation
+    stages = (
+        "generator",
+        "twin",
+        "twin (ddim eta 1)",
+        "recall_causal",
+        "recall_causal (raw weights)",
+    )
     assert set(rows) == {(s, split) for s in stages for split in ("test", "unseen")}
     for split in ("test", "unseen"):
         assert 0.0 <= rows["recall_causal", split]["v2t/attr_accuracy"] <= 1.0
         assert 0.0 < rows["recall_causal", split]["v2t/attr_ceiling"] <= 1.0  # true prompts'
 
         assert "v2t/attr_accuracy" not in rows["generator", split]  # no caption stream
-        for stage in ("generator", "recall_causal"):
+        for stage in ("generator", "twin", "recall_causal"):
             assert 0.0 <= rows[stage, split]["t2v/adherence_accuracy"] <= 1.0
     for plot in ("quality_losses.png", "quality_metrics.png", "quality_samples.png"):
         assert (out / plot).stat().st_size > 0
