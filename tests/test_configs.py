@@ -83,12 +83,17 @@ def test_wan_configs_parse_without_instantiating(capsys):
         assert ema[0]["init_args"]["device"] == "cuda"
 
 
-def test_refine_configs_move_the_video_path_gently_and_keep_generating(capsys):
-    for name, recall in (("refine.yaml", "recall.yaml"), ("wan1.3b_refine.yaml", WAN[0])):
+def test_refine_configs_train_the_video_path_and_keep_generating(capsys):
+    """Both refine configs train attention with text->video in the mix; the pretrained Wan's
+    moves gently (a lower video lr), the synthetic world's still-learning generator does not."""
+    for name, recall, gentle in (
+        ("refine.yaml", "recall.yaml", False),
+        ("wan1.3b_refine.yaml", WAN[0], True),
+    ):
         config = print_config(capsys, name)
         phase = get_phase(config["phase"])
         assert {"video", "text_experts", "text_embed"} <= set(phase.trainable)
-        assert phase.group_lr("video") < phase.group_lr("text_experts")
+        assert (phase.group_lr("video") < phase.group_lr("text_experts")) is gentle
         assert phase.caption_target == "caption" and phase.task_mix["t2v"] > 0
         assert config["init_from"].startswith(
             print_config(capsys, recall)["trainer"]["default_root_dir"]
