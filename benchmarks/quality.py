@@ -19,6 +19,8 @@ same two phases with the discrete-flow caption stream, the paper's), ``recall_sc
 paper's claim: recall from no generator, trained as long as generator + recall),
 ``refine_frozen`` (refine with every attention weight frozen, the earlier recipe),
 ``recall_causal_caption1`` (recall_causal with the caption loss at 1.0 instead of 0.1),
+``recall_causal_caption_heavy`` -> ``refine_causal_caption_heavy`` (the main pair with the
+caption-heavy task mixes it used before, which the Wan configs keep),
 ``generator_previous`` (the generator with the recipe before the mixed rope and the pooled
 prompt), ``generator_b64`` (the generator at the batch of 64 clips and lr the suite used before
 batches of 256) and
@@ -54,6 +56,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -186,6 +189,25 @@ STAGES: dict[str, Stage] = {
         extra=(*CAUSAL, "--phase={preset: recall, loss_weights: {video: 1.0, text: 1.0}}"),
     ),
     "refine_causal": Stage("conf/refine.yaml", (4,), init="recall_causal", extra=CAUSAL),
+    # recall_causal -> refine_causal with the caption-heavy mixes before 1911eae (the Wan
+    # configs' recipe): recall t2v 0.6, refine t2v 0.2 with the generator at 0.3x the lr; their
+    # ablation at the same budget, side by side with the main pair (ablation.md, part 16)
+    "recall_causal_caption_heavy": Stage(
+        "conf/recall.yaml",
+        (3,),
+        init="generator",
+        extra=(*CAUSAL, "--phase={preset: recall, task_mix: {t2v: 0.6, v2t: 0.3, joint: 0.1}}"),
+    ),
+    "refine_causal_caption_heavy": Stage(
+        "conf/refine.yaml",
+        (4,),
+        init="recall_causal_caption_heavy",
+        extra=(
+            *CAUSAL,
+            "--phase={preset: refine, lr_groups: {video: 0.3, prompt_encoder: 0.3}, "
+            "task_mix: {t2v: 0.2, v2t: 0.6, joint: 0.2}}",
+        ),
+    ),
     # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
     # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`
     "generator_previous": Stage(
@@ -300,8 +322,11 @@ def start_warm_ups(work: Path, stages: list[str], preset: dict) -> threading.Thr
 
     def chain() -> None:
         for name in stages:
+            # an earlier invocation's warm-up folder is scratch: the fit refuses a folder that
+            # holds another run, and the graph it compiled is in the compile cache, not there
+            shutil.rmtree(work / WARM_UP / name, ignore_errors=True)
             log = work / WARM_UP / name / "train.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
+            log.parent.mkdir(parents=True)
             began = time.time()
             with log.open("w") as out:
                 code = subprocess.call(

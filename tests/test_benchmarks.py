@@ -69,8 +69,13 @@ def test_quality_warms_up_the_graphs_of_later_stages(tmp_path, monkeypatch):
     preset = quality.PRESETS["toy"]
     cmd = quality.stage_command(tmp_path, "refine_causal", preset, warm_up=True)
     assert "--init_from=null" in cmd and not any(str(tmp_path / "recall_causal") in a for a in cmd)
-    # the command runs: a few steps of the stage's CLI, in <work>/_warm_up/<stage>
+    # the command runs: a few steps of the stage's CLI, in <work>/_warm_up/<stage>, replacing
+    # the warm-up of an earlier invocation (a later wave's call warms the same stage again)
     monkeypatch.setenv("LIGHTNING_VIGU_CACHE", str(tmp_path / "cache"))
+    earlier = tmp_path / quality.WARM_UP / "generator"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "config.yaml").write_text("seed_everything: 0\n")
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier warm-up")
     quality.start_warm_ups(tmp_path, ["generator"], preset).join()
     log = (tmp_path / quality.WARM_UP / "generator" / "train.log").read_text()
     assert f"max_steps={quality.WARM_UP_STEPS}` reached" in log, log[-2000:]
