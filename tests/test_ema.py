@@ -72,3 +72,42 @@ def test_integer_buffers_are_copied_not_averaged():
         model(torch.randn(5, 3))
         ours.update_parameters(model)
     assert int(ours.module.num_batches_tracked) == 3
+
+
+def test_the_kept_pairing_follows_a_replaced_parameter_a_moved_one_and_a_converted_one():
+    """The update pairs averaged and live tensors once and keeps the pairing; a parameter
+    replaced by a new tensor, one whose data was swapped, or a module cast to another dtype
+    (averaged through a conversion) must be followed, as a fresh pairing would."""
+    from callbacks.ema import WarmupAveragedModel
+
+    def step(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    ours = WarmupAveragedModel(model, WarmupEMA(0.9))
+    reference = AveragedModel(model, multi_avg_fn=WarmupEMA(0.9), use_buffers=True)
+
+    def update():
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+
+    for _ in range(3):
+        step(model)
+        update()
+    plan = ours._plan
+    model[0].weight = torch.nn.Parameter(torch.randn(3, 4))  # a new tensor in its place
+    update()
+    assert ours._plan is not plan  # paired again
+    model[1].bias.data = torch.randn(3)  # same parameter, new data
+    update()
+    model.double()  # the live module in float64: averaged in float32 through a conversion
+    step(model)
+    ours.update_parameters(model)
+    reference.update_parameters(model.float())
+    model.double()
+    assert len(ours._plan.converted) == 4
+    for a, b in zip(ours.module.parameters(), reference.module.parameters()):
+        torch.testing.assert_close(a, b)
