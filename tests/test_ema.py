@@ -74,7 +74,7 @@ def test_integer_buffers_are_copied_not_averaged():
     assert int(ours.module.num_batches_tracked) == 3
 
 
-def test_the_kept_pairing_follows_a_replaced_parameter_a_moved_one_and_a_converted_one():
+def test_the_kept_pairing_follows_replaced_swapped_and_cast_tensors():
     """The update pairs averaged and live tensors once and keeps the pairing; a parameter
     replaced by a new tensor, one whose data was swapped, or a module cast to another dtype
     (averaged through a conversion) must be followed, as a fresh pairing would."""
