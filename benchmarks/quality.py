@@ -547,6 +547,18 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "joint/agreement",
     ]
     table = markdown_table(rows, cols)
+    generated = [r for r in rows if "t2v/adherence_accuracy" in r]
+    if generated:  # what holds adherence down: the attributes, and how far objects travel
+        per_attribute = ["stage", "split", "t2v/adherence_accuracy"]
+        per_attribute += [f"t2v/adherence_{a}" for a in ("colour", "shape", "motion", "speed")]
+        per_attribute += ["t2v/adherence_floor_speed"]
+        per_attribute += ["t2v/travel_ratio_slow", "t2v/travel_ratio_fast"]
+        table += (
+            "\n\nPrompt adherence per attribute the prompt states (`adherence_floor_speed`: "
+            "real clips against other clips' prompts, for speed; `travel_ratio_slow` / "
+            "`_fast`: the median travel over the distance asked, of objects asked to move "
+            "slowly / quickly):\n\n" + markdown_table(generated, per_attribute)
+        )
     payload = {
         "measured_on": raw.get("stamp"),
         "preset": raw.get("preset"),

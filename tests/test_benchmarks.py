@@ -109,6 +109,10 @@ def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
             assert 0.0 <= rows[stage, split]["t2v/adherence_accuracy"] <= 1.0
     for plot in ("quality_losses.png", "quality_metrics.png", "quality_samples.png"):
         assert (out / plot).stat().st_size > 0
+    # the per-attribute table: a header and one row per scored generation (every row here)
+    per_attribute = (out / "quality.md").read_text().split("Prompt adherence per attribute")[1]
+    assert "t2v/adherence_speed" in per_attribute and "t2v/travel_ratio_fast" in per_attribute
+    assert sum(line.startswith("| ") for line in per_attribute.splitlines()) == 1 + len(rows)
     # samples of other stages beside the raw file (another run's) are not drawn as this run's
     grid = (out / "quality_samples.png").read_bytes()
     torch.save({"recall_scratch": {}}, work / "samples.pt")
