@@ -196,17 +196,13 @@ STAGES: dict[str, Stage] = {
         "conf/recall.yaml",
         (3,),
         init="generator",
-        extra=(*CAUSAL, "--phase={preset: recall, task_mix: {t2v: 0.6, v2t: 0.3, joint: 0.1}}"),
+        extra=(*CAUSAL, "--phase=recall_caption_heavy"),
     ),
     "refine_causal_caption_heavy": Stage(
         "conf/refine.yaml",
         (4,),
         init="recall_causal_caption_heavy",
-        extra=(
-            *CAUSAL,
-            "--phase={preset: refine, lr_groups: {video: 0.3, prompt_encoder: 0.3}, "
-            "task_mix: {t2v: 0.2, v2t: 0.6, joint: 0.2}}",
-        ),
+        extra=(*CAUSAL, "--phase=refine_caption_heavy"),
     ),
     # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
     # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`

@@ -306,7 +306,9 @@ def test_wan_recipe_trains_recall_then_refine_on_a_tiny_wan_folder(wan_recipe):
     refine = ViGUCLI(
         args=["fit", "-c", str(CONF / WAN[1]), *_wan_args(wan, root, "refine", recall_ckpt)]
     )
-    assert refine.trainer.global_step == 2 and refine.model.phase.name == "refine"
+    assert refine.trainer.global_step == 2
+    assert refine.model.phase.name == "refine_caption_heavy"  # the Wan recipe's refine
+    assert refine.model.phase.caption_target == "caption"
     after = torch.load(root / "refine" / "last.ckpt", map_location="cpu", weights_only=False)
     video = [k for k in saved if k.startswith("model.") and parameter_group(k[6:]) == "video"]
     text = [k for k in saved if k.startswith("model.") and parameter_group(k[6:]) == "text_experts"]

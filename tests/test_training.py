@@ -126,7 +126,7 @@ def test_resume_mid_phase_gives_the_same_next_step_loss_and_phase(tmp_path):
         assert rec2.losses[step] == pytest.approx(rec.losses[step], rel=1e-5, abs=1e-6)
 
 
-def _weights_around_switch(tmp_path, refine: str | dict):
+def _weights_around_switch(tmp_path, refine: str):
     """A tiny module's weights at the first step of ``refine`` (after 2 steps of recall) and
     at the end (step 5), with the parameter names of each group."""
     module = tiny_module()
@@ -173,7 +173,7 @@ def test_frozen_video_path_is_bit_identical_after_switch_and_text_parts_change(t
 def test_refine_moves_attention_at_its_group_lr(tmp_path):
     """Refine trains the shared attention (captions must read what the prompt never said), here
     with the video group at a lower learning rate (conf/wan1.3b_refine.yaml's refine)."""
-    refine = {"preset": "refine", "lr_groups": {"video": 0.3}}
+    refine = "refine_caption_heavy"
     module, snapshot, after, video_keys, _ = _weights_around_switch(tmp_path, refine)
     attention = [k for k in video_keys if ".attn1.to_q." in k]
     assert attention and all(not torch.equal(after[k], snapshot[k]) for k in attention)
