@@ -46,8 +46,9 @@ held-out-combinations (``unseen``) split: caption attribute accuracy (parser), p
 A finished stage is skipped, a stage cut off part-way resumes from its ``last.ckpt`` and an
 evaluated stage is not evaluated again, so a run split over several device calls (``--waves``,
 ``--skip-eval``) goes on where the last one stopped. ``report`` adds BLEU-4 / METEOR / ROUGE-L /
-CIDEr-D (pycocoevalcap, Java) from the kept predictions and writes the table, the plots and the
-sample grid (``quality_samples.png``).
+CIDEr-D (pycocoevalcap, Java) from the kept predictions and writes the table, the plots, the
+sample grid (``quality_samples.png``) and each stage's difference from ``twin`` with its
+interval of evaluation noise (:mod:`benchmarks.noise`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from benchmarks import noise
 from benchmarks.common import (
     ROOT,
     evaluate_checkpoint,
@@ -365,15 +367,31 @@ def train_waves(work: Path, stages: list[str], preset: dict, waves: tuple[int, .
 
 
 SAMPLES = 4  # clips per split whose generated videos and captions go into the sample grid
+FEATURES = "fvd_features.pt"  # beside the raw file: each scoring's FVD features per clip
+BASELINE = "twin"  # the stage whose differences from the others are read against noise
+
+
+def scored_key(stage: str, variant: str) -> str:
+    """A scoring's name in the raw file: the stage, and the variant unless ``ema``."""
+    return stage if variant == "ema" else f"{stage} ({variant})"
+
+
+def keep(path: Path, key: str, value) -> None:
+    """Store ``value`` under ``key`` in the torch file ``path`` (made when missing)."""
+    kept = torch.load(path, weights_only=False) if path.is_file() else {}
+    kept[key] = value
+    torch.save(kept, path)
 
 
 def evaluate_stage(
     work: Path, stage: str, preset: dict, data_args: dict, fvd, variant: str = "ema"
 ) -> dict:
     """Evaluate one stage's ``last.ckpt`` on the test and unseen splits: ``{split: metrics}``,
-    with the (reference, prediction) pairs under ``_predictions_v2t`` for ``report``. Scored
-    as :data:`VARIANTS` ``[variant]`` says; the plain ``ema`` scoring adds its samples to
-    ``<work>/samples.pt`` (uint8 videos and texts, rendered by ``report``)."""
+    with the (reference, prediction) pairs under ``_predictions_v2t`` and the generated
+    clips' keys and adherence checks under ``_per_clip_t2v`` (:data:`noise.PER_CLIP`) for
+    ``report``. Scored as :data:`VARIANTS` ``[variant]`` says; the plain ``ema`` scoring adds
+    its samples to ``<work>/samples.pt`` (uint8 videos and texts, rendered by ``report``);
+    with FVD, the clips' features go to ``<work>/fvd_features.pt`` (:data:`FEATURES`)."""
     weights, sampler = VARIANTS[variant]
     ckpt = work / stage / "checkpoints" / "last.ckpt"
     out = evaluate_checkpoint(
@@ -389,15 +407,20 @@ def evaluate_stage(
         sampler=sampler,
     )
     if variant == "ema":
-        path = work / "samples.pt"
-        kept = torch.load(path, weights_only=False) if path.is_file() else {}
-        test = out.get("test")
-        kept[stage] = {"test": test.samples if test else {}}  # the grid shows the test split
-        torch.save(kept, path)
+        test = out.get("test")  # the grid shows the test split
+        keep(work / "samples.pt", stage, {"test": test.samples if test else {}})
+    features = {
+        split: {"key": res.per_clip["key"], **res.fvd_features}
+        for split, res in out.items()
+        if res.fvd_features
+    }
+    if features:
+        keep(work / FEATURES, scored_key(stage, variant), features)
     return {
         split: {
             **res.metrics,
             **({} if res.predictions_v2t is None else {"_predictions_v2t": res.predictions_v2t}),
+            **({noise.PER_CLIP: res.per_clip} if res.per_clip else {}),
         }
         for split, res in out.items()
     }
@@ -443,7 +466,7 @@ def run(args) -> Path:
     todo = [(s, "ema") for s in stages]
     todo += [(s, v) for v, names in SCORED_AGAIN.items() for s in names if s in stages]
     for stage, variant in todo:
-        key = stage if variant == "ema" else f"{stage} ({variant})"
+        key = scored_key(stage, variant)
         if key in raw["stages"] and not args.reevaluate:
             continue
         seconds = (
@@ -490,7 +513,8 @@ def budget_timing(log: Path) -> dict:
 
 
 def report(raw_path: Path, out_dir: Path | None = None) -> Path:
-    """Caption metrics from the kept predictions, the results table and the plots."""
+    """Caption metrics from the kept predictions, the results table, the differences from the
+    twin against evaluation noise (:func:`benchmarks.noise.versus_baseline`) and the plots."""
     from lightning_vigu.metrics import CaptionMetrics
 
     raw = json.loads(Path(raw_path).read_text())
@@ -501,8 +525,14 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         base = key.split(" (")[0]
         return (names.index(base) if base in names else len(names), key)
 
-    for stage in sorted(raw["stages"], key=rank):
+    order = sorted(raw["stages"], key=rank)
+    path = Path(raw_path).parent / FEATURES  # written by `run` beside its raw file
+    features = torch.load(path, weights_only=False) if path.is_file() else {}
+    evals = {s: raw["stages"][s]["eval"] for s in order}
+    versus_twin = noise.versus_baseline(evals, features, BASELINE)
+    for stage in order:
         for split, res in raw["stages"][stage]["eval"].items():
+            res.pop(noise.PER_CLIP, None)  # in the raw file only; quality.json: the intervals
             preds = res.pop("_predictions_v2t", None)
             if preds:
                 metric = CaptionMetrics()
@@ -560,6 +590,13 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         "preset": raw.get("preset"),
         "fvd_protocol": raw.get("fvd_protocol"),
         "rows": rows,
+        "evaluation_noise": {
+            "baseline": BASELINE,
+            "resamples": noise.RESAMPLES,
+            "seed": noise.SEED,
+            "level": noise.LEVEL,
+            "rows": versus_twin,
+        },
         "stages": raw["stages"],
     }
     m = raw.get("stamp") or {}
@@ -601,7 +638,9 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         kept = None
     if kept is None:
         head += "No sample grid for this run: `quality_samples.png` is not from it.\n\n"
-    out = write_results("quality", payload, head + table, out_dir)
+    out = write_results(
+        "quality", payload, head + table + "\n\n" + noise.markdown(versus_twin, BASELINE), out_dir
+    )
     plot(raw, rows, Path(out).parent)
     if kept is not None:
         sample_grid(kept, Path(out).parent)

@@ -133,11 +133,19 @@ class EvalResult:
         samples: with ``keep_samples``, the first clips' uint8 videos ``(N, T, H, W, 3)``
             under ``real`` / ``t2v`` / ``joint`` and their ``prompts`` / ``captions`` /
             ``joint_captions``; empty otherwise.
+        per_clip: ``t2v`` per clip, every rank's in key order: ``key`` and, on the synthetic
+            world, ``adherence_correct`` / ``adherence_checks`` (the prompt's attributes the
+            video shows / states: their sums over clips give ``t2v/adherence_accuracy``); empty
+            when ``t2v`` did not run.
+        fvd_features: with FVD, the features of the ``real`` and ``generated`` clips, ``(N, d)``
+            float32 in the order of ``per_clip["key"]``; empty otherwise.
     """
 
     metrics: dict[str, float]
     predictions_v2t: list[tuple[str, str]] | None = None
     samples: dict = field(default_factory=dict)
+    per_clip: dict[str, list] = field(default_factory=dict)
+    fvd_features: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _chunks(n: int, size: int) -> Iterable[slice]:
@@ -225,6 +233,8 @@ def evaluate(
     overrides = {"video_steps": steps, "text_steps": steps}
     results: dict[str, float] = {"num_videos": float(len(_gather(keys)))}
     samples: dict = {}
+    per_clip: dict[str, list] = {}
+    fvd_features: dict[str, Tensor] = {}
     predictions: list[tuple[str, str]] | None = None
     preds: list[str] = []
     if "v2t" in directions and getattr(getattr(module, "model", None), "has_text", True):
@@ -263,6 +273,7 @@ def evaluate(
         for sl in _chunks(n, batch_size):
             videos.append(module.generate_video(clips["prompt"][sl], seed=seeds[sl], **overrides).cpu())  # fmt: skip
         gen = torch.cat(videos)
+        per_clip["key"] = sorted(_gather(keys))
         if keep_samples:
             samples["t2v"] = quantize(gen[:keep_samples])
         if has_truth:
@@ -282,6 +293,10 @@ def evaluate(
                     for k, scene, m, real in zip(keys, scenes, clips["meta"], clips["video"])
                 ]
             )
+            per_clip.update(
+                adherence_correct=[sum(s[1].correct.values()) for s in scores],
+                adherence_checks=[len(s[1].correct) for s in scores],
+            )
             acc = mean_accuracy([s[1] for s in scores])
             results.update({f"t2v/adherence_{k}": v for k, v in acc.items()})
             floor = mean_accuracy([s[2] for s in scores])  # and per attribute (colour: chance)
@@ -296,10 +311,18 @@ def evaluate(
                     results[f"t2v/travel_ratio{suffix}"] = float(np.median(picked))
         if fvd is not None:
             fvd.reset()
+            features = []  # this rank's (real, generated) per clip, as lists to gather
             for sl in _chunks(n, batch_size):
                 fvd.update(clips["video"][sl].to(fvd.device), real=True)
+                real = fvd.last_features.float().tolist()  # B lists of d
                 fvd.update(gen[sl].to(fvd.device), real=False)
+                features += zip(real, fvd.last_features.float().tolist())
             results["t2v/fvd"] = float(fvd.compute())
+            rows = _by_key([(k, *f) for k, f in zip(keys, features)])  # per_clip's order
+            fvd_features = {
+                "real": torch.tensor([r[1] for r in rows]),  # (N, d) float32
+                "generated": torch.tensor([r[2] for r in rows]),  # (N, d) float32
+            }
         if clipscore is not None:
             clipscore.reset()
             for sl in _chunks(n, batch_size):
@@ -326,7 +349,7 @@ def evaluate(
         samples["prompts"] = list(clips["prompt"][:keep_samples])
         if predictions is not None:
             samples["captions"] = preds[:keep_samples]
-    return EvalResult(results, predictions, samples)
+    return EvalResult(results, predictions, samples, per_clip, fvd_features)
 
 
 class Evaluation(L.Callback):

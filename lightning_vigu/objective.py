@@ -2,7 +2,8 @@
 
 Per example a task is drawn from the phase's mix:
 
-* ``t2v``  -- video on the path at ``t_v``; caption stream holds the clean prompt (``t_x = 1``);
+* ``t2v``  -- video on the path at ``t_v``; caption stream holds the clean prompt (``t_x = 1``;
+  with causal captions, which the video never reads, the row holds no caption at all);
   video loss only; the prompt is dropped with probability ``cfg_dropout`` -- from the
   cross-attention condition *and* the caption stream (which then holds the empty canvas), so
   the unconditional branch of classifier-free guidance is a true null.
@@ -71,10 +72,20 @@ class LossOutput:
     tasks: Tensor
 
 
-def draw_tasks(b: int, phase: Phase, generator: torch.Generator, device: torch.device) -> Tensor:
-    """``(B,)`` task ids (indices of :data:`TASKS`) drawn from the phase's mix."""
-    probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS])
-    return to_device(torch.multinomial(probs, b, replacement=True, generator=generator), device)
+def draw_tasks(b: int, phase: Phase, generator: torch.Generator) -> Tensor:
+    """``(B,)`` task ids (indices of :data:`TASKS`, on the CPU) from the phase's mix.
+
+    Systematic sampling: ``B`` evenly spaced points, offset by one uniform draw, are read off
+    the mix's cumulative distribution. Each task gets ``floor`` or ``ceil`` of ``B`` times its
+    share, exactly its share on average, in a random order. A batch's task counts then vary by
+    one at most, so the rows that hold a caption take at most two shapes (the compiled step's
+    graphs), and a small batch of a rare task's share is not left to chance.
+    """
+    probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS], dtype=torch.float64)
+    bounds = (probs.cumsum(0) / probs.sum())[:-1]
+    points = (torch.arange(b, dtype=torch.float64) + torch.rand((), generator=generator)) / b
+    tasks = torch.bucketize(points, bounds, right=True)
+    return tasks[torch.randperm(b, generator=generator)]
 
 
 def condition_mask(
@@ -136,9 +147,8 @@ class UnifiedObjective:
         """
         c, b, dev = self.config, latents.shape[0], latents.device
         use_text = target_tokens is not None and phase.uses_text
-        tasks = (
-            draw_tasks(b, phase, generator, dev) if use_text else torch.full((b,), T2V, device=dev)
-        )
+        tasks_cpu = draw_tasks(b, phase, generator) if use_text else torch.full((b,), T2V)
+        tasks = to_device(tasks_cpu, dev)
         # 1. video times: clean for v2t, else sampled (Wan-style logit-normal / shift)
         t_v = to_device(
             continuous.sample_time(b, c.time_scheme, c.time_shift, generator=generator), dev
@@ -153,30 +163,38 @@ class UnifiedObjective:
         hide = condition_mask(tasks, phase, c.cfg_dropout, generator)
         cond = torch.where(hide[:, None, None], empty_context, context)
         # 3. caption stream: the clean prompt for t2v (the empty canvas when the prompt is
-        #    dropped), the target on the mixture path otherwise (drawn on the device); causal
-        #    captions hold the target shifted right behind the start token, clean
-        x_text = t_x = path_x = None
+        #    dropped), the target on the mixture path otherwise (drawn on the device). Causal
+        #    captions: the target shifted right behind the start token, clean, held only by the
+        #    rows that train the captions (the video never reads them: the other rows cost
+        #    what the generator's rows cost)
+        x_text = t_x = path_x = rows = None
         if use_text:
             t_x = to_device(torch.rand(b, generator=generator), dev) * (1 - c.text_time_eps)
             if self.path.causal:  # t_x was still drawn: the step's other draws stay the same
-                noisy, t_x = self.path.inputs(target_tokens), torch.ones_like(t_x)
+                rows = to_device(torch.nonzero(tasks_cpu != T2V).squeeze(1), dev)
+                target_tokens = target_tokens.index_select(0, rows)
+                x_text, t_x = self.path.inputs(target_tokens), torch.ones(len(rows), device=dev)
             else:
                 path_x = self.path.sample(target_tokens, t_x, noise_gen)
-                noisy = path_x.x_t
-            clean = prompt_tokens
-            if null_tokens is not None:
-                clean = torch.where(hide[:, None], null_tokens.to(dev), prompt_tokens)
-            x_text = torch.where((tasks == T2V)[:, None], clean, noisy)
-            t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
+                clean = prompt_tokens
+                if null_tokens is not None:
+                    clean = torch.where(hide[:, None], null_tokens.to(dev), prompt_tokens)
+                x_text = torch.where((tasks == T2V)[:, None], clean, path_x.x_t)
+                t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
         # 4. one forward over [video | caption]
-        out = model(path_v.x_t, t_v, cond, x_text, t_x)
+        if rows is not None and len(rows) == 0:  # no row trains the captions in this batch
+            out = model(path_v.x_t, t_v, cond)
+        elif rows is not None:
+            out = model(path_v.x_t, t_v, cond, x_text, t_x, text_rows=rows)
+        else:
+            out = model(path_v.x_t, t_v, cond, x_text, t_x)
         # 5. losses, each over the examples whose task trains it
         video_mask = (tasks != V2T).float()
         per_v = continuous.velocity_loss(out.velocity, path_v.dx_t, t_v, c.loss_weighting)
         video = _masked_mean(per_v, video_mask)
         text = acc = torch.zeros((), device=dev)
-        text_mask = (tasks != T2V).float()
-        if use_text:
+        text_mask = (tasks != T2V).float() if rows is None else torch.ones(len(rows), device=dev)
+        if use_text and out.text_logits is not None:
             logits = self.path.posterior_logits(out.text_logits)
             x_1 = target_tokens
             # None: every position; causal: the caption's tokens and its first end-of-text

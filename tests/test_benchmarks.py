@@ -110,9 +110,22 @@ def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
     for plot in ("quality_losses.png", "quality_metrics.png", "quality_samples.png"):
         assert (out / plot).stat().st_size > 0
     # the per-attribute table: a header and one row per scored generation (every row here)
-    per_attribute = (out / "quality.md").read_text().split("Prompt adherence per attribute")[1]
+    text = (out / "quality.md").read_text().split("Prompt adherence per attribute")[1]
+    per_attribute, versus_twin = text.split("Evaluation noise")
     assert "t2v/adherence_speed" in per_attribute and "t2v/travel_ratio_fast" in per_attribute
     assert sum(line.startswith("| ") for line in per_attribute.splitlines()) == 1 + len(rows)
+    # the evaluation noise: every other scoring against the twin, on each split's same clips
+    raw = json.loads((work / "quality_raw.json").read_text())["stages"]
+    for res in (r for stage in raw.values() for r in stage["eval"].values()):
+        if "t2v/adherence_accuracy" in res:  # its per-clip sums are the adherence
+            clips = res["_per_clip_t2v"]
+            accuracy = sum(clips["adherence_correct"]) / sum(clips["adherence_checks"])
+            assert accuracy == res["t2v/adherence_accuracy"]
+    noise = {(r["stage"], r["split"]): r for r in result["evaluation_noise"]["rows"]}
+    assert set(noise) == {key for key in rows if key[0] != "twin"}
+    for r in noise.values():
+        assert r["clips"] == 4 and -1 <= r["adherence_low"] <= r["adherence_high"] <= 1
+    assert sum(line.startswith("| ") for line in versus_twin.splitlines()) == 1 + len(noise)
     # samples of other stages beside the raw file (another run's) are not drawn as this run's
     grid = (out / "quality_samples.png").read_bytes()
     torch.save({"recall_scratch": {}}, work / "samples.pt")

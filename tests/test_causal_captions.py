@@ -71,6 +71,61 @@ def test_objective_is_the_next_token_cross_entropy_on_the_clean_video():
     assert out.video.item() == 0.0  # v2t only: no video loss
 
 
+def test_captions_of_some_rows_compute_what_the_masked_joint_pass_computes():
+    """Training passes the captions of the rows that train them only (``text_rows``): the
+    velocity of every row is the video-only pass's, each caption's logits the joint pass's,
+    and so are the gradients, with or without gradient checkpointing."""
+    model = _module("refine").model
+    with torch.no_grad():
+        for p in model.parameters():  # captions that depend on the video, a video that moves
+            p.add_(torch.randn_like(p) * 0.05)
+    video = torch.randn(5, model.config.in_channels, 2, 8, 8)
+    t_video, t_text = torch.rand(5) * 1000, torch.rand(2) * 1000
+    context = torch.randn(5, 8, model.config.text_dim)
+    text, rows = torch.randint(0, 50, (2, 24)), torch.tensor([3, 0])
+
+    def grads(out):
+        model.zero_grad()
+        (out.velocity.square().mean() + out.text_logits.square().mean()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    packed = model(video, t_video, context, text, t_text, text_rows=rows)
+    full_text = torch.zeros(5, 24, dtype=torch.long).index_copy(0, rows, text)
+    full_t = torch.zeros(5).index_copy(0, rows, t_text)
+    joint = model(video, t_video, context, full_text, full_t)
+    assert torch.equal(packed.velocity, model(video, t_video, context))
+    assert torch.allclose(packed.text_logits, joint.text_logits[rows], atol=1e-5)
+    expected = grads(model(video, t_video, context, text, t_text, text_rows=rows))
+    model.enable_gradient_checkpointing(True)
+    checkpointed = grads(model(video, t_video, context, text, t_text, text_rows=rows))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, checkpointed))
+    with pytest.raises(ValueError, match="len\\(text_rows\\)"):
+        model(video, t_video, context, text, t_text, text_rows=torch.tensor([1]))
+
+
+def test_only_the_rows_that_train_captions_hold_one():
+    """The objective passes the captions of the v2t / joint rows only; their loss is the
+    next-token cross-entropy of a joint pass over those rows."""
+    module = _module({"preset": "refine", "task_mix": {"t2v": 0.5, "v2t": 0.5}})
+    videos = torch.rand(4, 3, 2, 32, 32) * 2 - 1
+    captions = ["a red circle moves left .", "two shapes .", "a blue square .", "one star ."]
+    batch = {"video": videos, "prompt": captions, "caption": captions}
+    seen = []
+    forward = module.model.forward
+    module.model.forward = lambda *a, **k: seen.append(k.get("text")) or forward(*a, **k)
+    out = module.compute_loss(batch, module.phase, module.step_generator("train", 0))
+    rows = torch.nonzero(out.tasks == 1).squeeze(1)  # v2t
+    assert len(rows) == 2 and seen[0].shape[0] == 2 and int(out.num_text) == 2
+    latents, _, empty = module.batch_inputs(batch)
+    target = module.encode_canvas(captions)[rows]
+    ones = torch.ones(2)
+    logits = module.flow(latents[rows], ones, empty[rows], module.caption_path.inputs(target), ones)
+    ce = F.cross_entropy(logits.text_logits.flatten(0, 1), target.flatten(), reduction="none")
+    weight = module.caption_path.loss_weight(target)
+    expected = ((ce.view_as(target) * weight).sum(1) / weight.sum(1)).mean()
+    assert torch.allclose(out.text, expected, atol=1e-5)
+
+
 def test_captioning_from_the_video_memory_writes_what_full_passes_write():
     """The sampler reads the video once (its keys and values, every block) and passes only
     the caption canvas at each step; the captions equal decoding by full joint passes."""

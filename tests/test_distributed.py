@@ -245,9 +245,11 @@ def test_evaluate_gathers_caption_metrics_and_fvd_over_ranks(
         gathered = mine.metrics
         for key in keys:  # every rank reports the metric of all clips
             assert gathered[key] == pytest.approx(single[key], rel=1e-6), (rank, key)
-        # counts and predictions are gathered too, in key order: one process's
+        # counts, predictions and FVD features are gathered too, in key order: one process's
         assert gathered["num_videos"] == len(PROMPTS)
         assert mine.predictions_v2t == result.predictions_v2t
+        assert mine.per_clip == result.per_clip == {"key": sorted(_clips()["key"])}
+        torch.testing.assert_close(mine.fvd_features, result.fvd_features)
 
 
 # ---------------------------------------------------------------------------- the real model
@@ -305,5 +307,6 @@ def test_evaluation_numbers_do_not_depend_on_the_number_of_ranks(
     for rank in range(len(SHARDS)):
         mine = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
         assert mine.predictions_v2t == single.predictions_v2t, rank
+        assert mine.per_clip == single.per_clip, rank  # adherence checks per clip
         for key, value in single.metrics.items():
             assert mine.metrics[key] == pytest.approx(value, rel=1e-9, nan_ok=True), (rank, key)

@@ -96,7 +96,7 @@ def test_captioner_rewrites_a_handful_of_detailed_captions_exactly(caption_objec
     videos, records = world_clips(4, frames=4)
     phase = {"preset": "refine", "task_mix": {"v2t": 1.0}}
     module = memorise(
-        phase, videos, records, steps=120, frames=4, caption_objective=caption_objective
+        phase, videos, records, steps=160, frames=4, caption_objective=caption_objective
     )
     captions = module.caption(videos, seed=1)
     assert [words(c) for c in captions] == [words(r["caption"]) for r in records], captions

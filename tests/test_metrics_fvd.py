@@ -18,6 +18,7 @@ from lightning_vigu.metrics import (
     InceptionI3D,
     MetricUnavailable,
     frechet_distance,
+    frechet_distance_of_features,
     preprocess_videos,
 )
 
@@ -72,6 +73,21 @@ def test_frechet_distance_closed_form_for_diagonal_gaussians() -> None:
     )
 
 
+@pytest.mark.parametrize("n_real, n_fake, d", [(30, 20, 12), (300, 250, 12)])
+def test_frechet_distance_of_features_is_the_distance_of_their_gaussians(n_real, n_fake, d):
+    """Fewer clips than features (singular covariances, as 128 clips of 400 I3D logits) and
+    more; one call per set or a batch of sets."""
+    rng = np.random.default_rng(1)
+    real = torch.from_numpy(rng.standard_normal((2, n_real, d)) @ rng.standard_normal((d, d)))
+    fake = torch.from_numpy(rng.standard_normal((2, n_fake, d)) + 0.5)
+    batched = frechet_distance_of_features(real, fake)
+    assert batched.shape == (2,) and batched.dtype == torch.float64
+    for r, f, got in zip(real, fake, batched):
+        expected = frechet_distance(r.mean(0), torch.cov(r.T), f.mean(0), torch.cov(f.T))
+        assert frechet_distance_of_features(r, f).item() == pytest.approx(expected.item(), rel=1e-9)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
 def test_metric_matches_direct_computation() -> None:
     metric = FrechetVideoDistance(PooledLinear(), protocol=SMALL)
     assert metric.num_features == 5  # probed with a dummy clip
@@ -80,8 +96,13 @@ def test_metric_matches_direct_computation() -> None:
         metric.update(chunk, real=True)
     for chunk in fake.split(7):
         metric.update(chunk, real=False)
+    # the features of the last update are kept (a bootstrap of FVD reads them per clip)
+    torch.testing.assert_close(metric.last_features, metric.extract(fake[28:]))
     assert metric.real_outer.dtype == torch.float64
     value = metric.compute()
+    assert frechet_distance_of_features(
+        metric.extract(real), metric.extract(fake)
+    ).item() == pytest.approx(value.item(), rel=1e-9)
     direct = scipy_fd(metric.extract(real).numpy(), metric.extract(fake).numpy())
     assert value.item() == pytest.approx(direct, rel=1e-6)
     info = metric.protocol_dict()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from callbacks import PhaseSchedule
 from lightning_vigu.batch import collate_batch
 from lightning_vigu.module import UniViGU
-from lightning_vigu.objective import V2T, ObjectiveConfig, UnifiedObjective
+from lightning_vigu.objective import V2T, ObjectiveConfig, UnifiedObjective, draw_tasks
 from lightning_vigu.phases import Phase, get_phase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +244,17 @@ def test_tasks_follow_the_phase_mix_and_v2t_never_trains_video():
         torch.Generator().manual_seed(0),
     )
     assert set(out.tasks.tolist()) <= {V2T, 2} and int(out.num_video) == int((out.tasks == 2).sum())
+
+
+def test_task_counts_are_the_mix_rounded_down_or_up_and_exact_on_average():
+    phase, gen = get_phase("recall"), torch.Generator().manual_seed(0)  # 0.8 / 0.15 / 0.05
+    draws = torch.stack([draw_tasks(8, phase, gen) for _ in range(4000)])
+    counts = torch.stack([(draws == i).sum(1) for i in range(3)], 1)  # (draws, task)
+    assert set(counts[:, 0].tolist()) == {6, 7} and set(counts[:, 2].tolist()) == {0, 1}
+    assert torch.allclose(counts.float().mean(0) / 8, torch.tensor([0.8, 0.15, 0.05]), atol=0.01)
+    for row in (0, -1):  # the order is drawn too: every row is a caption row a fifth of the time
+        assert abs((draws[:, row] != 0).float().mean() - 0.2) < 0.03
+    assert set(draw_tasks(16, get_phase("refine_frozen"), gen).tolist()) <= {V2T, 2}
 
 
 def test_init_from_generator_checkpoint_copies_ffn_into_text_experts(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 NUM_TRAIN_TIMESTEPS = 1000.0
@@ -89,12 +90,18 @@ class FlowTimeModel:
         x_text: Tensor | None = None,
         t_text: Tensor | None = None,
         memory=None,
+        text_rows: Tensor | None = None,
     ) -> FlowPrediction:
         """Args are the model's, with ``t_video`` / ``t_text`` as ``(B,)`` flow times
-        (``memory``: a video memory of :meth:`video_memory` read in place of the video)."""
+        (``memory``: a video memory of :meth:`video_memory` read in place of the video;
+        ``text_rows``: the video rows that hold the causal captions ``x_text``)."""
         tv = None if t_video is None else flow_time_to_timestep(t_video)
         tt = None if t_text is None else flow_time_to_timestep(t_text)
-        if memory is None:
+        if text_rows is not None:
+            for t in (x_text, tt, text_rows):  # their count varies: one compiled graph for all
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            out = self.model(x_video, tv, context, text=x_text, t_text=tt, text_rows=text_rows)
+        elif memory is None:
             out = self.model(x_video, tv, context, text=x_text, t_text=tt)
         else:  # eager: the memory is Python state that a compiled graph would break on
             out = self.model.forward(x_video, tv, context, text=x_text, t_text=tt, memory=memory)

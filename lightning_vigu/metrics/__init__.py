@@ -17,6 +17,7 @@ from lightning_vigu.metrics.fvd import (
     FrechetVideoDistance,
     FVDProtocol,
     frechet_distance,
+    frechet_distance_of_features,
     preprocess_videos,
 )
 from lightning_vigu.metrics.i3d import I3DOutput, InceptionI3D, load_i3d
@@ -30,6 +31,7 @@ __all__ = [
     "MetricUnavailable",
     "VideoCLIPScore",
     "frechet_distance",
+    "frechet_distance_of_features",
     "java_available",
     "load_i3d",
     "preprocess_videos",

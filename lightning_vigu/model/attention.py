@@ -1,5 +1,6 @@
 """Attention of the unified block: one call over ``[video | caption]`` tokens (no mask, or the
-causal-caption mask of ``UniViGUConfig.causal_captions``).
+causal-caption mask of ``UniViGUConfig.causal_captions``), or, for causal captions held by some
+rows only, one call for the video and one for the captions (:meth:`WanAttention.forward_rows`).
 
 Backends: PyTorch SDPA (default; on Hopper it dispatches to cuDNN / flash kernels) and xformers'
 ``memory_efficient_attention`` when the package imports and its kernels load (optional; its
@@ -108,15 +109,45 @@ class WanAttention(nn.Module):
         ``x`` (see :class:`VideoMemory`).
         """
         kv = x if context is None else context
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, S, H, D)
-        k = self.norm_k(self.to_k(kv)).unflatten(2, (self.heads, -1))  # (B, S_kv, H, D)
-        v = self.to_v(kv).unflatten(2, (self.heads, -1))  # (B, S_kv, H, D)
+        q, k, v = self._qkv(x, kv)
         if context is None and (rope_video is not None or rope_text is not None):
             q, k = (self._rope(t, rope_video, rope_text, num_video) for t in (q, k))
         if memory is not None:
             k, v = memory.exchange(k, v)
-        out = attention(q, k, v, self.backend, mask).flatten(2, 3)  # (B, S, H * D)
-        return self.to_out[1](self.to_out[0](out.type_as(x)))
+        return self._out(attention(q, k, v, self.backend, mask), x)
+
+    def forward_rows(
+        self,
+        x_video: Tensor,
+        x_text: Tensor,
+        rows: Tensor,
+        rope_video: tuple[Tensor, Tensor],
+        rope_text: tuple[Tensor, Tensor],
+        text_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Causal-caption self-attention with the captions of some rows only: the video
+        ``(B, Lv, dim)`` attends to itself (no mask), each caption ``(Bt, Lt, dim)`` to its
+        row's video (``rows`` ``(Bt,)``: indices into the video's batch) and to itself under
+        ``text_mask`` ``(Lt, Lv + Lt)``. With ``rows = arange(B)`` this is :meth:`forward`
+        over ``[video | caption]`` with the causal mask, in two calls."""
+        qv, kv, vv = self._qkv(x_video, x_video)
+        qt, kt, vt = self._qkv(x_text, x_text)
+        qv, kv = (apply_rope_interleaved(t, *rope_video) for t in (qv, kv))
+        qt, kt = (apply_rope_half(t, *rope_text) for t in (qt, kt))
+        k = torch.cat([kv.index_select(0, rows), kt], dim=1)
+        v = torch.cat([vv.index_select(0, rows), vt], dim=1)
+        out_video = self._out(attention(qv, kv, vv, self.backend), x_video)
+        return out_video, self._out(attention(qt, k, v, self.backend, text_mask), x_text)
+
+    def _qkv(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised queries of ``x``, keys and values of ``kv``, ``(B, S, H, D)`` each."""
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        k = self.norm_k(self.to_k(kv)).unflatten(2, (self.heads, -1))
+        return q, k, self.to_v(kv).unflatten(2, (self.heads, -1))
+
+    def _out(self, attended: Tensor, x: Tensor) -> Tensor:
+        """The output projection of attended values ``(B, S, H, D)``, in ``x``'s dtype."""
+        return self.to_out[1](self.to_out[0](attended.flatten(2, 3).type_as(x)))
 
     @staticmethod
     def _rope(

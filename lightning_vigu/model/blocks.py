@@ -188,8 +188,45 @@ class UnifiedBlock(nn.Module):
         experts = router.pick(
             [(self.norm3, self.ffn), (getattr(self, "norm3_t", None), getattr(self, "ffn_t", None))]
         )
-        out = []
-        for p, (norm, ffn), m in zip(router.split(x), experts, mod):
-            h = _modulate(norm(p), m[3], m[4]).to(dtype)
-            out.append((p.float() + ffn(h).float() * m[5]).to(dtype))
-        return router.merge(out)
+        return router.merge(
+            [self._feed_forward(p, e, m) for p, e, m in zip(router.split(x), experts, mod)]
+        )
+
+    def forward_rows(
+        self,
+        x_video: Tensor,
+        x_text: Tensor,
+        rows: Tensor,
+        contexts: tuple[Tensor, Tensor],
+        mods: tuple[Tensor, Tensor],
+        rope_video: tuple[Tensor, Tensor],
+        rope_text: tuple[Tensor, Tensor],
+        text_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """One block over causal captions held by some rows of the batch only.
+
+        The video ``(B, Lv, dim)`` never reads a caption, so a row without one need not carry
+        any: the captions ``(Bt, Lt, dim)`` belong to the video rows ``rows`` ``(Bt,)`` and read
+        their keys and values (:meth:`WanAttention.forward_rows`). ``contexts`` and ``mods`` are
+        the video's and the captions' (``(B, ...)``, ``(Bt, ...)``); ``text_mask`` ``(Lt, Lv +
+        Lt)``. With every row's caption this computes :meth:`forward` under the causal mask.
+        """
+        dtype = x_video.dtype
+        mod = [(self.scale_shift_table + m.float()).chunk(6, dim=1) for m in mods]
+        xs = (x_video, x_text)
+        h = [_modulate(self.norm1(x), m[0], m[1]).to(dtype) for x, m in zip(xs, mod)]
+        attn = self.attn1.forward_rows(*h, rows, rope_video, rope_text, text_mask)
+        xs = [(x.float() + a * m[2]).to(dtype) for x, a, m in zip(xs, attn, mod)]
+        xs = [x + self.attn2(self.norm2(x).to(dtype), c) for x, c in zip(xs, contexts)]
+        experts = [(self.norm3, self.ffn), (self.norm3_t, self.ffn_t)]
+        video, text = (self._feed_forward(x, e, m) for x, e, m in zip(xs, experts, mod))
+        return video, text
+
+    @staticmethod
+    def _feed_forward(
+        x: Tensor, expert: tuple[nn.Module, nn.Module], mod: Sequence[Tensor]
+    ) -> Tensor:
+        """The gated, modulated feed-forward of one modality's tokens (its norm and FFN)."""
+        norm, ffn = expert
+        h = _modulate(norm(x), mod[3], mod[4]).to(x.dtype)
+        return (x.float() + ffn(h).float() * mod[5]).to(x.dtype)

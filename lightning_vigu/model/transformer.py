@@ -240,6 +240,7 @@ class UniViGUTransformer(nn.Module):
         text: Tensor | None = None,
         t_text: Tensor | float | None = None,
         memory: VideoMemory | None = None,
+        text_rows: Tensor | None = None,
     ) -> Tensor | UniViGUOutput:
         """Denoise video latents and/or caption tokens in one pass.
 
@@ -251,14 +252,20 @@ class UniViGUTransformer(nn.Module):
             t_text: ``(B,)`` or scalar generator timestep of the caption.
             memory: causal captions only: a :class:`VideoMemory` from :meth:`video_memory`; the
                 caption canvas (``video=None``) then reads the video from it.
+            text_rows: causal captions only: ``(Bt,)`` distinct indices of the video rows that
+                hold a caption; ``text`` ``(Bt, Lt)`` and ``t_text`` ``(Bt,)`` are theirs, in
+                that order. The video never reads a caption, so the rows without one cost what
+                the generator's do (the training step of rows that only generate video); the
+                logits are ``(Bt, Lt, V)``.
 
         Returns:
             With ``text=None``: the video velocity ``(B, out_channels, T, H, W)`` (same as
             diffusers' ``WanTransformer3DModel(...).sample``). Otherwise
             :class:`UniViGUOutput` ``(velocity or None, text_logits (B, Lt, V) float32)``.
         """
+        if text_rows is not None:
+            return self._forward_rows(video, t_video, context, text, t_text, text_rows)
         c = self.config
-        b = context.shape[0]
         self._check_inputs(video, context, text)
         if memory is not None and not memory.recording:
             if video is not None or text is None:
@@ -268,23 +275,12 @@ class UniViGUTransformer(nn.Module):
         tokens, mods, rope_video, rope_text, grid = [], [], None, None, None
         temb_v = temb_t = None
         if video is not None:
-            _, _, f, h, w = video.shape
-            p_t, p_h, p_w = c.patch_size
-            grid = (f // p_t, h // p_h, w // p_w)
-            rope_video = self.rope(grid)
-            x_v = self.patch_embedding(video).flatten(2).transpose(1, 2)  # (B, Lv, D)
-            if c.video_absolute_positions:  # a token's value says which frame and place it is
-                x_v = x_v + sincos_3d(*grid, c.dim, video.device).to(x_v.dtype)
+            x_v, grid, rope_video, temb_v, mod_v = self._embed_video(video, t_video, context)
             tokens.append(x_v)
-            temb_v, mod_v = self.condition_embedder(_as_batch(t_video, b, video.device), context)
             mods.append(mod_v)
         if text is not None:
-            x_t = self.vocab_embed(text)  # (B, Lt, D)
-            if c.text_absolute_positions:  # a token's value says where on the canvas it is
-                x_t = x_t + sincos_3d(1, 1, text.shape[1], c.dim, text.device).to(x_t.dtype)
+            x_t, rope_text, temb_t, mod_t = self._embed_text(text, t_text)
             tokens.append(x_t.to(tokens[0].dtype if tokens else x_t.dtype))
-            rope_text = self.rope_text(text.shape[1], text.device)
-            temb_t, mod_t = self.time_embedding_t(_as_batch(t_text, b, text.device))
             mods.append(mod_t)
         router = ModalityRouter(
             tokens[0].shape[1] if video is not None else 0, text.shape[1] if text is not None else 0
@@ -317,6 +313,75 @@ class UniViGUTransformer(nn.Module):
             )
         if text is None:
             return velocity
+        return UniViGUOutput(velocity, logits)
+
+    def _embed_video(
+        self, video: Tensor, t_video: Tensor | float | None, context: Tensor
+    ) -> tuple[Tensor, tuple[int, int, int], tuple[Tensor, Tensor], Tensor, Tensor]:
+        """Video tokens ``(B, Lv, D)``, their grid, rope, time embedding and modulation."""
+        c = self.config
+        _, _, f, h, w = video.shape
+        p_t, p_h, p_w = c.patch_size
+        grid = (f // p_t, h // p_h, w // p_w)
+        x_v = self.patch_embedding(video).flatten(2).transpose(1, 2)  # (B, Lv, D)
+        if c.video_absolute_positions:  # a token's value says which frame and place it is
+            x_v = x_v + sincos_3d(*grid, c.dim, video.device).to(x_v.dtype)
+        t = _as_batch(t_video, video.shape[0], video.device)
+        temb, mod = self.condition_embedder(t, context)
+        return x_v, grid, self.rope(grid), temb, mod
+
+    def _embed_text(
+        self, text: Tensor, t_text: Tensor | float | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor, Tensor]:
+        """Caption tokens ``(B, Lt, D)``, their rope, time embedding and modulation."""
+        c = self.config
+        x_t = self.vocab_embed(text)  # (B, Lt, D)
+        if c.text_absolute_positions:  # a token's value says where on the canvas it is
+            x_t = x_t + sincos_3d(1, 1, text.shape[1], c.dim, text.device).to(x_t.dtype)
+        temb, mod = self.time_embedding_t(_as_batch(t_text, text.shape[0], text.device))
+        return x_t, self.rope_text(text.shape[1], text.device), temb, mod
+
+    def _forward_rows(
+        self,
+        video: Tensor,
+        t_video: Tensor | float | None,
+        context: Tensor,
+        text: Tensor | None,
+        t_text: Tensor | float | None,
+        rows: Tensor,
+    ) -> UniViGUOutput:
+        """:meth:`forward` with ``text_rows``: the video stream over every row, the causal
+        captions over theirs (:meth:`UnifiedBlock.forward_rows`)."""
+        if not self.config.causal_captions:
+            raise ValueError(
+                "text_rows needs causal_captions: otherwise every video token reads the caption "
+                "of its row, and a row without one is another model's input"
+            )
+        if video is None or text is None:
+            raise ValueError("text_rows needs both a video and the captions of those rows")
+        self._check_inputs(video, context, None)
+        if rows.ndim != 1 or text.ndim != 2 or text.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"text must be (Bt, Lt) with Bt = len(text_rows) = {tuple(rows.shape)}, "
+                f"got {tuple(text.shape)}"
+            )
+        x_v, grid, rope_video, temb_v, mod_v = self._embed_video(video, t_video, context)
+        x_t, rope_text, temb_t, mod_t = self._embed_text(text, t_text)
+        x_t = x_t.to(x_v.dtype)
+        ctx = self.condition_embedder.text_embedder(context.to(x_v.dtype))  # (B, Lc, D)
+        contexts = (ctx, ctx.index_select(0, rows))
+        lv, lt = x_v.shape[1], x_t.shape[1]
+        text_mask = self._causal_mask(ModalityRouter(lv, lt), x_v.device)[lv:]  # (Lt, Lv + Lt)
+        for i, block in enumerate(self.blocks):
+            args = (x_v, x_t, rows, contexts, (mod_v, mod_t), rope_video, rope_text, text_mask)
+            if torch.is_grad_enabled() and i < self.gradient_checkpointing:
+                x_v, x_t = checkpoint(block.forward_rows, *args, use_reentrant=False)
+            else:
+                x_v, x_t = block.forward_rows(*args)
+        velocity = self._video_head(x_v, temb_v, grid)
+        logits = self.text_head(
+            x_t, (self.scale_shift_table_t + temb_t.unsqueeze(1)).chunk(2, dim=1)
+        )
         return UniViGUOutput(velocity, logits)
 
     @staticmethod
