@@ -43,7 +43,7 @@ from callbacks.ema import WarmupAveragedModel, WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
 from lightning_vigu.batch import batch_to_device, video_as_float
 from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, _rope_frequencies
-from lightning_vigu.module import UniViGU
+from lightning_vigu.module import UniViGU, compile_transformer
 from lightning_vigu.objective import ObjectiveConfig
 
 # the loops before d19f7cd computed the rotary cos/sin inside the forward (``rope: graph``)
@@ -74,9 +74,18 @@ LOOPS: dict[str, dict] = {
     "cpp wrapper": dict(
         compile="model", fused=True, ema="callback", host_reads=False, cpp_wrapper=True, **_NOW
     ),
-    # CPU: the eager loop, default vs fused AdamW
+    # "uint8 clips" with every row holding its causal caption, in one masked joint pass: the
+    # step before 7bf44e3 (now only the rows that train the captions hold one; see
+    # EveryRowCaptions)
+    "every row's caption": dict(
+        compile="model", fused=True, ema="callback", host_reads=False, caption_rows="all", **_NOW
+    ),
+    # CPU: the eager loop, default vs fused AdamW, and the fused one with every row's caption
     "eager": dict(compile="none", fused=False, ema="per_tensor", host_reads=True, **_OLD),
     "eager fused": dict(compile="none", fused=True, ema="callback", host_reads=False, **_NOW),
+    "eager every row": dict(
+        compile="none", fused=True, ema="callback", host_reads=False, caption_rows="all", **_NOW
+    ),
 }
 
 
@@ -131,6 +140,23 @@ PRESETS = {
                 "cpu",
                 256,
                 ("uint8 clips",),
+                model="recipe",
+                caption_objective="autoregressive",
+            ),
+        ],
+        steps=100,
+        timed_from=40,
+    ),
+    # next-token captions held by the rows that train them against every row's (the step before
+    # 7bf44e3), recall_causal's step in the quality suite; the twin's step for scale
+    "caption_rows": dict(
+        cases=[
+            Case("small", "cpu", 256, ("uint8 clips",), model="recipe", phase="generator"),
+            Case(
+                "small",
+                "cpu",
+                256,
+                ("uint8 clips", "every row's caption"),
                 model="recipe",
                 caption_objective="autoregressive",
             ),
@@ -196,12 +222,34 @@ def pin(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory() if device.type == "cuda" else x
 
 
+class EveryRowCaptions(torch.nn.Module):
+    """The transformer as the causal-caption step called it before 7bf44e3: every row of the
+    batch holds a caption canvas (the rows without a caption task an empty one) and one joint
+    pass runs under the causal mask. The logits of the rows that train the captions are the
+    same as those of :meth:`~lightning_vigu.model.UniViGUTransformer.forward` with
+    ``text_rows`` (the video never reads a caption), so the loss curves agree."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, video, t_video, context, text=None, t_text=None, text_rows=None, **kw):
+        if text_rows is None:
+            return self.model(video, t_video, context, text=text, t_text=t_text, **kw)
+        b, length = video.shape[0], text.shape[1]
+        canvas = text.new_zeros(b, length).index_copy(0, text_rows, text)
+        times = t_text.new_zeros(b).index_copy(0, text_rows, t_text)
+        out = self.model(video, t_video, context, text=canvas, t_text=times)
+        return type(out)(out.velocity, out.text_logits.index_select(0, text_rows))
+
+
 def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
     """The GPU preset's module with the loop's compilation. For ``Case(model="fixed")`` the
     architecture is held fixed across loops and sessions (caption positions only), so rows stay
     comparable; ``model="recipe"`` takes the recipe's overrides (video positions, mixed video
     rope, pooled prompt: ``conf/model/tiny.yaml``)."""
     torch.manual_seed(0)
+    mode = loop["compile"] if device.type == "cuda" else "none"
     config = world_config(case.world)
     overrides = {"text_absolute_positions": True}
     if case.model == "recipe":
@@ -216,12 +264,17 @@ def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
         objective=ObjectiveConfig(prediction="data", time_shift=3.0),
         phase=case.phase,
         caption_objective=case.caption_objective,
-        compile=loop["compile"] if device.type == "cuda" else "none",
+        compile=mode,
     )
     if loop["rope"] == "graph":
         if case.model != "fixed":
             raise ValueError("loops with the rope computed in the graph time the fixed model only")
         rope_in_graph(module.model)
+    if loop.get("caption_rows") == "all":  # the training step calls the wrapper, compiled
+        module.flow.model = EveryRowCaptions(module.model)
+        module.__dict__["_compiled"], module._cudagraphs = compile_transformer(
+            module.flow.model, mode
+        )
     return module.to(device)
 
 

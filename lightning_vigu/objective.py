@@ -20,6 +20,7 @@ reach the caption through the video. :func:`condition_mask` is the single place 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,26 @@ def draw_tasks(b: int, phase: Phase, generator: torch.Generator) -> Tensor:
     points = (torch.arange(b, dtype=torch.float64) + torch.rand((), generator=generator)) / b
     tasks = torch.bucketize(points, bounds, right=True)
     return tasks[torch.randperm(b, generator=generator)]
+
+
+def caption_rows(tasks: Tensor, phase: Phase) -> tuple[Tensor, Tensor]:
+    """The rows that hold causal captions (``tasks`` ``(B,)`` on the CPU), padded to the same
+    count at every step: ``(rows, keep)``, ``(N,)`` each, ``keep`` 1 on a row whose task trains
+    the captions and 0 on padding (a repeat of one row, weighed 0).
+
+    :func:`draw_tasks` gives the caption tasks (``v2t``, ``joint``: one stretch of the mix's
+    cumulative distribution, after ``t2v``) ``floor`` or ``ceil`` of ``B`` times their share;
+    padding to the ``ceil`` keeps one shape for the compiled step (a count that changes
+    compiles a second, dynamic graph: a `small` recall step's first compile took 121 s
+    against 74 s on an H200, ``benchmarks/results/caption_rows_h200.md``).
+    """
+    share = 1.0 - phase.task_mix.get("t2v", 0.0) / sum(phase.task_mix.values())
+    real = torch.nonzero(tasks != T2V).squeeze(1)
+    count = max(math.ceil(len(tasks) * share - 1e-9), len(real))
+    pad = real[:1] if len(real) else torch.zeros(1, dtype=torch.long)  # any row: weighed 0
+    rows = torch.cat([real, pad.expand(count - len(real))])
+    keep = (torch.arange(count) < len(real)).float()
+    return rows, keep
 
 
 def condition_mask(
@@ -171,7 +192,7 @@ class UnifiedObjective:
         if use_text:
             t_x = to_device(torch.rand(b, generator=generator), dev) * (1 - c.text_time_eps)
             if self.path.causal:  # t_x was still drawn: the step's other draws stay the same
-                rows = to_device(torch.nonzero(tasks_cpu != T2V).squeeze(1), dev)
+                rows, keep = (to_device(t, dev) for t in caption_rows(tasks_cpu, phase))
                 target_tokens = target_tokens.index_select(0, rows)
                 x_text, t_x = self.path.inputs(target_tokens), torch.ones(len(rows), device=dev)
             else:
@@ -182,7 +203,7 @@ class UnifiedObjective:
                 x_text = torch.where((tasks == T2V)[:, None], clean, path_x.x_t)
                 t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
         # 4. one forward over [video | caption]
-        if rows is not None and len(rows) == 0:  # no row trains the captions in this batch
+        if rows is not None and len(rows) == 0:  # the phase never trains the captions
             out = model(path_v.x_t, t_v, cond)
         elif rows is not None:
             out = model(path_v.x_t, t_v, cond, x_text, t_x, text_rows=rows)
@@ -193,7 +214,7 @@ class UnifiedObjective:
         per_v = continuous.velocity_loss(out.velocity, path_v.dx_t, t_v, c.loss_weighting)
         video = _masked_mean(per_v, video_mask)
         text = acc = torch.zeros((), device=dev)
-        text_mask = (tasks != T2V).float() if rows is None else torch.ones(len(rows), device=dev)
+        text_mask = (tasks != T2V).float() if rows is None else keep
         if use_text and out.text_logits is not None:
             logits = self.path.posterior_logits(out.text_logits)
             x_1 = target_tokens

@@ -149,6 +149,22 @@ def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
     assert rows[1]["max_rel_loss_diff"] < 1e-4
 
 
+def test_causal_captions_of_the_rows_that_train_them_give_every_row_s_loss_curve():
+    """Next-token captions held by the rows that train them only (the step since 7bf44e3)
+    give the loss curve of every row holding one in a masked joint pass (the step before)."""
+    case = train_loop.Case(
+        "tiny",
+        "cpu",
+        4,
+        ("eager fused", "eager every row"),
+        caption_objective="autoregressive",
+    )
+    rows = [train_loop.run_one(case, name, steps=12, timed_from=10) for name in case.loops]
+    train_loop.compare(rows)
+    assert all("error" not in row for row in rows) and len(set(rows[0]["losses"])) > 1
+    assert rows[1]["max_rel_loss_diff"] < 1e-4
+
+
 def test_loops_side_by_side_each_count_their_steps_in_the_same_window():
     """The quality suite's stages share one GPU; the suite times its phases that way too."""
     preset = dict(

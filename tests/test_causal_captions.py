@@ -104,26 +104,32 @@ def test_captions_of_some_rows_compute_what_the_masked_joint_pass_computes():
 
 
 def test_only_the_rows_that_train_captions_hold_one():
-    """The objective passes the captions of the v2t / joint rows only; their loss is the
-    next-token cross-entropy of a joint pass over those rows."""
-    module = _module({"preset": "refine", "task_mix": {"t2v": 0.5, "v2t": 0.5}})
+    """The objective passes the captions of the v2t / joint rows only, padded to one count (here
+    2 of 4 rows: 0.3 x 4 rounded up, whether 1 or 2 rows drew v2t); their loss is the
+    next-token cross-entropy of a joint pass over the rows that drew v2t, the padding weighed 0."""
+    module = _module({"preset": "refine", "task_mix": {"t2v": 0.7, "v2t": 0.3}})
     videos = torch.rand(4, 3, 2, 32, 32) * 2 - 1
     captions = ["a red circle moves left .", "two shapes .", "a blue square .", "one star ."]
     batch = {"video": videos, "prompt": captions, "caption": captions}
     seen = []
     forward = module.model.forward
     module.model.forward = lambda *a, **k: seen.append(k.get("text")) or forward(*a, **k)
-    out = module.compute_loss(batch, module.phase, module.step_generator("train", 0))
-    rows = torch.nonzero(out.tasks == 1).squeeze(1)  # v2t
-    assert len(rows) == 2 and seen[0].shape[0] == 2 and int(out.num_text) == 2
     latents, _, empty = module.batch_inputs(batch)
-    target = module.encode_canvas(captions)[rows]
-    ones = torch.ones(2)
-    logits = module.flow(latents[rows], ones, empty[rows], module.caption_path.inputs(target), ones)
-    ce = F.cross_entropy(logits.text_logits.flatten(0, 1), target.flatten(), reduction="none")
-    weight = module.caption_path.loss_weight(target)
-    expected = ((ce.view_as(target) * weight).sum(1) / weight.sum(1)).mean()
-    assert torch.allclose(out.text, expected, atol=1e-5)
+    counts = set()
+    for step in range(6):
+        out = module.compute_loss(batch, module.phase, module.step_generator("train", step))
+        rows = torch.nonzero(out.tasks == 1).squeeze(1)  # v2t
+        assert seen[-1].shape[0] == 2 and int(out.num_text) == len(rows)
+        counts.add(len(rows))
+        target = module.encode_canvas(captions)[rows]
+        ones = torch.ones(len(rows))
+        canvas = module.caption_path.inputs(target)
+        logits = module.flow(latents[rows], ones, empty[rows], canvas, ones).text_logits
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        weight = module.caption_path.loss_weight(target)
+        expected = ((ce.view_as(target) * weight).sum(1) / weight.sum(1)).mean()
+        assert torch.allclose(out.text, expected, atol=1e-5), step
+    assert counts == {1, 2}  # padded steps and full ones
 
 
 def test_captioning_from_the_video_memory_writes_what_full_passes_write():

@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader, Dataset
 from callbacks import PhaseSchedule
 from lightning_vigu.batch import collate_batch
 from lightning_vigu.module import UniViGU
-from lightning_vigu.objective import V2T, ObjectiveConfig, UnifiedObjective, draw_tasks
+from lightning_vigu.objective import (
+    V2T,
+    ObjectiveConfig,
+    UnifiedObjective,
+    caption_rows,
+    draw_tasks,
+)
 from lightning_vigu.phases import Phase, get_phase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,6 +261,16 @@ def test_task_counts_are_the_mix_rounded_down_or_up_and_exact_on_average():
     for row in (0, -1):  # the order is drawn too: every row is a caption row a fifth of the time
         assert abs((draws[:, row] != 0).float().mean() - 0.2) < 0.03
     assert set(draw_tasks(16, get_phase("refine_frozen"), gen).tolist()) <= {V2T, 2}
+
+
+def test_caption_rows_keep_one_count_and_weigh_the_padding_zero():
+    phase = get_phase("recall")  # captions on 0.2 of the rows: 1 or 2 of 8, padded to 2
+    for drawn in ([0, 0, 0, 1, 0, 0, 0, 0], [0, 2, 0, 1, 0, 0, 0, 0], [0] * 8):
+        tasks = torch.tensor(drawn)
+        rows, keep = caption_rows(tasks, phase)
+        assert len(rows) == 2 and int(keep.sum()) == int((tasks != 0).sum())
+        assert torch.equal(rows[keep.bool()], torch.nonzero(tasks != 0).squeeze(1))
+    assert len(caption_rows(torch.zeros(8, dtype=torch.long), get_phase("generator"))[0]) == 0
 
 
 def test_init_from_generator_checkpoint_copies_ffn_into_text_experts(tmp_path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 NUM_TRAIN_TIMESTEPS = 1000.0
@@ -98,8 +97,6 @@ class FlowTimeModel:
         tv = None if t_video is None else flow_time_to_timestep(t_video)
         tt = None if t_text is None else flow_time_to_timestep(t_text)
         if text_rows is not None:
-            for t in (x_text, tt, text_rows):  # their count varies: one compiled graph for all
-                torch._dynamo.maybe_mark_dynamic(t, 0)
             out = self.model(x_video, tv, context, text=x_text, t_text=tt, text_rows=text_rows)
         elif memory is None:
             out = self.model(x_video, tv, context, text=x_text, t_text=tt)
