@@ -20,7 +20,8 @@ paper's claim: recall from no generator, trained as long as generator + recall),
 ``refine_frozen`` (refine with every attention weight frozen, the earlier recipe),
 ``recall_causal_caption1`` (recall_causal with the caption loss at 1.0 instead of 0.1),
 ``recall_causal_caption_heavy`` -> ``refine_causal_caption_heavy`` (the main pair with the
-caption-heavy task mixes it used before, which the Wan configs keep),
+caption-heavy task mixes it used before, which the Wan configs keep), ``twin_seed1`` and
+``recall_causal_seed1`` (the same stages from another seed: training noise),
 ``generator_previous`` (the generator with the recipe before the mixed rope and the pooled
 prompt), ``generator_b64`` (the generator at the batch of 64 clips and lr the suite used before
 batches of 256) and
@@ -170,6 +171,7 @@ class Stage:
 
 
 CAUSAL = ("--model.caption_objective=autoregressive",)  # the next-token caption stream
+SEED1 = ("--seed_everything=1", "--model.seed=1")  # other per-step draws, the same clips
 STAGES: dict[str, Stage] = {
     "generator": Stage("conf/generator.yaml", (1, 2)),
     "twin": Stage("conf/generator.yaml", (3,), init="generator"),
@@ -205,6 +207,14 @@ STAGES: dict[str, Stage] = {
         (4,),
         init="recall_causal_caption_heavy",
         extra=(*CAUSAL, "--phase=refine_caption_heavy"),
+    ),
+    # twin and recall_causal again from another seed (every per-step draw: times, noise, tasks,
+    # prompt dropout; the clips and their order are the dataset seed's, kept): their difference
+    # from the first seed's, in the report's evaluation-noise table, is training noise, which
+    # the table's intervals leave out
+    "twin_seed1": Stage("conf/generator.yaml", (3,), init="generator", extra=SEED1),
+    "recall_causal_seed1": Stage(
+        "conf/recall.yaml", (3,), init="generator", extra=(*CAUSAL, *SEED1)
     ),
     # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
     # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`
