@@ -79,8 +79,8 @@ def draw_tasks(b: int, phase: Phase, generator: torch.Generator) -> Tensor:
     Systematic sampling: ``B`` evenly spaced points, offset by one uniform draw, are read off
     the mix's cumulative distribution. Each task gets ``floor`` or ``ceil`` of ``B`` times its
     share, exactly its share on average, in a random order. A batch's task counts then vary by
-    one at most, so the rows that hold a caption take at most two shapes (the compiled step's
-    graphs), and a small batch of a rare task's share is not left to chance.
+    one at most, so the rows that hold causal captions pad to one count (:func:`caption_rows`),
+    and a small batch of a rare task's share is not left to chance.
     """
     probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS], dtype=torch.float64)
     bounds = (probs.cumsum(0) / probs.sum())[:-1]

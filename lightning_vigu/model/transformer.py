@@ -252,11 +252,11 @@ class UniViGUTransformer(nn.Module):
             t_text: ``(B,)`` or scalar generator timestep of the caption.
             memory: causal captions only: a :class:`VideoMemory` from :meth:`video_memory`; the
                 caption canvas (``video=None``) then reads the video from it.
-            text_rows: causal captions only: ``(Bt,)`` distinct indices of the video rows that
-                hold a caption; ``text`` ``(Bt, Lt)`` and ``t_text`` ``(Bt,)`` are theirs, in
-                that order. The video never reads a caption, so the rows without one cost what
-                the generator's do (the training step of rows that only generate video); the
-                logits are ``(Bt, Lt, V)``.
+            text_rows: causal captions only: ``(Bt,)`` indices of the video rows that hold a
+                caption (a row may appear twice, e.g. as padding); ``text`` ``(Bt, Lt)`` and
+                ``t_text`` ``(Bt,)`` are theirs, in that order. The video never reads a
+                caption, so the rows without one cost what the generator's do (the training
+                step of rows that only generate video); the logits are ``(Bt, Lt, V)``.
 
         Returns:
             With ``text=None``: the video velocity ``(B, out_channels, T, H, W)`` (same as
