@@ -388,7 +388,7 @@ def scored_key(stage: str, variant: str) -> str:
 
 def keep(path: Path, key: str, value) -> None:
     """Store ``value`` under ``key`` in the torch file ``path`` (made when missing)."""
-    kept = torch.load(path, weights_only=False) if path.is_file() else {}
+    kept = torch.load(path, weights_only=True) if path.is_file() else {}
     kept[key] = value
     torch.save(kept, path)
 
@@ -537,7 +537,7 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
 
     order = sorted(raw["stages"], key=rank)
     path = Path(raw_path).parent / FEATURES  # written by `run` beside its raw file
-    features = torch.load(path, weights_only=False) if path.is_file() else {}
+    features = torch.load(path, weights_only=True) if path.is_file() else {}
     evals = {s: raw["stages"][s]["eval"] for s in order}
     versus_twin = noise.versus_baseline(evals, features, BASELINE)
     for stage in order:
@@ -638,7 +638,7 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
             "~0.45 here is no evidence of prompt following.\n\n"
         )
     samples = Path(raw_path).parent / "samples.pt"  # written by `run` beside its raw file
-    kept = torch.load(samples, weights_only=False) if samples.is_file() else None
+    kept = torch.load(samples, weights_only=True) if samples.is_file() else None
     ran = {key for key in raw["stages"] if " (" not in key}
     if kept is not None and set(kept) != ran:
         print(
