@@ -370,8 +370,7 @@ class UniViGUTransformer(nn.Module):
         x_t = x_t.to(x_v.dtype)
         ctx = self.condition_embedder.text_embedder(context.to(x_v.dtype))  # (B, Lc, D)
         contexts = (ctx, ctx.index_select(0, rows))
-        lv, lt = x_v.shape[1], x_t.shape[1]
-        text_mask = self._causal_mask(ModalityRouter(lv, lt), x_v.device)[lv:]  # (Lt, Lv + Lt)
+        text_mask = self._caption_mask(x_v.shape[1], x_t.shape[1], x_v.device)  # (Lt, Lv + Lt)
         for i, block in enumerate(self.blocks):
             args = (x_v, x_t, rows, contexts, (mod_v, mod_t), rope_video, rope_text, text_mask)
             if torch.is_grad_enabled() and i < self.gradient_checkpointing:
@@ -390,9 +389,16 @@ class UniViGUTransformer(nn.Module):
         see the video only, caption token ``i`` sees the video and caption tokens ``0..i``.
         ``prefix``: video keys read from a :class:`VideoMemory` before the sequence's own."""
         lv, lt = router.lengths
-        mask = torch.ones(lv + lt, prefix + lv + lt, dtype=torch.bool, device=device)
-        mask[:lv, prefix + lv :] = False
-        mask[lv:, prefix + lv :] = torch.ones(lt, lt, dtype=torch.bool, device=device).tril()
+        video = torch.ones(lv, prefix + lv + lt, dtype=torch.bool, device=device)
+        video[:, prefix + lv :] = False
+        return torch.cat([video, UniViGUTransformer._caption_mask(lv, lt, device, prefix)])
+
+    @staticmethod
+    def _caption_mask(lv: int, lt: int, device: torch.device, prefix: int = 0) -> Tensor:
+        """The caption rows of :meth:`_causal_mask`, ``(Lt, prefix + Lv + Lt)``: caption
+        token ``i`` sees every video key and caption tokens ``0..i``."""
+        mask = torch.ones(lt, prefix + lv + lt, dtype=torch.bool, device=device)
+        mask[:, prefix + lv :] = torch.ones(lt, lt, dtype=torch.bool, device=device).tril()
         return mask
 
     @torch.no_grad()
