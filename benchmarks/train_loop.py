@@ -4,6 +4,7 @@
     python -m benchmarks.train_loop --preset world    # one GPU: the quality suite's world and batch
     python -m benchmarks.train_loop --preset phases   # one GPU: each phase's step, alone
     python -m benchmarks.train_loop --preset phases --side-by-side 60   # ... and all at once
+    python -m benchmarks.train_loop --preset caption_rows   # causal captions: their rows or all
     python -m benchmarks.train_loop --preset toy      # CPU smoke test (eager loops only)
 
 A step is what ``fit`` runs per batch, minus Lightning's bookkeeping: the objective of the
