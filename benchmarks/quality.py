@@ -115,9 +115,10 @@ PRESETS = {
             *GPU_DATA,
             "--model.video_shape=[16,32,32]",
             GPU_LR,
-            # the loop every recorded run used: CUDA graphs (conf/gpu.yaml) are faster alone at
-            # 64x64, but not yet measured on this world with stages side by side on one GPU
-            "--model.compile=model",
+            # conf/gpu.yaml's loop: the training step replayed as CUDA graphs. Runs up to
+            # 7bf44e3 compiled it without them (--model.compile=model): alone on this world a
+            # step at 256 clips took 0.061-0.076 s of which the GPU worked 37-47 ms, and a
+            # stage through the CLI 0.11-0.15 s (benchmarks/results/ablation.md, parts 11, 17)
         ],
         arcap_overlay=[  # the baseline takes the data and trainer settings, not UniViGU's
             *GPU_DATA,
@@ -207,6 +208,14 @@ STAGES: dict[str, Stage] = {
         (4,),
         init="recall_causal_caption_heavy",
         extra=(*CAUSAL, "--phase=refine_caption_heavy"),
+    ),
+    # recall_causal with the mix up to 9ef349e (t2v 0.8 / v2t 0.15 / joint 0.05: 76.5% of the
+    # draws conditional, against 85%): their ablation at the same budget (ablation.md, part 18)
+    "recall_causal_mix08": Stage(
+        "conf/recall.yaml",
+        (3,),
+        init="generator",
+        extra=(*CAUSAL, "--phase={preset: recall, task_mix: {t2v: 0.8, v2t: 0.15, joint: 0.05}}"),
     ),
     # twin and recall_causal again from another seed (every per-step draw: times, noise, tasks,
     # prompt dropout; the clips and their order are the dataset seed's, kept): their difference

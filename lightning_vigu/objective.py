@@ -4,7 +4,7 @@ Per example a task is drawn from the phase's mix:
 
 * ``t2v``  -- video on the path at ``t_v``; caption stream holds the clean prompt (``t_x = 1``;
   with causal captions, which the video never reads, the row holds no caption at all);
-  video loss only; the prompt is dropped with probability ``cfg_dropout`` -- from the
+  video loss only; the prompt is dropped for CFG (:func:`prompt_dropout`) -- from the
   cross-attention condition *and* the caption stream (which then holds the empty canvas), so
   the unconditional branch of classifier-free guidance is a true null.
 * ``v2t``  -- clean video (``t_v = 1``); caption target on the mixture path at ``t_x`` (or,
@@ -47,7 +47,9 @@ class ObjectiveConfig:
             implied clean video, see :func:`~lightning_vigu.flows.continuous.velocity_loss`).
         text_loss: ``cross_entropy`` or ``generalized_kl``.
         text_time_eps: caption times are drawn from ``[0, 1 - eps]`` (the KL weight diverges at 1).
-        cfg_dropout: probability of replacing the prompt condition by the empty prompt.
+        cfg_dropout: the share of the rows that train the video whose condition is the empty
+            prompt (classifier-free guidance's unconditional branch; see
+            :func:`prompt_dropout`).
     """
 
     prediction: str = "velocity"
@@ -109,18 +111,40 @@ def caption_rows(tasks: Tensor, phase: Phase) -> tuple[Tensor, Tensor]:
     return rows, keep
 
 
+def prompt_dropout(phase: Phase, cfg_dropout: float) -> float:
+    """The probability that a row free to keep its prompt drops it, so that ``cfg_dropout`` of
+    the rows that train the video (``t2v``, ``joint``) see the empty prompt, as in a
+    generator's training.
+
+    Where the caption target is the prompt, the ``joint`` rows hide it already (the caption
+    must not copy it): they are unconditional video rows, and the ``t2v`` rows drop their prompt
+    less to make up. Knowledge Recall at ``t2v 0.8 / joint 0.05`` and ``cfg_dropout`` 0.1 would
+    otherwise train the video unconditionally on 15% of its rows, not 10%. Elsewhere it is
+    ``cfg_dropout``.
+    """
+    share = {t: phase.task_mix.get(t, 0.0) / sum(phase.task_mix.values()) for t in TASKS}
+    video = share["t2v"] + share["joint"]
+    hidden = share["joint"] if phase.caption_target == "prompt" else 0.0
+    free = video - hidden
+    if free <= 0:
+        return cfg_dropout
+    return min(max((cfg_dropout * video - hidden) / free, 0.0), 1.0)
+
+
 def condition_mask(
     tasks: Tensor, phase: Phase, cfg_dropout: float, generator: torch.Generator
 ) -> Tensor:
     """``(B,)`` bool: True where the example gets the empty-prompt condition.
 
     The caption stream never sees the prompt it must reconstruct (see module docstring); the
-    remaining examples drop their prompt with probability ``cfg_dropout`` for CFG.
+    remaining examples drop their prompt for CFG with the probability of
+    :func:`prompt_dropout`, so that ``cfg_dropout`` of the video's rows are unconditional.
     """
     must_hide = tasks == V2T
     if phase.caption_target == "prompt":
         must_hide |= tasks == JOINT
-    dropout = to_device(torch.rand(tasks.shape, generator=generator), tasks.device) < cfg_dropout
+    p = prompt_dropout(phase, cfg_dropout)
+    dropout = to_device(torch.rand(tasks.shape, generator=generator), tasks.device) < p
     return must_hide | dropout
 
 

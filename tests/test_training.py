@@ -18,6 +18,7 @@ from lightning_vigu.objective import (
     ObjectiveConfig,
     UnifiedObjective,
     caption_rows,
+    condition_mask,
     draw_tasks,
 )
 from lightning_vigu.phases import Phase, get_phase
@@ -252,8 +253,35 @@ def test_tasks_follow_the_phase_mix_and_v2t_never_trains_video():
     assert set(out.tasks.tolist()) <= {V2T, 2} and int(out.num_video) == int((out.tasks == 2).sum())
 
 
+RECALL_LIKE = Phase(
+    name="recall-like", caption_target="prompt", task_mix={"t2v": 0.8, "v2t": 0.15, "joint": 0.05}
+)
+
+
+@pytest.mark.parametrize("target", ["prompt", "caption"])
+def test_a_tenth_of_the_video_rows_are_unconditional_whatever_the_mix(target):
+    """CFG's unconditional branch gets ``cfg_dropout`` of the rows that train the video. With
+    the prompt as caption target the joint rows hide it anyway, so t2v rows drop it less."""
+    mix = {"t2v": 0.8, "v2t": 0.15, "joint": 0.05}
+    phase, gen = Phase(name="p", caption_target=target, task_mix=mix), torch.Generator()
+    gen.manual_seed(0)
+    hidden = video = t2v_hidden = t2v = 0
+    for _ in range(400):
+        tasks = draw_tasks(64, phase, gen)
+        hide = condition_mask(tasks, phase, 0.1, gen)
+        trains_video = tasks != V2T
+        hidden += int((hide & trains_video).sum())
+        video += int(trains_video.sum())
+        t2v_hidden += int((hide & (tasks == 0)).sum())
+        t2v += int((tasks == 0).sum())
+        assert hide[tasks == V2T].all()
+    assert abs(hidden / video - 0.1) < 0.01
+    # recall-like: 0.1 x 0.85 = 0.085 of the rows, 0.05 from joint, 0.035 of 0.8 from t2v
+    assert abs(t2v_hidden / t2v - (0.04375 if target == "prompt" else 0.1)) < 0.01
+
+
 def test_task_counts_are_the_mix_rounded_down_or_up_and_exact_on_average():
-    phase, gen = get_phase("recall"), torch.Generator().manual_seed(0)  # 0.8 / 0.15 / 0.05
+    phase, gen = RECALL_LIKE, torch.Generator().manual_seed(0)
     draws = torch.stack([draw_tasks(8, phase, gen) for _ in range(4000)])
     counts = torch.stack([(draws == i).sum(1) for i in range(3)], 1)  # (draws, task)
     assert set(counts[:, 0].tolist()) == {6, 7} and set(counts[:, 2].tolist()) == {0, 1}
@@ -264,7 +292,7 @@ def test_task_counts_are_the_mix_rounded_down_or_up_and_exact_on_average():
 
 
 def test_caption_rows_keep_one_count_and_weigh_the_padding_zero():
-    phase = get_phase("recall")  # captions on 0.2 of the rows: 1 or 2 of 8, padded to 2
+    phase = RECALL_LIKE  # captions on 0.2 of the rows: 1 or 2 of 8, padded to 2
     for drawn in ([0, 0, 0, 1, 0, 0, 0, 0], [0, 2, 0, 1, 0, 0, 0, 0], [0] * 8):
         tasks = torch.tensor(drawn)
         rows, keep = caption_rows(tasks, phase)
