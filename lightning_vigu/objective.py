@@ -82,9 +82,13 @@ def draw_tasks(b: int, phase: Phase, generator: torch.Generator) -> Tensor:
     the mix's cumulative distribution. Each task gets ``floor`` or ``ceil`` of ``B`` times its
     share, exactly its share on average, in a random order. A batch's task counts then vary by
     one at most, so the rows that hold causal captions pad to one count (:func:`caption_rows`),
-    and a small batch of a rare task's share is not left to chance.
+    and a small batch of a rare task's share is not left to chance. A one-task mix draws
+    nothing from ``generator``.
     """
     probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS], dtype=torch.float64)
+    if int((probs > 0).sum()) == 1:  # nothing to draw: the step's other draws stay the same as
+        # a model without a caption stream draws them (validation's t2v loss is comparable)
+        return torch.full((b,), int(probs.argmax()))
     bounds = (probs.cumsum(0) / probs.sum())[:-1]
     points = (torch.arange(b, dtype=torch.float64) + torch.rand((), generator=generator)) / b
     tasks = torch.bucketize(points, bounds, right=True)

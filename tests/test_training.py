@@ -289,6 +289,33 @@ def test_task_counts_are_the_mix_rounded_down_or_up_and_exact_on_average():
     for row in (0, -1):  # the order is drawn too: every row is a caption row a fifth of the time
         assert abs((draws[:, row] != 0).float().mean() - 0.2) < 0.03
     assert set(draw_tasks(16, get_phase("refine_frozen"), gen).tolist()) <= {V2T, 2}
+    # a one-task mix (validation's t2v loss) draws nothing: a model with a caption stream then
+    # draws the times and noise a generator draws, so their validation losses compare
+    state = gen.get_state()
+    assert torch.equal(
+        draw_tasks(16, Phase(name="val", task_mix={"t2v": 1.0}), gen),
+        torch.zeros(16, dtype=torch.long),
+    )
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_validation_video_loss_of_a_unified_model_compares_with_its_generators(tmp_path):
+    """With next-token captions the video never reads the caption stream, so a recall model
+    holding a generator's weights has the generator's validation video loss exactly: the same
+    times and noise are drawn whether or not the model has a caption stream."""
+    gen = tiny_module(caption_stream=False, phase="generator")
+    torch.save({"state_dict": gen.state_dict()}, tmp_path / "gen.ckpt")
+    recall = tiny_module(init_from=str(tmp_path / "gen.ckpt"), caption_objective="autoregressive")
+    batch = {
+        "video": torch.rand(4, 3, 2, 8, 8) * 2 - 1,
+        "prompt": ["red circle moves left", "blue square", "green", ""],
+        "caption": ["a red circle moves left"] * 4,
+    }
+    val = Phase(name="val-t2v", caption_target="prompt", task_mix={"t2v": 1.0}, trainable=[])
+    gen.eval(), recall.eval()
+    with torch.no_grad():
+        a, b = (m.compute_loss(batch, val, m.step_generator("val-t2v", 0)) for m in (gen, recall))
+    assert torch.equal(a.video, b.video)
 
 
 def test_caption_rows_keep_one_count_and_weigh_the_padding_zero():
