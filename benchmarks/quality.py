@@ -185,13 +185,20 @@ STAGES: dict[str, Stage] = {
         "conf/refine.yaml", (4,), init="recall", extra=("--phase=refine_frozen",)
     ),
     "recall_causal": Stage("conf/recall.yaml", (3,), init="generator", extra=CAUSAL),
-    # recall_causal with the caption loss at 1.0 instead of the preset's 0.1: their ablation at
-    # the same budget, side by side with `recall_causal` (ablation.md, part 14)
+    # recall_causal with the caption loss at 1.0 and at 0.1 (the preset's up to 06285dc) instead
+    # of the preset's 0.01: their ablation at the same budget, side by side with `recall_causal`
+    # (ablation.md, parts 14 and 18)
     "recall_causal_caption1": Stage(
         "conf/recall.yaml",
         (3,),
         init="generator",
         extra=(*CAUSAL, "--phase={preset: recall, loss_weights: {video: 1.0, text: 1.0}}"),
+    ),
+    "recall_causal_caption01": Stage(
+        "conf/recall.yaml",
+        (3,),
+        init="generator",
+        extra=(*CAUSAL, "--phase={preset: recall, loss_weights: {video: 1.0, text: 0.1}}"),
     ),
     "refine_causal": Stage("conf/refine.yaml", (4,), init="recall_causal", extra=CAUSAL),
     # recall_causal -> refine_causal with the caption-heavy mixes before 1911eae (the Wan
