@@ -185,7 +185,7 @@ STAGES: dict[str, Stage] = {
         "conf/refine.yaml", (4,), init="recall", extra=("--phase=refine_frozen",)
     ),
     "recall_causal": Stage("conf/recall.yaml", (3,), init="generator", extra=CAUSAL),
-    # recall_causal with the caption loss at 1.0 and at 0.1 (the preset's up to 06285dc) instead
+    # recall_causal with the caption loss at 1.0 and at 0.1 (the preset's before d04c15d) instead
     # of the preset's 0.01: their ablation at the same budget, side by side with `recall_causal`
     # (ablation.md, parts 14 and 18)
     "recall_causal_caption1": Stage(

@@ -106,7 +106,7 @@ def caption_rows(tasks: Tensor, phase: Phase) -> tuple[Tensor, Tensor]:
     compiles a second, dynamic graph: a `small` recall step's first compile took 121 s
     against 74 s on an H200, ``benchmarks/results/caption_rows_h200.md``).
     """
-    share = 1.0 - phase.task_mix.get("t2v", 0.0) / sum(phase.task_mix.values())
+    share = 1.0 - phase.task_mix.get("t2v", 0.0)  # the mix is normalised (Phase)
     real = torch.nonzero(tasks != T2V).squeeze(1)
     count = max(math.ceil(len(tasks) * share - 1e-9), len(real))
     pad = real[:1] if len(real) else torch.zeros(1, dtype=torch.long)  # any row: weighed 0
@@ -126,9 +126,9 @@ def prompt_dropout(phase: Phase, cfg_dropout: float) -> float:
     otherwise train the video unconditionally on 15% of its rows, not 10%. Elsewhere it is
     ``cfg_dropout``.
     """
-    share = {t: phase.task_mix.get(t, 0.0) / sum(phase.task_mix.values()) for t in TASKS}
-    video = share["t2v"] + share["joint"]
-    hidden = share["joint"] if phase.caption_target == "prompt" else 0.0
+    t2v, joint = (phase.task_mix.get(t, 0.0) for t in ("t2v", "joint"))  # shares: it sums to 1
+    video = t2v + joint
+    hidden = joint if phase.caption_target == "prompt" else 0.0
     free = video - hidden
     if free <= 0:
         return cfg_dropout

@@ -312,7 +312,8 @@ def test_validation_video_loss_of_a_unified_model_compares_with_its_generators(t
         "caption": ["a red circle moves left"] * 4,
     }
     val = Phase(name="val-t2v", caption_target="prompt", task_mix={"t2v": 1.0}, trainable=[])
-    gen.eval(), recall.eval()
+    gen.eval()
+    recall.eval()
     with torch.no_grad():
         a, b = (m.compute_loss(batch, val, m.step_generator("val-t2v", 0)) for m in (gen, recall))
     assert torch.equal(a.video, b.video)
