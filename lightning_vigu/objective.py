@@ -85,10 +85,11 @@ def draw_tasks(b: int, phase: Phase, generator: torch.Generator) -> Tensor:
     and a small batch of a rare task's share is not left to chance. A one-task mix draws
     nothing from ``generator``.
     """
+    drawn = [i for i, t in enumerate(TASKS) if phase.task_mix.get(t, 0.0) > 0]
+    if len(drawn) == 1:  # nothing to draw: the step's other draws stay the same as a model
+        # without a caption stream draws them (validation's t2v loss is comparable)
+        return torch.full((b,), drawn[0])
     probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS], dtype=torch.float64)
-    if int((probs > 0).sum()) == 1:  # nothing to draw: the step's other draws stay the same as
-        # a model without a caption stream draws them (validation's t2v loss is comparable)
-        return torch.full((b,), int(probs.argmax()))
     bounds = (probs.cumsum(0) / probs.sum())[:-1]
     points = (torch.arange(b, dtype=torch.float64) + torch.rand((), generator=generator)) / b
     tasks = torch.bucketize(points, bounds, right=True)
