@@ -173,6 +173,14 @@ class Stage:
 
 CAUSAL = ("--model.caption_objective=autoregressive",)  # the next-token caption stream
 SEED1 = ("--seed_everything=1", "--model.seed=1")  # other per-step draws, the same clips
+
+
+def recall_causal_with(*extra: str) -> Stage:
+    """``recall_causal`` with further CLI arguments (another phase, another seed): an ablation
+    of wave 3, beside ``recall_causal`` from the same generator."""
+    return Stage("conf/recall.yaml", (3,), init="generator", extra=(*CAUSAL, *extra))
+
+
 STAGES: dict[str, Stage] = {
     "generator": Stage("conf/generator.yaml", (1, 2)),
     "twin": Stage("conf/generator.yaml", (3,), init="generator"),
@@ -184,32 +192,21 @@ STAGES: dict[str, Stage] = {
     "refine_frozen": Stage(
         "conf/refine.yaml", (4,), init="recall", extra=("--phase=refine_frozen",)
     ),
-    "recall_causal": Stage("conf/recall.yaml", (3,), init="generator", extra=CAUSAL),
+    "recall_causal": recall_causal_with(),
     # recall_causal with the caption loss at 1.0 and at 0.1 (the preset's before d04c15d) instead
     # of the preset's 0.01: their ablation at the same budget, side by side with `recall_causal`
     # (ablation.md, parts 14 and 18)
-    "recall_causal_caption1": Stage(
-        "conf/recall.yaml",
-        (3,),
-        init="generator",
-        extra=(*CAUSAL, "--phase={preset: recall, loss_weights: {video: 1.0, text: 1.0}}"),
+    "recall_causal_caption1": recall_causal_with(
+        "--phase={preset: recall, loss_weights: {video: 1.0, text: 1.0}}"
     ),
-    "recall_causal_caption01": Stage(
-        "conf/recall.yaml",
-        (3,),
-        init="generator",
-        extra=(*CAUSAL, "--phase={preset: recall, loss_weights: {video: 1.0, text: 0.1}}"),
+    "recall_causal_caption01": recall_causal_with(
+        "--phase={preset: recall, loss_weights: {video: 1.0, text: 0.1}}"
     ),
     "refine_causal": Stage("conf/refine.yaml", (4,), init="recall_causal", extra=CAUSAL),
     # recall_causal -> refine_causal with the caption-heavy mixes before 1911eae (the Wan
     # configs' recipe): recall t2v 0.6, refine t2v 0.2 with the generator at 0.3x the lr; their
     # ablation at the same budget, side by side with the main pair (ablation.md, part 16)
-    "recall_causal_caption_heavy": Stage(
-        "conf/recall.yaml",
-        (3,),
-        init="generator",
-        extra=(*CAUSAL, "--phase=recall_caption_heavy"),
-    ),
+    "recall_causal_caption_heavy": recall_causal_with("--phase=recall_caption_heavy"),
     "refine_causal_caption_heavy": Stage(
         "conf/refine.yaml",
         (4,),
@@ -218,20 +215,15 @@ STAGES: dict[str, Stage] = {
     ),
     # recall_causal with the mix up to 9ef349e (t2v 0.8 / v2t 0.15 / joint 0.05: 76.5% of the
     # draws conditional, against 85%): their ablation at the same budget (ablation.md, part 18)
-    "recall_causal_mix08": Stage(
-        "conf/recall.yaml",
-        (3,),
-        init="generator",
-        extra=(*CAUSAL, "--phase={preset: recall, task_mix: {t2v: 0.8, v2t: 0.15, joint: 0.05}}"),
+    "recall_causal_mix08": recall_causal_with(
+        "--phase={preset: recall, task_mix: {t2v: 0.8, v2t: 0.15, joint: 0.05}}"
     ),
     # twin and recall_causal again from another seed (every per-step draw: times, noise, tasks,
     # prompt dropout; the clips and their order are the dataset seed's, kept): their difference
     # from the first seed's, in the report's evaluation-noise table, is training noise, which
     # the table's intervals leave out
     "twin_seed1": Stage("conf/generator.yaml", (3,), init="generator", extra=SEED1),
-    "recall_causal_seed1": Stage(
-        "conf/recall.yaml", (3,), init="generator", extra=(*CAUSAL, *SEED1)
-    ),
+    "recall_causal_seed1": recall_causal_with(*SEED1),
     # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
     # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`
     "generator_previous": Stage(
