@@ -25,6 +25,7 @@ from lightning_vigu.codecs import LatentCodec, PixelCodec
 from lightning_vigu.model.embeddings import sincos_3d
 from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 from lightning_vigu.training import (
+    CompiledTrainingStep,
     InjectedOptimizerModule,
     save_config_hyperparameters,
     warmup_cosine,
@@ -183,7 +184,7 @@ def build_ar_captioner(size: str, **kwargs) -> ARCaptioner:
     return ARCaptioner(**values)
 
 
-class ARCaptionerModule(InjectedOptimizerModule):
+class ARCaptionerModule(CompiledTrainingStep, InjectedOptimizerModule):
     """Trains an :class:`ARCaptioner` with teacher-forced cross-entropy on the Batch contract.
 
     The loss covers each caption's tokens and its first EOS (the EOS fill after it is
@@ -201,6 +202,11 @@ class ARCaptionerModule(InjectedOptimizerModule):
         warmup_steps: linear warm-up steps.
         decay_steps: cosine decay horizon (default: the trainer's ``max_steps``).
         min_lr_ratio: final lr as a fraction of the peak.
+        compile: the training step's loop, as :class:`~lightning_vigu.module.UniViGU`'s
+            ``compile``: ``none``, ``model`` (the captioner compiled as one graph),
+            ``cudagraphs`` (replayed as CUDA graphs) or ``autotune``; greedy decoding and
+            validation run it eagerly. The quality suite trains the baseline with the unified
+            model's loop, so that "the same time" buys both the same kind of step.
     """
 
     def __init__(
@@ -216,11 +222,17 @@ class ARCaptionerModule(InjectedOptimizerModule):
         warmup_steps: int = 100,
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        compile: str = "none",
     ) -> None:
         super().__init__()
         if caption_target not in CAPTION_TARGETS:
             raise ValueError(
                 f"caption_target must be one of {CAPTION_TARGETS}, got '{caption_target}'"
+            )
+        if compile == "blocks":  # the unified model's per-block mode: the captioner has none
+            raise ValueError(
+                "model.compile 'blocks' compiles the unified model's blocks; the baseline takes "
+                "'none', 'model', 'cudagraphs' or 'autotune'"
             )
         save_config_hyperparameters(self, injected=["codec", "tokenizer", "optimizer"])
         self.codec = codec if codec is not None else PixelCodec((1, 4, 4))
@@ -233,6 +245,7 @@ class ARCaptionerModule(InjectedOptimizerModule):
             size, vocab_size=self.tokenizer.vocab_size, eos_id=self.tokenizer.eos_id, **overrides
         )
         self._optimizer_factory = optimizer
+        self.compile_for_training(self.model, compile)
 
     def batch_latents(self, batch: Batch) -> Tensor:
         """Latents ``(B, c, t, h, w)`` of a batch carrying ``latents`` or ``video``."""
@@ -245,11 +258,15 @@ class ARCaptionerModule(InjectedOptimizerModule):
     def _shared_step(self, batch: Batch, stage: str) -> Tensor:
         texts = batch[self.hparams.caption_target]
         target = self.tokenizer.encode(texts, self.hparams.caption_length).to(self.device)
-        logits = self.model(self.batch_latents(batch), target)  # (B, L, V)
+        logits = self.for_training(self.model)(self.batch_latents(batch), target)  # (B, L, V)
         is_eos = (target == self.tokenizer.eos_id).long()  # (B, L)
-        keep = (is_eos.cumsum(1) - is_eos) == 0  # (B, L) text and its first EOS
-        loss = F.cross_entropy(logits[keep].float(), target[keep])
-        accuracy = (logits[keep].argmax(-1) == target[keep]).float().mean()
+        keep = ((is_eos.cumsum(1) - is_eos) == 0).float()  # (B, L) text and its first EOS
+        # means over the kept tokens by weights, not by selecting them: a selection's size is
+        # read on the host, a wait for the device at every step
+        count = keep.sum().clamp_min(1)
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+        loss = (per_token * keep).sum() / count
+        accuracy = ((logits.argmax(-1) == target).float() * keep).sum() / count
         self.log_dict(
             {f"{stage}/loss": loss, f"{stage}/token_accuracy": accuracy},
             prog_bar=stage == "train",
@@ -259,6 +276,7 @@ class ARCaptionerModule(InjectedOptimizerModule):
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        self.begin_training_step()
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

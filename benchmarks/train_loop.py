@@ -44,7 +44,7 @@ from callbacks.ema import WarmupAveragedModel, WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
 from lightning_vigu.batch import batch_to_device, video_as_float
 from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, _rope_frequencies
-from lightning_vigu.module import UniViGU, compile_transformer
+from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig
 
 # the loops before d19f7cd computed the rotary cos/sin inside the forward (``rope: graph``)
@@ -273,9 +273,7 @@ def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
         rope_in_graph(module.model)
     if loop.get("caption_rows") == "all":  # the training step calls the wrapper, compiled
         module.flow.model = EveryRowCaptions(module.model)
-        module.__dict__["_compiled"], module._cudagraphs = compile_transformer(
-            module.flow.model, mode
-        )
+        module.compile_for_training(module.flow.model, mode)
     return module.to(device)
 
 
@@ -337,8 +335,7 @@ def run_loop(
                     device,
                 )
             with part("forward"):
-                if module._cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
+                module.begin_training_step()
                 with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     generator = module.step_generator("train", step)
                     out = module.compute_loss(batch, module.phase, generator)

@@ -35,40 +35,12 @@ from lightning_vigu.text import (
     PromptEncoder,
 )
 from lightning_vigu.training import (
+    CompiledTrainingStep,
     InjectedOptimizerModule,
     NonFiniteSteps,
     save_config_hyperparameters,
     warmup_cosine,
 )
-
-COMPILE_MODES = ("none", "blocks", "model", "cudagraphs", "autotune")
-# the whole-transformer modes and torch.compile's mode for each (``autotune``: inductor times
-# candidate kernels for each matrix multiply at compile time, minutes on a GPU)
-_TORCH_MODES = {
-    "model": None,
-    "cudagraphs": "reduce-overhead",
-    "autotune": "max-autotune-no-cudagraphs",
-}
-
-
-def compile_transformer(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Module, bool]:
-    """Compile ``model`` for training as ``mode`` (one of :data:`COMPILE_MODES`).
-
-    Returns the transformer the training step calls and whether its calls replay CUDA graphs
-    (the step must then mark where it begins). ``blocks`` compiles every block in place, so
-    sampling runs them too. ``model``, ``cudagraphs`` and ``autotune`` compile a training-only
-    wrapper around the same weights: sampling and validation run the transformer eagerly, so their batch
-    shapes (a few clips, doubled for guidance) never wait for a compilation or a graph
-    recording, which cost 36 s at the first sample logging of a `small` run on an H200.
-    """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown model.compile '{mode}'; choose one of {COMPILE_MODES}")
-    if mode == "blocks":
-        for block in model.blocks:
-            block.compile()
-    elif mode in _TORCH_MODES:
-        return torch.compile(model, mode=_TORCH_MODES[mode]), mode == "cudagraphs"
-    return model, False
 
 
 def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
@@ -87,7 +59,7 @@ def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
 INJECTED_PARTS = ("codec", "tokenizer", "prompt_encoder")
 
 
-class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
+class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
     """Uni-ViGU: one transformer for text -> video, video -> text and joint generation.
 
     Args:
@@ -220,8 +192,7 @@ class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
             from lightning_vigu.model.lora import apply_lora
 
             apply_lora(self.model, **lora)
-        # a plain attribute (not a submodule: the weights are self.model's); copies drop it
-        self.__dict__["_compiled"], self._cudagraphs = compile_transformer(self.model, compile)
+        self.compile_for_training(self.model, compile)
         self.phase = get_phase(phase)
         self.apply_phase(self.phase)
 
@@ -356,15 +327,10 @@ class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
     def training_flow(self) -> FlowTimeModel:
         """The flow the training step runs: :attr:`flow` through the compiled transformer
         (``compile: model | cudagraphs | autotune``), else :attr:`flow` itself."""
-        compiled = self.__dict__.get("_compiled")
-        if compiled is None or getattr(compiled, "_orig_mod", None) is not self.flow.model:
+        model = self.for_training(self.flow.model)
+        if model is self.flow.model:
             return self.flow  # not compiled, or the transformer was replaced after compiling
-        return FlowTimeModel(compiled, self.flow.prediction, self.flow.data_min_noise)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_compiled"] = None  # copies (EMA's average) never train; they run eagerly
-        return state
+        return FlowTimeModel(model, self.flow.prediction, self.flow.data_min_noise)
 
     def encode_canvas(self, texts: Sequence[str]) -> Tensor:
         """Caption canvases ``(B, caption_length)`` of texts, on the module's device."""
@@ -373,8 +339,7 @@ class UniViGU(NonFiniteSteps, InjectedOptimizerModule):
         )
 
     def training_step(self, batch: Batch, batch_idx: int):
-        if self._cudagraphs:  # the previous step's graph outputs may be overwritten now
-            torch.compiler.cudagraph_mark_step_begin()
+        self.begin_training_step()
         out = self.compute_loss(batch, self.phase, self.step_generator("train", self.global_step))
         b = len(batch["prompt"])
         losses = {

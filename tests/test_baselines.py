@@ -1,9 +1,12 @@
 """The autoregressive captioner baseline: shapes, causality, greedy stop at EOS, and that a tiny
 one overfits four clips and then greedily decodes their captions exactly."""
 
+import copy
+
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.baselines import ARCaptionerModule, build_ar_captioner
@@ -131,3 +134,41 @@ def test_overfits_four_clips_and_decodes_their_captions():
     assert module.caption(videos, seed=0) == CAPTIONS
     assert module.caption(videos, seed=123, steps=4) == CAPTIONS  # UniViGU-style extras ignored
     assert module.caption(videos, max_length=3) == [" ".join(c.split()[:3]) for c in CAPTIONS]
+
+
+def test_the_loss_is_the_mean_over_each_captions_tokens_and_its_first_eos():
+    """The loss weighs the kept tokens (no selection, whose size would be read on the host):
+    it equals the cross-entropy over exactly the caption's tokens and its first EOS."""
+    torch.manual_seed(0)
+    module = tiny_module()
+    latents = torch.randn(3, 48, 2, 4, 4)
+    captions = ["a blue square bounces", "nothing happens", "a red circle moves to the left"]
+    logged = {}
+    module.log_dict = lambda values, **_: logged.update(values)
+    loss = module.training_step({"latents": latents, "prompt": ["p"] * 3, "caption": captions}, 0)
+    target = module.tokenizer.encode(captions, 12)
+    logits = module.model(latents, target)
+    lengths = [len(c.split()) + 1 for c in captions]  # the words and the first EOS
+    kept = torch.cat([logits[i, :n] for i, n in enumerate(lengths)])
+    wanted = torch.cat([target[i, :n] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(loss, F.cross_entropy(kept, wanted))
+    hits = (kept.argmax(-1) == wanted).float().mean()
+    torch.testing.assert_close(logged["train/token_accuracy"], hits)
+
+
+def test_the_training_step_calls_the_compiled_captioner_and_copies_drop_it():
+    """``compile`` as UniViGU's: training calls a compiled wrapper of the same weights,
+    evaluation and greedy decoding the captioner itself, and a copy (EMA's) holds no wrapper;
+    the per-block mode, which the captioner has no blocks for, is refused naming the key."""
+    module = tiny_module(compile="cudagraphs")
+    wrapper = module.for_training(module.model)
+    assert wrapper is not module.model and wrapper._orig_mod is module.model
+    assert module._cudagraphs and not tiny_module(compile="model")._cudagraphs
+    assert "_compiled" not in dict(module.named_children())  # the weights are held once
+    module.eval()
+    assert module.for_training(module.model) is module.model
+    assert copy.deepcopy(module).__dict__["_compiled"] is None
+    eager = tiny_module()
+    assert eager.for_training(eager.model) is eager.model
+    with pytest.raises(ValueError, match="model.compile 'blocks'"):
+        tiny_module(compile="blocks")

@@ -57,7 +57,7 @@ def test_quality_warms_up_the_graphs_of_later_stages(tmp_path, monkeypatch):
     """Stages that start after the first wave and share no earlier stage's config are compiled
     beforehand; the warm-up command trains a few steps from no checkpoint, in its own folder."""
     main = [s for s in quality.STAGES if s in quality.MAIN]
-    # the twin trains the generator's graph (cached by then); arcap is not compiled
+    # the twin trains the generator's graph (cached by then); arcap starts in wave 1
     assert quality.warm_up_stages(tmp_path, main, quality.WAVES) == [
         "recall_causal",
         "refine_causal",

@@ -5,7 +5,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from callbacks.ema import WarmupEMA
-from lightning_vigu.module import compile_transformer
+from lightning_vigu.training import compile_transformer
 
 
 def test_warmup_ema_updates_every_tensor_at_once_with_the_warmup_decay():
