@@ -5,6 +5,7 @@
     python -m benchmarks.train_loop --preset phases   # one GPU: each phase's step, alone
     python -m benchmarks.train_loop --preset phases --side-by-side 60   # ... and all at once
     python -m benchmarks.train_loop --preset caption_rows   # causal captions: their rows or all
+    python -m benchmarks.train_loop --preset wave3 --profile 5 --side-by-side 60  # twin vs recall
     python -m benchmarks.train_loop --preset toy      # CPU smoke test (eager loops only)
 
 A step is what ``fit`` runs per batch, minus Lightning's bookkeeping: the objective of the
@@ -158,6 +159,25 @@ PRESETS = {
                 "cpu",
                 256,
                 ("uint8 clips", "every row's caption"),
+                model="recipe",
+                caption_objective="autoregressive",
+            ),
+        ],
+        steps=100,
+        timed_from=40,
+    ),
+    # the quality suite's wave 3 as it runs now: the twin (generator phase) and recall_causal,
+    # both replayed as CUDA graphs (conf/gpu.yaml's loop). Side by side (--side-by-side 60) recall
+    # took 0.132 s a step against the twin's 0.097 in the suite at 65f0b55 for about 4% more
+    # FLOPs; --profile splits each one's GPU time by kind of kernel and part of the step
+    "wave3": dict(
+        cases=[
+            Case("small", "cpu", 256, ("cuda graphs",), model="recipe", phase="generator"),
+            Case(
+                "small",
+                "cpu",
+                256,
+                ("cuda graphs",),
                 model="recipe",
                 caption_objective="autoregressive",
             ),
