@@ -104,6 +104,16 @@ class Case:
     caption_objective: str = "flow"  # or "autoregressive" (the next-token caption stream)
 
 
+def twin_and_recall_causal(twin: tuple[str, ...], recall: tuple[str, ...]) -> list[Case]:
+    """The quality suite's wave-3 steps, at its world, batch (256 clips) and model: the twin
+    (generator phase) with the loops ``twin`` and recall_causal (next-token captions) with
+    ``recall``."""
+    return [
+        Case("small", "cpu", 256, twin, model="recipe", phase="generator"),
+        Case("small", "cpu", 256, recall, model="recipe", caption_objective="autoregressive"),
+    ]
+
+
 PRESETS = {
     "gpu": dict(
         cases=[
@@ -152,36 +162,16 @@ PRESETS = {
     # next-token captions held by the rows that train them against every row's (the step before
     # 7bf44e3), recall_causal's step in the quality suite; the twin's step for scale
     "caption_rows": dict(
-        cases=[
-            Case("small", "cpu", 256, ("uint8 clips",), model="recipe", phase="generator"),
-            Case(
-                "small",
-                "cpu",
-                256,
-                ("uint8 clips", "every row's caption"),
-                model="recipe",
-                caption_objective="autoregressive",
-            ),
-        ],
+        cases=twin_and_recall_causal(("uint8 clips",), ("uint8 clips", "every row's caption")),
         steps=100,
         timed_from=40,
     ),
-    # the quality suite's wave 3 as it runs now: the twin (generator phase) and recall_causal,
-    # both replayed as CUDA graphs (conf/gpu.yaml's loop). Side by side (--side-by-side 60) recall
-    # took 0.132 s a step against the twin's 0.097 in the suite at 65f0b55 for about 4% more
-    # FLOPs; --profile splits each one's GPU time by kind of kernel and part of the step
+    # the quality suite's wave 3 as it runs now, both steps replayed as CUDA graphs (conf/gpu.yaml's
+    # loop). Side by side (--side-by-side 60) recall took 0.132 s a step against the twin's 0.097
+    # in the suite at 65f0b55, for about 4% more FLOPs; --profile splits each one's GPU time by
+    # kind of kernel and part of the step
     "wave3": dict(
-        cases=[
-            Case("small", "cpu", 256, ("cuda graphs",), model="recipe", phase="generator"),
-            Case(
-                "small",
-                "cpu",
-                256,
-                ("cuda graphs",),
-                model="recipe",
-                caption_objective="autoregressive",
-            ),
-        ],
+        cases=twin_and_recall_causal(("cuda graphs",), ("cuda graphs",)),
         steps=100,
         timed_from=40,
     ),
