@@ -447,3 +447,21 @@ def test_cli_names_a_wrong_config_key_and_a_missing_init_from(tmp_path):
     assert r.returncode != 0 and "sise" in r.stderr
     r = _cli(["fit", *USER_DATA_ARGS, f"--init_from={tmp_path}/nope.ckpt"], tmp_path)
     assert r.returncode != 0 and "nope.ckpt" in r.stderr
+
+
+def test_the_generalized_kl_stays_finite_beside_t2v_rows():
+    """t2v rows hold the clean prompt at caption time 1, where the generalized KL's weight
+    diverges; their caption loss is masked out, and must not turn the batch's loss and
+    gradients into NaN (it did: inf times the mask's zero)."""
+    module = tiny_module()
+    objective = UnifiedObjective(ObjectiveConfig(text_loss="generalized_kl"), module.caption_path)
+    latents, empty = torch.randn(16, 48, 2, 2, 2), module.encode_prompts([""] * 16)
+    tokens = module.tokenizer.encode(["red circle moves left"] * 16, 8)
+    out = objective(
+        module.flow, latents, empty, empty, tokens, tokens, RECALL_LIKE, torch.Generator()
+    )
+    assert (out.tasks == 0).any() and (out.tasks != 0).any()  # t2v rows beside caption rows
+    assert torch.isfinite(out.loss) and out.text > 0
+    out.loss.backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

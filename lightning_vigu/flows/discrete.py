@@ -120,20 +120,29 @@ def cross_entropy_loss(logits: Tensor, x_1: Tensor, weight: Tensor | None = None
     return (ce * weight).sum(1) / weight.sum(1).clamp_min(1)
 
 
+KL_MIN_REMAINING = 1e-6
+"""The least ``1 - kappa(t)`` :func:`generalized_kl_loss` divides by: below any that training
+draws (``t <= 1 - text_time_eps``, ``1 - kappa >= 1e-3`` at Uni-ViGU's linear scheduler)."""
+
+
 def generalized_kl_loss(
     logits: Tensor, x_1: Tensor, x_t: Tensor, t: Tensor, scheduler: PolynomialScheduler
 ) -> Tensor:
     """Per-example generalized KL of the mixture path ``(B,)`` (Shaul et al., 2024, eq. for
     mixture paths): ``kappa_dot / (1 - kappa) * [ delta(x_t, x_1) - p(x_t|x_t) - (1 - delta) log p(x_1|x_t) ]``.
 
-    The weight diverges as ``t -> 1``: sample ``t <= 1 - eps``.
+    The weight diverges as ``t -> 1``: sample ``t <= 1 - eps``. Its denominator is bounded
+    below by :data:`KL_MIN_REMAINING` so that a row at ``t = 1`` (a ``t2v`` row holding the
+    clean prompt, whose caption loss is masked out) gives a large finite value, not ``inf``,
+    which a mask's zero weight would turn into NaN, and NaN gradients, for the whole batch.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
     logp_x1 = logp.gather(-1, x_1.unsqueeze(-1)).squeeze(-1)  # (B, L)
     p_xt = logp.gather(-1, x_t.clamp_max(logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1).exp()
     p_xt = p_xt * (x_t < logits.shape[-1])  # a mask id has no posterior mass
     same = (x_t == x_1).float()
-    rate = (scheduler.d_kappa(t) / (1 - scheduler.kappa(t)))[:, None]  # (B, 1)
+    remaining = (1 - scheduler.kappa(t)).clamp_min(KL_MIN_REMAINING)
+    rate = (scheduler.d_kappa(t) / remaining)[:, None]  # (B, 1)
     return (rate * (same - p_xt - (1 - same) * logp_x1)).mean(1)
 
 
