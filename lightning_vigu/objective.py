@@ -157,8 +157,37 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
+@dataclass
+class StepDraws:
+    """One step's random draws: all that :meth:`UnifiedObjective.loss` reads besides the batch
+    and the weights (drawn by :meth:`UnifiedObjective.draw`, on the device).
+
+    Attributes:
+        tasks: ``(B,)`` task ids.
+        t_v: ``(B,)`` video flow times (1 for ``v2t``).
+        noise: the video path's ``x_0``, shaped like the latents.
+        hide: ``(B,)`` bool, True where the condition is the empty prompt.
+        t_x: caption flow times, ``(B,)`` (1 for ``t2v``), or ``(N,)`` ones for causal
+            captions; ``None`` without a caption stream.
+        path_x: the mixture path's sample of the caption target (discrete-flow captions).
+        rows, keep: causal captions: the rows that hold them and their weights (see
+            :func:`caption_rows`).
+    """
+
+    tasks: Tensor
+    t_v: Tensor
+    noise: Tensor
+    hide: Tensor
+    t_x: Tensor | None = None
+    path_x: discrete.DiscretePathSample | None = None
+    rows: Tensor | None = None
+    keep: Tensor | None = None
+
+
 class UnifiedObjective:
-    """Computes the phase-weighted unified loss.
+    """Computes the phase-weighted unified loss: :meth:`draw` draws a step's randomness (host
+    generators, device copies), :meth:`loss` computes the losses from it (tensor work only, so
+    it can be traced as one graph with the transformer); calling the objective does both.
 
     Args:
         config: objective options.
@@ -195,6 +224,27 @@ class UnifiedObjective:
         null_tokens: ``(1, L)`` the empty prompt's canvas, held instead of the prompt by
             ``t2v`` examples whose prompt is dropped (default: keep the prompt).
         """
+        draws = self.draw(latents, target_tokens, phase, generator)
+        return self.loss(
+            model,
+            latents,
+            context,
+            empty_context,
+            target_tokens,
+            prompt_tokens,
+            phase,
+            draws,
+            null_tokens,
+        )
+
+    def draw(
+        self,
+        latents: Tensor,
+        target_tokens: Tensor | None,
+        phase: Phase,
+        generator: torch.Generator,
+    ) -> StepDraws:
+        """A step's draws, in a fixed order from ``generator`` (see :meth:`__call__`)."""
         c, b, dev = self.config, latents.shape[0], latents.device
         use_text = target_tokens is not None and phase.uses_text
         tasks_cpu = draw_tasks(b, phase, generator) if use_text else torch.full((b,), T2V)
@@ -208,29 +258,50 @@ class UnifiedObjective:
         # the step of a small model (on CPU this is the step generator itself)
         noise_gen = on_device(generator, dev)
         noise = torch.randn(latents.shape, generator=noise_gen, device=dev, dtype=latents.dtype)
-        path_v = continuous.sample_path(latents, t_v, x_0=noise)
         # 2. condition: empty prompt where the caption must not copy it, or for CFG dropout
-        hide = condition_mask(tasks, phase, c.cfg_dropout, generator)
-        cond = torch.where(hide[:, None, None], empty_context, context)
-        # 3. caption stream: the clean prompt for t2v (the empty canvas when the prompt is
-        #    dropped), the target on the mixture path otherwise (drawn on the device). Causal
-        #    captions: the target shifted right behind the start token, clean, held only by the
-        #    rows that train the captions (the video never reads them: the other rows cost
-        #    what the generator's rows cost)
-        x_text = t_x = path_x = rows = None
-        if use_text:
+        draws = StepDraws(tasks, t_v, noise, condition_mask(tasks, phase, c.cfg_dropout, generator))
+        if use_text:  # 3. caption times, and the caption target's path sample or rows
             t_x = to_device(torch.rand(b, generator=generator), dev) * (1 - c.text_time_eps)
             if self.path.causal:  # t_x was still drawn: the step's other draws stay the same
-                rows, keep = (to_device(t, dev) for t in caption_rows(tasks_cpu, phase))
-                target_tokens = target_tokens.index_select(0, rows)
-                x_text, t_x = self.path.inputs(target_tokens), torch.ones(len(rows), device=dev)
+                draws.rows, draws.keep = (to_device(t, dev) for t in caption_rows(tasks_cpu, phase))
+                draws.t_x = torch.ones(len(draws.rows), device=dev)
             else:
-                path_x = self.path.sample(target_tokens, t_x, noise_gen)
+                draws.path_x = self.path.sample(target_tokens, t_x, noise_gen)
+                draws.t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
+        return draws
+
+    def loss(
+        self,
+        model: FlowTimeModel,
+        latents: Tensor,
+        context: Tensor,
+        empty_context: Tensor,
+        target_tokens: Tensor | None,
+        prompt_tokens: Tensor | None,
+        phase: Phase,
+        draws: StepDraws,
+        null_tokens: Tensor | None = None,
+    ) -> LossOutput:
+        """The losses of one batch given its step's ``draws`` (arguments as :meth:`__call__`)."""
+        c, dev = self.config, latents.device
+        use_text = target_tokens is not None and phase.uses_text
+        tasks, t_v, t_x, rows = draws.tasks, draws.t_v, draws.t_x, draws.rows
+        path_v = continuous.sample_path(latents, t_v, x_0=draws.noise)
+        cond = torch.where(draws.hide[:, None, None], empty_context, context)
+        # the caption stream: the clean prompt for t2v (the empty canvas when the prompt is
+        # dropped), the target on the mixture path otherwise. Causal captions: the target
+        # shifted right behind the start token, clean, held only by the rows that train the
+        # captions (the video never reads them: the other rows cost what the generator's cost)
+        x_text = None
+        if use_text:
+            if self.path.causal:
+                target_tokens = target_tokens.index_select(0, rows)
+                x_text = self.path.inputs(target_tokens)
+            else:
                 clean = prompt_tokens
                 if null_tokens is not None:
-                    clean = torch.where(hide[:, None], null_tokens.to(dev), prompt_tokens)
-                x_text = torch.where((tasks == T2V)[:, None], clean, path_x.x_t)
-                t_x = torch.where(tasks == T2V, torch.ones_like(t_x), t_x)
+                    clean = torch.where(draws.hide[:, None], null_tokens.to(dev), prompt_tokens)
+                x_text = torch.where((tasks == T2V)[:, None], clean, draws.path_x.x_t)
         # 4. one forward over [video | caption]
         if rows is not None and len(rows) == 0:  # the phase never trains the captions
             out = model(path_v.x_t, t_v, cond)
@@ -243,12 +314,12 @@ class UnifiedObjective:
         per_v = continuous.velocity_loss(out.velocity, path_v.dx_t, t_v, c.loss_weighting)
         video = _masked_mean(per_v, video_mask)
         text = acc = torch.zeros((), device=dev)
-        text_mask = (tasks != T2V).float() if rows is None else keep
+        text_mask = (tasks != T2V).float() if rows is None else draws.keep
         if use_text and out.text_logits is not None:
             logits = self.path.posterior_logits(out.text_logits)
             x_1 = target_tokens
             # None: every position; causal: the caption's tokens and its first end-of-text
-            weight = self.path.loss_weight(target_tokens if self.path.causal else path_x)
+            weight = self.path.loss_weight(target_tokens if self.path.causal else draws.path_x)
             if c.text_loss == "cross_entropy" or self.path.causal:
                 per_x = discrete.cross_entropy_loss(logits, x_1, weight)
             elif c.text_loss == "generalized_kl":
