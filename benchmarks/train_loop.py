@@ -70,6 +70,10 @@ LOOPS: dict[str, dict] = {
     "uint8 clips": dict(compile="model", fused=True, ema="callback", host_reads=False, **_NOW),
     # that loop with the graph replayed as CUDA graphs
     "cuda graphs": dict(compile="cudagraphs", fused=True, ema="callback", host_reads=False, **_NOW),
+    # that loop with the objective's tensor work compiled with the transformer: one graph for
+    # forward and losses (the caption path's masks, gathers and means included), replayed as
+    # CUDA graphs; only the step's random draws stay eager (model.compile: step)
+    "whole step": dict(compile="step", fused=True, ema="callback", host_reads=False, **_NOW),
     # that loop with inductor's max-autotune (each matrix multiply's kernel chosen by timing)
     "autotune": dict(compile="autotune", fused=True, ema="callback", host_reads=False, **_NOW),
     # that loop with inductor's C++ wrapper (kernels launched from C++, not Python)
@@ -166,12 +170,12 @@ PRESETS = {
         steps=100,
         timed_from=40,
     ),
-    # the quality suite's wave 3 as it runs now, both steps replayed as CUDA graphs (conf/gpu.yaml's
-    # loop). Side by side (--side-by-side 60) recall took 0.132 s a step against the twin's 0.097
-    # in the suite at 65f0b55, for about 4% more FLOPs; --profile splits each one's GPU time by
-    # kind of kernel and part of the step
+    # the quality suite's wave 3: both steps replayed as CUDA graphs (conf/gpu.yaml's loop), and
+    # with the whole step compiled. Side by side (--side-by-side 60) recall took 0.132 s a step
+    # against the twin's 0.097 in the suite at 65f0b55, for about 4% more FLOPs; --profile splits
+    # each one's GPU time by kind of kernel and part of the step
     "wave3": dict(
-        cases=twin_and_recall_causal(("cuda graphs",), ("cuda graphs",)),
+        cases=twin_and_recall_causal(("cuda graphs", "whole step"), ("cuda graphs", "whole step")),
         steps=100,
         timed_from=40,
     ),

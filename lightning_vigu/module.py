@@ -8,6 +8,7 @@ logging, evaluation, EMA) live in ``callbacks/``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -102,7 +103,9 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             ``cudagraphs`` (``model`` replayed as
             CUDA graphs, which removes the kernel launches that bound small models' steps);
             ``autotune`` (``model`` with inductor's max-autotune: each matrix multiply's kernel
-            chosen by timing candidates, minutes of compilation). The whole-transformer modes
+            chosen by timing candidates, minutes of compilation); ``step`` (the step's whole
+            tensor work, transformer and losses, as one graph replayed as CUDA graphs: only the
+            step's random draws stay outside, :meth:`UnifiedObjective.draw`). These modes
             compile the training step only: sampling and validation run eagerly (see
             :func:`compile_transformer`).
         attention_backend: ``sdpa`` or ``xformers``.
@@ -192,7 +195,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             from lightning_vigu.model.lora import apply_lora
 
             apply_lora(self.model, **lora)
-        self.compile_for_training(self.model, compile)
+        self.compile_for_training(self.model, compile, step=self.objective.loss)
         self.phase = get_phase(phase)
         self.apply_phase(self.phase)
 
@@ -318,10 +321,17 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
                 else self.encode_canvas(batch["caption"])
             )
             null = self.encode_canvas([""])
-        flow = self.training_flow if self.training else self.flow
-        return self.objective(
-            flow, latents, context, empty, target, prompt_tokens, phase, generator, null
-        )
+        step = self.compiled_step()
+        if step is None:
+            flow = self.training_flow if self.training else self.flow
+            return self.objective(
+                flow, latents, context, empty, target, prompt_tokens, phase, generator, null
+            )
+        draws = self.objective.draw(latents, target, phase, generator)
+        out = step(self.flow, latents, context, empty, target, prompt_tokens, phase, draws, null)
+        # graph outputs are overwritten by the next replay; what the step logs outlives it
+        fields = dataclasses.fields(out)
+        return dataclasses.replace(out, **{f.name: getattr(out, f.name).clone() for f in fields})
 
     @property
     def training_flow(self) -> FlowTimeModel:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -48,7 +48,7 @@ def save_config_hyperparameters(module: L.LightningModule, injected: Sequence[st
     )
 
 
-COMPILE_MODES = ("none", "blocks", "model", "cudagraphs", "autotune")
+COMPILE_MODES = ("none", "blocks", "model", "cudagraphs", "autotune", "step")
 # the whole-transformer modes and torch.compile's mode for each (``autotune``: inductor times
 # candidate kernels for each matrix multiply at compile time, minutes on a GPU)
 _TORCH_MODES = {
@@ -66,7 +66,9 @@ def compile_transformer(model: nn.Module, mode: str) -> tuple[nn.Module, bool]:
     sampling runs them too. ``model``, ``cudagraphs`` and ``autotune`` compile a training-only
     wrapper around the same weights: sampling and validation run the transformer eagerly, so
     their batch shapes (a few clips, doubled for guidance) never wait for a compilation or a graph
-    recording, which cost 36 s at the first sample logging of a `small` run on an H200.
+    recording, which cost 36 s at the first sample logging of a `small` run on an H200. ``step``
+    leaves ``model`` as it is: the step's whole tensor work is compiled instead
+    (:meth:`CompiledTrainingStep.compile_for_training`).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown model.compile '{mode}'; choose one of {COMPILE_MODES}")
@@ -80,19 +82,38 @@ def compile_transformer(model: nn.Module, mode: str) -> tuple[nn.Module, bool]:
 
 class CompiledTrainingStep(L.LightningModule):
     """A LightningModule whose training step may call a compiled wrapper of its network
-    (:func:`compile_transformer`), while sampling, validation and copies use the network itself.
+    (:func:`compile_transformer`), or a compiled function of the step's whole tensor work
+    (``step`` mode), while sampling, validation and copies run eagerly.
 
-    :meth:`compile_for_training` keeps the wrapper as a plain attribute, not a submodule (the
+    :meth:`compile_for_training` keeps the wrappers as plain attributes, not submodules (the
     weights are the network's), which copies (EMA's average) drop; :meth:`for_training` gives
-    the network the training step calls; :meth:`begin_training_step` marks where a step begins
-    when the wrapper replays CUDA graphs (the previous step's graph outputs may be overwritten
-    from then on).
+    the network the training step calls and :meth:`compiled_step` the compiled step function;
+    :meth:`begin_training_step` marks where a step begins when they replay CUDA graphs (the
+    previous step's graph outputs may be overwritten from then on).
     """
 
     _cudagraphs = False
 
-    def compile_for_training(self, network: nn.Module, mode: str) -> None:
+    def compile_for_training(
+        self, network: nn.Module, mode: str, step: Callable | None = None
+    ) -> None:
+        """Compile ``network`` as ``mode``; the ``step`` mode compiles ``step`` instead (the
+        function of the step's tensor work, the network's forward included: one graph for
+        forward and losses, and one for their backward), replayed as CUDA graphs."""
         self.__dict__["_compiled"], self._cudagraphs = compile_transformer(network, mode)
+        self.__dict__["_compiled_step"] = None
+        if mode == "step":
+            if step is None:
+                raise ValueError(
+                    "model.compile 'step' compiles the unified model's loss with its transformer; "
+                    "this module takes 'none', 'model', 'cudagraphs' or 'autotune'"
+                )
+            self.__dict__["_compiled_step"] = torch.compile(step, mode="reduce-overhead")
+            self._cudagraphs = True
+
+    def compiled_step(self) -> Callable | None:
+        """The compiled step function in training (``step`` mode), else ``None``."""
+        return self.__dict__.get("_compiled_step") if self.training else None
 
     def for_training(self, network: nn.Module) -> nn.Module:
         """The compiled wrapper of ``network`` in training, else ``network`` (also when
@@ -108,7 +129,7 @@ class CompiledTrainingStep(L.LightningModule):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_compiled"] = None  # copies never train; they run eagerly
+        state["_compiled"] = state["_compiled_step"] = None  # copies never train: eager
         return state
 
 

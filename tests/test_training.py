@@ -465,3 +465,45 @@ def test_the_generalized_kl_stays_finite_beside_t2v_rows():
     out.loss.backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("caption_objective", ["flow", "autoregressive"])
+def test_the_step_mode_traces_forward_and_losses_as_one_graph(monkeypatch, caption_objective):
+    """``compile: step`` compiles the objective's tensor work with the transformer: it must
+    trace as one graph (``fullgraph``: a break would leave eager ops between graphs) and give
+    the eager step's losses and gradients. Traced by dynamo alone here (inductor's kernels and
+    CUDA graphs are the GPU's: benchmarks/train_loop.py)."""
+    compile_ = torch.compile
+    modes, calls = [], []
+
+    def traced(fn, mode=None):
+        modes.append(mode)
+        graph = compile_(fn, backend="eager", fullgraph=True)
+        return lambda *args: calls.append(len(args)) or graph(*args)
+
+    monkeypatch.setattr(torch, "compile", traced)
+    batch = {
+        "latents": torch.randn(8, 48, 2, 2, 2),
+        "prompt": ["red circle moves left", "blue square"] * 4,
+        "caption": ["a red circle moves to the left", "a blue square stays"] * 4,
+    }
+    runs = []
+    for compile_mode in ("none", "step"):
+        torch.manual_seed(0)
+        module = tiny_module(compile=compile_mode, caption_objective=caption_objective)
+        module.phase = RECALL_LIKE
+        out = module.compute_loss(batch, RECALL_LIKE, module.step_generator("train", 1))
+        out.loss.backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        runs.append((out, grads))
+    assert modes == ["reduce-overhead"] and calls == [9]  # CUDA graphs on the GPU; the step ran
+    (eager, eager_grads), (step, step_grads) = runs
+    for field in ("loss", "video", "text", "text_accuracy", "num_video", "num_text", "tasks"):
+        torch.testing.assert_close(getattr(step, field), getattr(eager, field))
+    assert step.text > 0 and eager_grads.keys() == step_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(step_grads[name], grad, msg=name)
+    with pytest.raises(ValueError, match="model.compile 'step'"):
+        from benchmarks.baselines import ARCaptionerModule
+
+        ARCaptionerModule(size="tiny", compile="step")
