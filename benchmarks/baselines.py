@@ -229,11 +229,6 @@ class ARCaptionerModule(CompiledTrainingStep, InjectedOptimizerModule):
             raise ValueError(
                 f"caption_target must be one of {CAPTION_TARGETS}, got '{caption_target}'"
             )
-        if compile == "blocks":  # the unified model's per-block mode: the captioner has none
-            raise ValueError(
-                "model.compile 'blocks' compiles the unified model's blocks; the baseline takes "
-                "'none', 'model', 'cudagraphs' or 'autotune'"
-            )
         save_config_hyperparameters(self, injected=["codec", "tokenizer", "optimizer"])
         self.codec = codec if codec is not None else PixelCodec((1, 4, 4))
         self.codec.requires_grad_(False)

@@ -323,7 +323,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             null = self.encode_canvas([""])
         step = self.compiled_step()
         if step is None:
-            flow = self.training_flow if self.training else self.flow
+            flow = self.training_flow  # the eager flow outside training
             return self.objective(
                 flow, latents, context, empty, target, prompt_tokens, phase, generator, null
             )
@@ -335,7 +335,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
 
     @property
     def training_flow(self) -> FlowTimeModel:
-        """The flow the training step runs: :attr:`flow` through the compiled transformer
+        """The flow the step runs: in training :attr:`flow` through the compiled transformer
         (``compile: model | cudagraphs | autotune``), else :attr:`flow` itself."""
         model = self.for_training(self.flow.model)
         if model is self.flow.model:

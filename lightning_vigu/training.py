@@ -73,6 +73,12 @@ def compile_transformer(model: nn.Module, mode: str) -> tuple[nn.Module, bool]:
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown model.compile '{mode}'; choose one of {COMPILE_MODES}")
     if mode == "blocks":
+        if not hasattr(model, "blocks"):
+            raise ValueError(
+                f"model.compile 'blocks' compiles a transformer's blocks, and "
+                f"{type(model).__name__} has none; choose 'none', 'model', 'cudagraphs' or "
+                "'autotune'"
+            )
         for block in model.blocks:
             block.compile()
     elif mode in _TORCH_MODES:
