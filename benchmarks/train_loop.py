@@ -6,6 +6,7 @@
     python -m benchmarks.train_loop --preset phases --side-by-side 60   # ... and all at once
     python -m benchmarks.train_loop --preset caption_rows   # causal captions: their rows or all
     python -m benchmarks.train_loop --preset wave3 --profile 5 --side-by-side 60  # twin vs recall
+    python -m benchmarks.train_loop --preset step     # one GPU: the whole step compiled, small and base
     python -m benchmarks.train_loop --preset toy      # CPU smoke test (eager loops only)
 
 A step is what ``fit`` runs per batch, minus Lightning's bookkeeping: the objective of the
@@ -176,6 +177,16 @@ PRESETS = {
     # each one's GPU time by kind of kernel and part of the step
     "wave3": dict(
         cases=twin_and_recall_causal(("cuda graphs", "whole step"), ("cuda graphs", "whole step")),
+        steps=100,
+        timed_from=40,
+    ),
+    # issue 15's cases (the GPU preset's world and batch): the whole step compiled against
+    # conf/gpu.yaml's loop, and for `small` the loop of three changes ago, all in one run
+    "step": dict(
+        cases=[
+            Case("small", "gpu", 64, ("before", "cuda graphs", "whole step")),
+            Case("base", "gpu", 64, ("cuda graphs", "whole step")),
+        ],
         steps=100,
         timed_from=40,
     ),
