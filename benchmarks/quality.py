@@ -115,7 +115,8 @@ PRESETS = {
             *GPU_DATA,
             "--model.video_shape=[16,32,32]",
             GPU_LR,
-            # conf/gpu.yaml's loop: the training step replayed as CUDA graphs. Runs up to
+            # conf/gpu.yaml's loop: the training step with its losses (model.compile: step) replayed
+            # as CUDA graphs; runs up to 65f0b55 replayed the transformer alone. Runs up to
             # 7bf44e3 compiled it without them (--model.compile=model): alone on this world a
             # step at 256 clips took 0.061-0.076 s of which the GPU worked 37-47 ms, and a
             # stage through the CLI 0.11-0.15 s (benchmarks/results/ablation.md, parts 11, 17)

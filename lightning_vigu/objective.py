@@ -96,6 +96,13 @@ def draw_tasks(b: int, phase: Phase, generator: torch.Generator) -> Tensor:
     return tasks[torch.randperm(b, generator=generator)]
 
 
+def caption_row_count(batch: int, phase: Phase) -> int:
+    """How many rows of a batch of ``batch`` hold causal captions at every step: the ``ceil``
+    of the caption tasks' share (:func:`caption_rows`)."""
+    share = 1.0 - phase.task_mix.get("t2v", 0.0)  # the mix is normalised (Phase)
+    return math.ceil(batch * share - 1e-9)
+
+
 def caption_rows(tasks: Tensor, phase: Phase) -> tuple[Tensor, Tensor]:
     """The rows that hold causal captions (``tasks`` ``(B,)`` on the CPU), padded to the same
     count at every step: ``(rows, keep)``, ``(N,)`` each, ``keep`` 1 on a row whose task trains
@@ -107,9 +114,8 @@ def caption_rows(tasks: Tensor, phase: Phase) -> tuple[Tensor, Tensor]:
     compiles a second, dynamic graph: a `small` recall step's first compile took 121 s
     against 74 s on an H200, ``benchmarks/results/caption_rows_h200.md``).
     """
-    share = 1.0 - phase.task_mix.get("t2v", 0.0)  # the mix is normalised (Phase)
     real = torch.nonzero(tasks != T2V).squeeze(1)
-    count = max(math.ceil(len(tasks) * share - 1e-9), len(real))
+    count = max(caption_row_count(len(tasks), phase), len(real))
     pad = real[:1] if len(real) else torch.zeros(1, dtype=torch.long)  # any row: weighed 0
     rows = torch.cat([real, pad.expand(count - len(real))])
     keep = (torch.arange(count) < len(real)).float()
