@@ -12,7 +12,7 @@ synchronised there only), so the step's cost includes everything ``fit`` does pe
 loader, Lightning's bookkeeping, the callbacks. The runs (``--loops``):
 
 * ``before``: the ``--before`` tree as it was;
-* ``now``: this tree (``conf/gpu.yaml``);
+* ``now``: this tree (``conf/gpu.yaml``: ``model.compile: step`` since b6b67e5);
 * ``now, cuda graphs``: this tree with ``--model.compile=cudagraphs``.
 
 The runs go one after another, and the table is written after each. MFU counts this tree's
