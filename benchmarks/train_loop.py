@@ -177,8 +177,8 @@ PRESETS = {
         timed_from=40,
     ),
     # the quality suite's wave 3: both steps replayed as CUDA graphs, and with the whole step
-    # compiled (conf/gpu.yaml's loop since this preset measured it). Alone recall's step took 1.24x the twin's
-    # for 1.04x its FLOPs, its caption rows adding ~1,000 small kernels a step
+    # compiled (conf/gpu.yaml's loop since this preset measured it). Alone recall's step took
+    # 1.24x the twin's for 1.04x its FLOPs, its caption rows adding ~1,000 small kernels a step
     # (train_loop_wave3_h200.md); combo kernels launch independent ones as one
     "wave3": dict(
         cases=twin_and_recall_causal(
