@@ -188,7 +188,8 @@ PRESETS = {
         timed_from=40,
     ),
     # issue 15's cases (the GPU preset's world and batch): the whole step compiled against
-    # conf/gpu.yaml's loop, and for `small` the loop of three changes ago, all in one run
+    # the CUDA-graphs loop (conf/gpu.yaml's before b6b67e5), and for `small` the loop of three
+    # changes ago, all in one run
     "step": dict(
         cases=[
             Case("small", "gpu", 64, ("before", "cuda graphs", "whole step")),
@@ -404,11 +405,7 @@ def run_loop(
         text = hp.caption_length if module.phase.uses_text else 0  # generator: video only
         latent = module.codec.latent_shape(*videos.shape[2:])
         rows = None  # every row holds a caption (or none does)
-        if (
-            text
-            and case.caption_objective == "autoregressive"
-            and loop.get("caption_rows") != "all"
-        ):
+        if text and module.objective.path.causal and loop.get("caption_rows") != "all":
             rows = caption_row_count(case.batch, module.phase)  # the rows that train them
         flops = clip_train_flops(cfg, latent, text, hp.prompt_length, case.batch, rows)
         row.update(
