@@ -27,6 +27,7 @@ from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 from lightning_vigu.training import (
     CompiledTrainingStep,
     InjectedOptimizerModule,
+    NonFiniteSteps,
     save_config_hyperparameters,
     warmup_cosine,
 )
@@ -184,11 +185,14 @@ def build_ar_captioner(size: str, **kwargs) -> ARCaptioner:
     return ARCaptioner(**values)
 
 
-class ARCaptionerModule(CompiledTrainingStep, InjectedOptimizerModule):
+class ARCaptionerModule(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
     """Trains an :class:`ARCaptioner` with teacher-forced cross-entropy on the Batch contract.
 
     The loss covers each caption's tokens and its first EOS (the EOS fill after it is
-    ignored). The optimiser, warm-up and cosine decay match :class:`UniViGU`'s defaults.
+    ignored). The optimiser, warm-up and cosine decay match :class:`UniViGU`'s defaults, and so
+    do gradient clipping and the skipping of non-finite steps
+    (:class:`~lightning_vigu.training.NonFiniteSteps`: a fused AdamW under bf16 clips and skips
+    on the device, as conf/gpu.yaml trains both).
 
     Args:
         size: preset in ``benchmarks/baselines.yaml`` (``tiny``, ``small``).
@@ -207,6 +211,7 @@ class ARCaptionerModule(CompiledTrainingStep, InjectedOptimizerModule):
             ``cudagraphs`` (replayed as CUDA graphs) or ``autotune``; greedy decoding and
             validation run it eagerly. The quality suite trains the baseline with the unified
             model's loop, so that "the same time" buys both the same kind of step.
+        max_nonfinite_steps: stop after this many consecutive non-finite losses (skipped).
     """
 
     def __init__(
@@ -223,6 +228,7 @@ class ARCaptionerModule(CompiledTrainingStep, InjectedOptimizerModule):
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         compile: str = "none",
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         if caption_target not in CAPTION_TARGETS:
@@ -250,7 +256,7 @@ class ARCaptionerModule(CompiledTrainingStep, InjectedOptimizerModule):
         with torch.no_grad():
             return self.codec.encode(video_as_float(batch["video"]).float())
 
-    def _shared_step(self, batch: Batch, stage: str) -> Tensor:
+    def _shared_step(self, batch: Batch, stage: str) -> Tensor | None:
         texts = batch[self.hparams.caption_target]
         target = self.tokenizer.encode(texts, self.hparams.caption_length).to(self.device)
         logits = self.for_training(self.model)(self.batch_latents(batch), target)  # (B, L, V)
@@ -268,9 +274,11 @@ class ARCaptionerModule(CompiledTrainingStep, InjectedOptimizerModule):
             batch_size=len(texts),
             sync_dist=stage != "train",
         )
+        if stage == "train" and self.skip_nonfinite(loss, len(texts)):
+            return None
         return loss
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         self.begin_training_step()
         return self._shared_step(batch, "train")
 

@@ -136,6 +136,51 @@ def test_overfits_four_clips_and_decodes_their_captions():
     assert module.caption(videos, max_length=3) == [" ".join(c.split()[:3]) for c in CAPTIONS]
 
 
+def _fit(module: ARCaptionerModule, steps: int, **trainer_kw) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **trainer_kw,
+    )
+    train = DataLoader(FixedClips(repeats=steps), batch_size=4, collate_fn=collate_batch)
+    trainer.fit(module, train)
+    return trainer
+
+
+def test_bf16_clips_for_a_fused_adamw_as_for_a_plain_one():
+    """The quality suite trains the baseline with conf/gpu.yaml's fused AdamW under bf16-mixed
+    and conf/arcap.yaml's clipping, which Lightning's plugin refuses for a fused optimiser
+    (the run of bea2a94 stopped there): both optimisers take the same clipped steps."""
+    from functools import partial
+
+    weights = {}
+    for fused, clip in ((False, 1e-3), (True, 1e-3), (False, None)):
+        L.seed_everything(0)
+        module = tiny_module(optimizer=partial(torch.optim.AdamW, fused=fused), warmup_steps=0)
+        _fit(module, 2, precision="bf16-mixed", gradient_clip_val=clip)
+        weights[fused, clip] = torch.cat([p.detach().flatten() for p in module.parameters()])
+    torch.testing.assert_close(weights[True, 1e-3], weights[False, 1e-3], atol=1e-6, rtol=0)
+    assert not torch.allclose(weights[False, 1e-3], weights[False, None], atol=1e-6)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run():
+    """As the unified model's: a non-finite step leaves the weights as they were, and
+    ``max_nonfinite_steps`` of them in a row stop the run with a message that says so."""
+    module = tiny_module(max_nonfinite_steps=2)
+    with torch.no_grad():
+        module.model.patch_embedding.bias.fill_(float("nan"))
+    before = copy.deepcopy(module.model.state_dict())
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite losses"):
+        _fit(module, 4, gradient_clip_val=1.0)
+    torch.testing.assert_close(module.model.state_dict(), before, rtol=0, atol=0, equal_nan=True)
+
+
 def test_the_loss_is_the_mean_over_each_captions_tokens_and_its_first_eos():
     """The loss weighs the kept tokens (no selection, whose size would be read on the host):
     it equals the cross-entropy over exactly the caption's tokens and its first EOS."""
