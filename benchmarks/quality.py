@@ -55,6 +55,7 @@ interval of evaluation noise (:mod:`benchmarks.noise`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -384,12 +385,47 @@ def train_waves(work: Path, stages: list[str], preset: dict, waves: tuple[int, .
                 running[name] = start_training(work, name, stage_command(work, name, preset))
                 if not parallel:
                     finish_training(work, name, running.pop(name))
-        for name in [n for n in running if STAGES[n].waves[-1] == wave]:
-            finish_training(work, name, running.pop(name))
-    for name, proc in running.items():  # stages whose last wave was not asked for
-        finish_training(work, name, proc)
+        wait_for_stages(work, running, [n for n in running if STAGES[n].waves[-1] == wave])
+    wait_for_stages(work, running, list(running))  # stages whose last wave was not asked for
     if warming is not None:  # warm-ups for waves not asked for in this invocation
         warming.join()
+
+
+POLL_SECONDS = 5.0  # how often the stages training side by side are checked for a failure
+
+
+def wait_for_stages(work: Path, running: dict, names: list[str]) -> None:
+    """Wait until the stages ``names`` of ``running`` (name -> process, ``None``: trained
+    before) have finished, and take them out of it. Every running stage is watched: when one
+    fails, the others are stopped (each resumes from its last checkpoint in the next
+    invocation) and the failure is raised with its log's end at once, so that a device call
+    does not spend the rest of a wave beside a stage that cannot finish (at bea2a94 a stage that
+    failed at its first step was reported only at the end of its two waves)."""
+    while any(name in running for name in names):
+        failed = [n for n, p in running.items() if p is not None and p.poll() not in (None, 0)]
+        if failed:
+            stop_stages(work, {n: p for n, p in running.items() if n != failed[0]})
+            print(f"[bench] {failed[0]} failed: the other stages were stopped", flush=True)
+            finish_training(work, failed[0], running.pop(failed[0]))  # raises with its log
+        for name in [n for n in names if n in running]:
+            if running[name] is None or running[name].poll() is not None:
+                finish_training(work, name, running.pop(name))
+        if any(name in running for name in names):
+            time.sleep(POLL_SECONDS)
+
+
+def stop_stages(work: Path, running: dict) -> None:
+    """Stop the running stages (their seconds so far recorded for their resumption)."""
+    procs = {n: p for n, p in running.items() if p is not None}
+    for proc in procs.values():
+        proc.terminate()
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        with contextlib.suppress(RuntimeError):  # stopped here, not failed
+            finish_training(work, name, proc)
 
 
 SAMPLES = 4  # clips per split whose generated videos and captions go into the sample grid

@@ -4,6 +4,7 @@ writes a result whose numbers are measured (positive times, metrics in [0, 1]), 
 import json
 import math
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -410,3 +411,28 @@ def test_quality_stages_start_after_the_stage_they_start_from(tmp_path):
     assert cmd.index("--data.init_args.batch_size=64") > cmd.index(
         "--data.init_args.batch_size=256"
     )
+
+
+def test_a_stage_that_fails_stops_its_wave_at_once(tmp_path, monkeypatch):
+    """Stages side by side are watched together: one that fails at its start stops the others
+    (their seconds kept for their resumption) and raises with its log, instead of the suite
+    waiting out the others' budgets first."""
+    import time
+
+    commands = {
+        "generator": [sys.executable, "-c", "import time; time.sleep(120)"],
+        "arcap": [sys.executable, "-c", "raise SystemExit('the optimiser refused to clip')"],
+    }
+
+    def stage_command(work, name, preset):  # as the real one, which writes the stage's overlay
+        (work / name).mkdir(exist_ok=True)
+        return commands[name]
+
+    monkeypatch.setattr(quality, "stage_command", stage_command)
+    monkeypatch.setattr(quality, "POLL_SECONDS", 0.1)
+    began = time.time()
+    with pytest.raises(RuntimeError, match=r"training 'arcap' failed[\s\S]*refused to clip"):
+        quality.train_waves(tmp_path, ["generator", "arcap"], {"minutes": 1.0}, (1, 2))
+    assert time.time() - began < 60
+    assert float((tmp_path / "generator" / "partial_seconds.txt").read_text()) < 60
+    assert not (tmp_path / "generator" / "train_seconds.txt").exists()  # not finished
