@@ -66,15 +66,10 @@ def caption_rows_forward_flops(
     the generator's, and each caption's tokens reading its row's video and the caption before
     them (the video reads no caption). Counts what runs, padding rows included."""
     d = cfg.dim
-    caption = cfg.num_layers * (
-        _layer_flops(
-            cfg,
-            text_tokens,
-            video_tokens + text_tokens,
-            cfg.text_ffn_dim or cfg.ffn_dim,
-            context_len,
-        )
-        + 4 * context_len * d * d  # the prompt's keys and values, again for the caption rows
+    # the prompt's keys and values are the video rows' (WanAttention.cross_rows), counted with
+    # the video's
+    caption = cfg.num_layers * _layer_flops(
+        cfg, text_tokens, video_tokens + text_tokens, cfg.text_ffn_dim or cfg.ffn_dim, context_len
     )
     caption += text_tokens * 2 * d * cfg.num_embeddings if cfg.vocab_size else 0  # text head
     return forward_flops(cfg, video_tokens, 0, context_len, batch) + float(caption_rows * caption)

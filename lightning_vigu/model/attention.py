@@ -139,11 +139,28 @@ class WanAttention(nn.Module):
         out_video = self._out(attention(qv, kv, vv, self.backend), x_video)
         return out_video, self._out(attention(qt, k, v, self.backend, text_mask), x_text)
 
+    def cross_rows(
+        self, x_video: Tensor, x_text: Tensor, rows: Tensor, context: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-attention of the video ``(B, Lv, dim)`` and of the captions ``(Bt, Lt, dim)``
+        of the video rows ``rows`` ``(Bt,)`` to the video rows' prompt ``context`` ``(B, Lc,
+        dim)``. The prompt's keys and values are computed once, and each caption reads its
+        row's. With ``rows = arange(B)`` this is :meth:`forward` with ``context`` for each."""
+        k, v = self._kv(context)
+        out_video = self._out(attention(self._q(x_video), k, v, self.backend), x_video)
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
+        return out_video, self._out(attention(self._q(x_text), k, v, self.backend), x_text)
+
     def _qkv(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised queries of ``x``, keys and values of ``kv``, ``(B, S, H, D)`` each."""
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        return self._q(x), *self._kv(kv)
+
+    def _q(self, x: Tensor) -> Tensor:
+        return self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+
+    def _kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         k = self.norm_k(self.to_k(kv)).unflatten(2, (self.heads, -1))
-        return q, k, self.to_v(kv).unflatten(2, (self.heads, -1))
+        return k, self.to_v(kv).unflatten(2, (self.heads, -1))
 
     def _out(self, attended: Tensor, x: Tensor) -> Tensor:
         """The output projection of attended values ``(B, S, H, D)``, in ``x``'s dtype."""

@@ -197,7 +197,7 @@ class UnifiedBlock(nn.Module):
         x_video: Tensor,
         x_text: Tensor,
         rows: Tensor,
-        contexts: tuple[Tensor, Tensor],
+        context: Tensor,
         mods: tuple[Tensor, Tensor],
         rope_video: tuple[Tensor, Tensor],
         rope_text: tuple[Tensor, Tensor],
@@ -207,8 +207,9 @@ class UnifiedBlock(nn.Module):
 
         The video ``(B, Lv, dim)`` never reads a caption, so a row without one need not carry
         any: the captions ``(Bt, Lt, dim)`` belong to the video rows ``rows`` ``(Bt,)`` and read
-        their keys and values (:meth:`WanAttention.forward_rows`). ``contexts`` and ``mods`` are
-        the video's and the captions' (``(B, ...)``, ``(Bt, ...)``); ``text_mask`` ``(Lt, Lv +
+        their keys and values (:meth:`WanAttention.forward_rows`) and their prompt's
+        (``context`` ``(B, Lc, dim)``, :meth:`WanAttention.cross_rows`). ``mods`` are the
+        video's and the captions' (``(B, 6, dim)``, ``(Bt, 6, dim)``); ``text_mask`` ``(Lt, Lv +
         Lt)``. With every row's caption this computes :meth:`forward` under the causal mask.
         """
         dtype = x_video.dtype
@@ -217,7 +218,8 @@ class UnifiedBlock(nn.Module):
         h = [_modulate(self.norm1(x), m[0], m[1]).to(dtype) for x, m in zip(xs, mod)]
         attn = self.attn1.forward_rows(*h, rows, rope_video, rope_text, text_mask)
         xs = [(x.float() + a * m[2]).to(dtype) for x, a, m in zip(xs, attn, mod)]
-        xs = [x + self.attn2(self.norm2(x).to(dtype), c) for x, c in zip(xs, contexts)]
+        attn = self.attn2.cross_rows(*(self.norm2(x).to(dtype) for x in xs), rows, context)
+        xs = [x + a for x, a in zip(xs, attn)]
         experts = [(self.norm3, self.ffn), (self.norm3_t, self.ffn_t)]
         video, text = (self._feed_forward(x, e, m) for x, e, m in zip(xs, experts, mod))
         return video, text

@@ -369,10 +369,9 @@ class UniViGUTransformer(nn.Module):
         x_t, rope_text, temb_t, mod_t = self._embed_text(text, t_text)
         x_t = x_t.to(x_v.dtype)
         ctx = self.condition_embedder.text_embedder(context.to(x_v.dtype))  # (B, Lc, D)
-        contexts = (ctx, ctx.index_select(0, rows))
         text_mask = self._caption_mask(x_v.shape[1], x_t.shape[1], x_v.device)  # (Lt, Lv + Lt)
         for i, block in enumerate(self.blocks):
-            args = (x_v, x_t, rows, contexts, (mod_v, mod_t), rope_video, rope_text, text_mask)
+            args = (x_v, x_t, rows, ctx, (mod_v, mod_t), rope_video, rope_text, text_mask)
             if torch.is_grad_enabled() and i < self.gradient_checkpointing:
                 x_v, x_t = checkpoint(block.forward_rows, *args, use_reentrant=False)
             else:
