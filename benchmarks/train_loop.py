@@ -80,6 +80,11 @@ LOOPS: dict[str, dict] = {
     "combo kernels": dict(
         compile="step", fused=True, ema="callback", host_reads=False, combo_kernels=True, **_NOW
     ),
+    # that loop with the caption rows packed with the video tokens: the norms and the
+    # attention's projections once over both streams (UniViGUConfig.pack_caption_rows)
+    "packed rows": dict(
+        compile="step", fused=True, ema="callback", host_reads=False, packed=True, **_NOW
+    ),
     # that loop with inductor's max-autotune (each matrix multiply's kernel chosen by timing)
     "autotune": dict(compile="autotune", fused=True, ema="callback", host_reads=False, **_NOW),
     # that loop with inductor's C++ wrapper (kernels launched from C++, not Python)
@@ -97,6 +102,9 @@ LOOPS: dict[str, dict] = {
     "eager fused": dict(compile="none", fused=True, ema="callback", host_reads=False, **_NOW),
     "eager every row": dict(
         compile="none", fused=True, ema="callback", host_reads=False, caption_rows="all", **_NOW
+    ),
+    "eager packed": dict(
+        compile="none", fused=True, ema="callback", host_reads=False, packed=True, **_NOW
     ),
 }
 
@@ -179,10 +187,12 @@ PRESETS = {
     # the quality suite's wave 3: both steps replayed as CUDA graphs, and with the whole step
     # compiled (conf/gpu.yaml's loop since this preset measured it). Alone recall's step took
     # 1.24x the twin's for 1.04x its FLOPs, its caption rows adding ~1,000 small kernels a step
-    # (train_loop_wave3_h200.md); combo kernels launch independent ones as one
+    # (train_loop_wave3_h200.md); combo kernels launch independent ones as one, packed rows
+    # make fewer and larger ones
     "wave3": dict(
         cases=twin_and_recall_causal(
-            ("cuda graphs", "whole step"), ("cuda graphs", "whole step", "combo kernels")
+            ("cuda graphs", "whole step"),
+            ("cuda graphs", "whole step", "packed rows", "combo kernels"),
         ),
         steps=100,
         timed_from=40,
@@ -288,6 +298,7 @@ def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
     overrides = {"text_absolute_positions": True}
     if case.model == "recipe":
         overrides = yaml.safe_load(RECIPE.read_text())["model_overrides"]
+    overrides = {**overrides, "pack_caption_rows": loop.get("packed", False)}
     module = UniViGU(
         size=case.size,
         tokenizer=WorldTokenizer(),

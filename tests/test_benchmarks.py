@@ -152,18 +152,19 @@ def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
 
 def test_causal_captions_of_the_rows_that_train_them_give_every_row_s_loss_curve():
     """Next-token captions held by the rows that train them only (the step since 7bf44e3)
-    give the loss curve of every row holding one in a masked joint pass (the step before)."""
+    give the loss curve of every row holding one in a masked joint pass (the step before), and
+    so do those rows packed with the video tokens."""
     case = train_loop.Case(
         "tiny",
         "cpu",
         4,
-        ("eager fused", "eager every row"),
+        ("eager fused", "eager every row", "eager packed"),
         caption_objective="autoregressive",
     )
     rows = [train_loop.run_one(case, name, steps=12, timed_from=10) for name in case.loops]
     train_loop.compare(rows)
     assert all("error" not in row for row in rows) and len(set(rows[0]["losses"])) > 1
-    assert rows[1]["max_rel_loss_diff"] < 1e-4
+    assert rows[1]["max_rel_loss_diff"] < 1e-4 and rows[2]["max_rel_loss_diff"] < 1e-4
 
 
 def test_loops_side_by_side_each_count_their_steps_in_the_same_window():

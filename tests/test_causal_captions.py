@@ -103,6 +103,36 @@ def test_captions_of_some_rows_compute_what_the_masked_joint_pass_computes():
         model(video, t_video, context, text, t_text, text_rows=torch.tensor([1]))
 
 
+def test_packed_caption_rows_compute_what_the_two_streams_compute():
+    """``pack_caption_rows`` runs the norms and projections once over both streams' tokens: the
+    same velocity, logits and gradients as the two streams apart, checkpointed or not."""
+    model = _module("refine").model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    video = torch.randn(5, model.config.in_channels, 2, 8, 8)
+    t_video, t_text = torch.rand(5) * 1000, torch.rand(2) * 1000
+    context = torch.randn(5, 8, model.config.text_dim)
+    text, rows = torch.randint(0, 50, (2, 24)), torch.tensor([3, 0])
+
+    def run():
+        model.zero_grad()
+        out = model(video, t_video, context, text, t_text, text_rows=rows)
+        (out.velocity.square().mean() + out.text_logits.square().mean()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return [out.velocity.detach(), out.text_logits.detach(), *grads]
+
+    apart = run()
+    model.config.pack_caption_rows = True
+    packed = run()
+    model.enable_gradient_checkpointing(True)
+    checkpointed = run()
+    assert len(packed) == len(apart)
+    for a, b, c in zip(apart, packed, checkpointed):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(c, b, atol=1e-6, rtol=1e-5)
+
+
 def test_only_the_rows_that_train_captions_hold_one():
     """The objective passes the captions of the v2t / joint rows only, padded to one count (here
     2 of 4 rows: 0.3 x 4 rounded up, whether 1 or 2 rows drew v2t); their loss is the

@@ -72,6 +72,26 @@ class VideoMemory:
         return self
 
 
+class PackedRows:
+    """Video tokens ``(B, Lv, dim)`` and the captions of some rows ``(Bt, Lt, dim)`` as one
+    tensor ``(B * Lv + Bt * Lt, dim)`` (``UniViGUConfig.pack_caption_rows``): work that treats
+    every token alike (norms, the attention's projections) runs once over both streams, and
+    :meth:`split` gives each stream's tokens back as views."""
+
+    def __init__(self, video: tuple[int, int], text: tuple[int, int]) -> None:
+        self.video, self.text = video, text
+        self.num_video = video[0] * video[1]
+
+    def pack(self, video: Tensor, text: Tensor) -> Tensor:
+        """``(B, Lv, ...)``, ``(Bt, Lt, ...)`` -> ``(B * Lv + Bt * Lt, ...)``."""
+        return torch.cat([video.flatten(0, 1), text.flatten(0, 1)])
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`pack` (views of ``x``)."""
+        n = self.num_video
+        return x[:n].unflatten(0, self.video), x[n:].unflatten(0, self.text)
+
+
 class WanAttention(nn.Module):
     """Self- or cross-attention with RMS-normalised q/k (over all heads), Wan's layout.
 
@@ -139,6 +159,37 @@ class WanAttention(nn.Module):
         out_video = self._out(attention(qv, kv, vv, self.backend), x_video)
         return out_video, self._out(attention(qt, k, v, self.backend, text_mask), x_text)
 
+    def forward_packed(
+        self,
+        h: Tensor,
+        rows: Tensor,
+        packed: PackedRows,
+        rope_video: tuple[Tensor, Tensor],
+        rope_text: tuple[Tensor, Tensor],
+        text_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_rows` with both streams packed in ``h`` (:class:`PackedRows`): the
+        queries, keys and values of every token in one projection each; the attention per
+        stream. Returns each stream's output, ``(B, Lv, dim)`` and ``(Bt, Lt, dim)``."""
+        (qv, qt), (kv, kt), (vv, vt) = (packed.split(t) for t in self._qkv(h, h))
+        qv, kv = (apply_rope_interleaved(t, *rope_video) for t in (qv, kv))
+        qt, kt = (apply_rope_half(t, *rope_text) for t in (qt, kt))
+        k = torch.cat([kv.index_select(0, rows), kt], dim=1)
+        v = torch.cat([vv.index_select(0, rows), vt], dim=1)
+        out_video = self._out(attention(qv, kv, vv, self.backend), h)
+        return out_video, self._out(attention(qt, k, v, self.backend, text_mask), h)
+
+    def cross_packed(
+        self, h: Tensor, rows: Tensor, packed: PackedRows, context: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`cross_rows` with both streams packed in ``h``: every token's query in one
+        projection; the attention per stream."""
+        qv, qt = packed.split(self._q(h))
+        k, v = self._kv(context)
+        out_video = self._out(attention(qv, k, v, self.backend), h)
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
+        return out_video, self._out(attention(qt, k, v, self.backend), h)
+
     def cross_rows(
         self, x_video: Tensor, x_text: Tensor, rows: Tensor, context: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -152,15 +203,17 @@ class WanAttention(nn.Module):
         return out_video, self._out(attention(self._q(x_text), k, v, self.backend), x_text)
 
     def _qkv(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised queries of ``x``, keys and values of ``kv``, ``(B, S, H, D)`` each."""
+        """Normalised queries of ``x``, keys and values of ``kv``, ``(..., H, D)`` each."""
         return self._q(x), *self._kv(kv)
 
     def _q(self, x: Tensor) -> Tensor:
-        return self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        """Normalised queries ``(..., H, D)`` of ``x`` ``(..., dim)``."""
+        return self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))
 
     def _kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        k = self.norm_k(self.to_k(kv)).unflatten(2, (self.heads, -1))
-        return k, self.to_v(kv).unflatten(2, (self.heads, -1))
+        """Normalised keys and values ``(..., H, D)`` of ``kv`` ``(..., dim)``."""
+        k = self.norm_k(self.to_k(kv)).unflatten(-1, (self.heads, -1))
+        return k, self.to_v(kv).unflatten(-1, (self.heads, -1))
 
     def _out(self, attended: Tensor, x: Tensor) -> Tensor:
         """The output projection of attended values ``(B, S, H, D)``, in ``x``'s dtype."""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_vigu.model.attention import VideoMemory, WanAttention
+from lightning_vigu.model.attention import PackedRows, VideoMemory, WanAttention
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -224,11 +224,49 @@ class UnifiedBlock(nn.Module):
         video, text = (self._feed_forward(x, e, m) for x, e, m in zip(xs, experts, mod))
         return video, text
 
+    def forward_packed(
+        self,
+        x: Tensor,
+        packed: PackedRows,
+        rows: Tensor,
+        context: Tensor,
+        mods: tuple[Tensor, Tensor],
+        rope_video: tuple[Tensor, Tensor],
+        rope_text: tuple[Tensor, Tensor],
+        text_mask: Tensor,
+    ) -> Tensor:
+        """:meth:`forward_rows` with both streams packed in ``x`` ``(B * Lv + Bt * Lt, dim)``
+        (:class:`~lightning_vigu.model.attention.PackedRows`): the norms and the attention's
+        projections run once over every token, not once per stream (fewer, larger kernels);
+        the modulation, the attention itself and the experts stay per stream. Computes what
+        :meth:`forward_rows` computes."""
+        dtype = x.dtype
+        mod = [(self.scale_shift_table + m.float()).chunk(6, dim=1) for m in mods]
+        # 1. self-attention
+        normed = packed.split(self.norm1(x))
+        h = packed.pack(*(_modulate(n, m[0], m[1]) for n, m in zip(normed, mod))).to(dtype)
+        attn = self.attn1.forward_packed(h, rows, packed, rope_video, rope_text, text_mask)
+        xs = packed.split(x)
+        x = packed.pack(*((p.float() + a * m[2]).to(dtype) for p, a, m in zip(xs, attn, mod)))
+        # 2. cross-attention of all tokens to their row's prompt
+        attn = self.attn2.cross_packed(self.norm2(x).to(dtype), rows, packed, context)
+        x = packed.pack(*(p + a for p, a in zip(packed.split(x), attn)))
+        # 3. the experts: one norm for both streams (norm3 and norm3_t are the same function:
+        # no weights, the same eps), then each stream's own FFN
+        normed = packed.split(self.norm3(x))
+        parts = zip(packed.split(x), normed, (self.ffn, self.ffn_t), mod)
+        return packed.pack(*(self._expert(p, n, ffn, m) for p, n, ffn, m in parts))
+
     @staticmethod
     def _feed_forward(
         x: Tensor, expert: tuple[nn.Module, nn.Module], mod: Sequence[Tensor]
     ) -> Tensor:
         """The gated, modulated feed-forward of one modality's tokens (its norm and FFN)."""
         norm, ffn = expert
-        h = _modulate(norm(x), mod[3], mod[4]).to(x.dtype)
+        return UnifiedBlock._expert(x, norm(x), ffn, mod)
+
+    @staticmethod
+    def _expert(x: Tensor, normed: Tensor, ffn: nn.Module, mod: Sequence[Tensor]) -> Tensor:
+        """``x`` plus the gated FFN of its modulated norm ``normed``."""
+        h = _modulate(normed, mod[3], mod[4]).to(x.dtype)
         return (x.float() + ffn(h).float() * mod[5]).to(x.dtype)

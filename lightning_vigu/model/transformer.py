@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_vigu.model.attention import BACKENDS, VideoMemory
+from lightning_vigu.model.attention import BACKENDS, PackedRows, VideoMemory
 from lightning_vigu.model.blocks import FP32LayerNorm, ModalityRouter, UnifiedBlock
 from lightning_vigu.model.embeddings import (
     ConditionEmbedder,
@@ -70,6 +70,10 @@ class UniViGUConfig:
     # caption tokens attend to the video and to earlier caption tokens only, and video tokens
     # never to captions (next-token captions, lightning_vigu.flows.causal; not in Uni-ViGU)
     causal_captions: bool = False
+    # causal captions held by some rows (the training step): both streams as one tensor, so
+    # the norms and the attention's projections run once over every token instead of once per
+    # stream, in fewer and larger kernels (UnifiedBlock.forward_packed; the same function)
+    pack_caption_rows: bool = False
     # caption stream; vocab_size=None builds the video-only generator
     vocab_size: int | None = 49408
     text_ffn_dim: int | None = None
@@ -370,17 +374,28 @@ class UniViGUTransformer(nn.Module):
         x_t = x_t.to(x_v.dtype)
         ctx = self.condition_embedder.text_embedder(context.to(x_v.dtype))  # (B, Lc, D)
         text_mask = self._caption_mask(x_v.shape[1], x_t.shape[1], x_v.device)  # (Lt, Lv + Lt)
-        for i, block in enumerate(self.blocks):
-            args = (x_v, x_t, rows, ctx, (mod_v, mod_t), rope_video, rope_text, text_mask)
-            if torch.is_grad_enabled() and i < self.gradient_checkpointing:
-                x_v, x_t = checkpoint(block.forward_rows, *args, use_reentrant=False)
-            else:
-                x_v, x_t = block.forward_rows(*args)
+        args = (rows, ctx, (mod_v, mod_t), rope_video, rope_text, text_mask)
+        if self.config.pack_caption_rows:
+            packed = PackedRows(x_v.shape[:2], x_t.shape[:2])
+            x = packed.pack(x_v, x_t)
+            for i, block in enumerate(self.blocks):
+                x = self._run_block(i, block.forward_packed, x, packed, *args)
+            x_v, x_t = packed.split(x)
+        else:
+            for i, block in enumerate(self.blocks):
+                x_v, x_t = self._run_block(i, block.forward_rows, x_v, x_t, *args)
         velocity = self._video_head(x_v, temb_v, grid)
         logits = self.text_head(
             x_t, (self.scale_shift_table_t + temb_t.unsqueeze(1)).chunk(2, dim=1)
         )
         return UniViGUOutput(velocity, logits)
+
+    def _run_block(self, i: int, fn, *args):
+        """Block ``i``'s ``fn``, checkpointed when ``i`` is among the first
+        ``gradient_checkpointing`` blocks and gradients are on."""
+        if torch.is_grad_enabled() and i < self.gradient_checkpointing:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     @staticmethod
     def _causal_mask(router: ModalityRouter, device: torch.device, prefix: int = 0) -> Tensor:
