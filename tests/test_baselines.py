@@ -111,10 +111,8 @@ def test_greedy_stops_at_eos():
     assert calls == [0, 1, 2, 3]  # stopped once every row had its EOS, not at max_length
 
 
-def test_overfits_four_clips_and_decodes_their_captions():
-    L.seed_everything(0)
-    module = tiny_module(lr=3e-3, warmup_steps=10)
-    steps = 150
+def _fit(module: ARCaptionerModule, steps: int, validate: bool = False, **trainer_kw):
+    """``steps`` steps on :class:`FixedClips` on the CPU (validated on them when asked)."""
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -123,10 +121,19 @@ def test_overfits_four_clips_and_decodes_their_captions():
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
+        **trainer_kw,
     )
     train = DataLoader(FixedClips(repeats=steps), batch_size=4, collate_fn=collate_batch)
-    val = DataLoader(FixedClips(), batch_size=4, collate_fn=collate_batch)
+    val = DataLoader(FixedClips(), batch_size=4, collate_fn=collate_batch) if validate else None
     trainer.fit(module, train, val)
+    return trainer
+
+
+def test_overfits_four_clips_and_decodes_their_captions():
+    L.seed_everything(0)
+    module = tiny_module(lr=3e-3, warmup_steps=10)
+    trainer = _fit(module, 150, validate=True)
     assert trainer.callback_metrics["val/loss"] < 0.05
     assert trainer.callback_metrics["val/token_accuracy"] == 1.0
     module.eval()
@@ -134,23 +141,6 @@ def test_overfits_four_clips_and_decodes_their_captions():
     assert module.caption(videos, seed=0) == CAPTIONS
     assert module.caption(videos, seed=123, steps=4) == CAPTIONS  # UniViGU-style extras ignored
     assert module.caption(videos, max_length=3) == [" ".join(c.split()[:3]) for c in CAPTIONS]
-
-
-def _fit(module: ARCaptionerModule, steps: int, **trainer_kw) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **trainer_kw,
-    )
-    train = DataLoader(FixedClips(repeats=steps), batch_size=4, collate_fn=collate_batch)
-    trainer.fit(module, train)
-    return trainer
 
 
 def test_bf16_clips_for_a_fused_adamw_as_for_a_plain_one():

@@ -150,14 +150,8 @@ class WanAttention(nn.Module):
         row's video (``rows`` ``(Bt,)``: indices into the video's batch) and to itself under
         ``text_mask`` ``(Lt, Lv + Lt)``. With ``rows = arange(B)`` this is :meth:`forward`
         over ``[video | caption]`` with the causal mask, in two calls."""
-        qv, kv, vv = self._qkv(x_video, x_video)
-        qt, kt, vt = self._qkv(x_text, x_text)
-        qv, kv = (apply_rope_interleaved(t, *rope_video) for t in (qv, kv))
-        qt, kt = (apply_rope_half(t, *rope_text) for t in (qt, kt))
-        k = torch.cat([kv.index_select(0, rows), kt], dim=1)
-        v = torch.cat([vv.index_select(0, rows), vt], dim=1)
-        out_video = self._out(attention(qv, kv, vv, self.backend), x_video)
-        return out_video, self._out(attention(qt, k, v, self.backend, text_mask), x_text)
+        video, text = self._qkv(x_video, x_video), self._qkv(x_text, x_text)
+        return self._attend_rows(video, text, rows, rope_video, rope_text, text_mask, x_video)
 
     def forward_packed(
         self,
@@ -171,24 +165,15 @@ class WanAttention(nn.Module):
         """:meth:`forward_rows` with both streams packed in ``h`` (:class:`PackedRows`): the
         queries, keys and values of every token in one projection each; the attention per
         stream. Returns each stream's output, ``(B, Lv, dim)`` and ``(Bt, Lt, dim)``."""
-        (qv, qt), (kv, kt), (vv, vt) = (packed.split(t) for t in self._qkv(h, h))
-        qv, kv = (apply_rope_interleaved(t, *rope_video) for t in (qv, kv))
-        qt, kt = (apply_rope_half(t, *rope_text) for t in (qt, kt))
-        k = torch.cat([kv.index_select(0, rows), kt], dim=1)
-        v = torch.cat([vv.index_select(0, rows), vt], dim=1)
-        out_video = self._out(attention(qv, kv, vv, self.backend), h)
-        return out_video, self._out(attention(qt, k, v, self.backend, text_mask), h)
+        video, text = zip(*(packed.split(t) for t in self._qkv(h, h)))
+        return self._attend_rows(video, text, rows, rope_video, rope_text, text_mask, h)
 
     def cross_packed(
         self, h: Tensor, rows: Tensor, packed: PackedRows, context: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:meth:`cross_rows` with both streams packed in ``h``: every token's query in one
         projection; the attention per stream."""
-        qv, qt = packed.split(self._q(h))
-        k, v = self._kv(context)
-        out_video = self._out(attention(qv, k, v, self.backend), h)
-        k, v = k.index_select(0, rows), v.index_select(0, rows)
-        return out_video, self._out(attention(qt, k, v, self.backend), h)
+        return self._attend_prompt(*packed.split(self._q(h)), rows, context, h)
 
     def cross_rows(
         self, x_video: Tensor, x_text: Tensor, rows: Tensor, context: Tensor
@@ -197,10 +182,36 @@ class WanAttention(nn.Module):
         of the video rows ``rows`` ``(Bt,)`` to the video rows' prompt ``context`` ``(B, Lc,
         dim)``. The prompt's keys and values are computed once, and each caption reads its
         row's. With ``rows = arange(B)`` this is :meth:`forward` with ``context`` for each."""
+        return self._attend_prompt(self._q(x_video), self._q(x_text), rows, context, x_video)
+
+    def _attend_rows(
+        self,
+        video: tuple[Tensor, Tensor, Tensor],
+        text: tuple[Tensor, Tensor, Tensor],
+        rows: Tensor,
+        rope_video: tuple[Tensor, Tensor],
+        rope_text: tuple[Tensor, Tensor],
+        text_mask: Tensor,
+        like: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_rows` from each stream's queries, keys and values ``(B, S, H, D)``;
+        the outputs projected in ``like``'s dtype."""
+        (qv, kv, vv), (qt, kt, vt) = video, text
+        qv, kv = (apply_rope_interleaved(t, *rope_video) for t in (qv, kv))
+        qt, kt = (apply_rope_half(t, *rope_text) for t in (qt, kt))
+        k = torch.cat([kv.index_select(0, rows), kt], dim=1)
+        v = torch.cat([vv.index_select(0, rows), vt], dim=1)
+        out_video = self._out(attention(qv, kv, vv, self.backend), like)
+        return out_video, self._out(attention(qt, k, v, self.backend, text_mask), like)
+
+    def _attend_prompt(
+        self, q_video: Tensor, q_text: Tensor, rows: Tensor, context: Tensor, like: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`cross_rows` from each stream's queries ``(B, S, H, D)``."""
         k, v = self._kv(context)
-        out_video = self._out(attention(self._q(x_video), k, v, self.backend), x_video)
+        out_video = self._out(attention(q_video, k, v, self.backend), like)
         k, v = k.index_select(0, rows), v.index_select(0, rows)
-        return out_video, self._out(attention(self._q(x_text), k, v, self.backend), x_text)
+        return out_video, self._out(attention(q_text, k, v, self.backend), like)
 
     def _qkv(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised queries of ``x``, keys and values of ``kv``, ``(..., H, D)`` each."""
