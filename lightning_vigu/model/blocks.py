@@ -244,7 +244,7 @@ class UnifiedBlock(nn.Module):
         mod = [(self.scale_shift_table + m.float()).chunk(6, dim=1) for m in mods]
         # 1. self-attention
         normed = packed.split(self.norm1(x))
-        h = packed.pack(*(_modulate(n, m[0], m[1]) for n, m in zip(normed, mod))).to(dtype)
+        h = packed.pack(*(_modulate(n, m[0], m[1]).to(dtype) for n, m in zip(normed, mod)))
         attn = self.attn1.forward_packed(h, rows, packed, rope_video, rope_text, text_mask)
         xs = packed.split(x)
         x = packed.pack(*((p.float() + a * m[2]).to(dtype) for p, a, m in zip(xs, attn, mod)))

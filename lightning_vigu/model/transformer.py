@@ -302,10 +302,8 @@ class UniViGUTransformer(nn.Module):
             args = (x, ctx, mods, router, rope_video, rope_text, mask, memory)
             if memory is not None:  # eager, once: a compiled block would break on the memory
                 x = block.forward(*args)
-            elif torch.is_grad_enabled() and i < self.gradient_checkpointing:
-                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(*args)
+                x = self._run_block(i, block, *args)
         # 3. heads
         parts = router.split(x)
         velocity = logits = None
