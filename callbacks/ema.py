@@ -165,10 +165,12 @@ class EMA(WeightAveraging):
         super().__init__(device=device, use_buffers=True)
         self.average = WarmupEMA(decay, warmup)
         self.update_every_n_steps = update_every_n_steps
+        self._live_state: dict | None = None  # the live weights once training has ended
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
+        self._live_state = None
         if is_overridden("configure_model", pl_module):  # as Lightning's: build the layers first
             rank_zero_warn(
                 "the EMA callback copies the whole model: a configure_model that shards layers "
@@ -182,3 +184,24 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Copy the average into the live weights (Lightning's end of training), keeping the
+        live ones for the checkpoints written after this hook.
+
+        ``ModelCheckpoint`` writes its end-of-training ``last.ckpt`` after every other callback's
+        ``on_train_end``, i.e. after the average has replaced the live weights: without this,
+        that checkpoint held the average twice (as ``state_dict`` and as
+        ``current_model_state``), so the live weights were lost and a run resumed from it
+        continued from the average. It happened to the quality suite's stages resumed near
+        their end (no interval checkpoint in the resumed part).
+        """
+        # on the host: a copy of the model beside the average could not fit on a full GPU
+        state = pl_module.state_dict()
+        self._live_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._live_state is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._live_state

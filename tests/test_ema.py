@@ -111,3 +111,55 @@ def test_the_kept_pairing_follows_replaced_swapped_and_cast_tensors():
     assert len(ours._plan.converted) == 4
     for a, b in zip(ours.module.parameters(), reference.module.parameters()):
         torch.testing.assert_close(a, b)
+
+
+class _Regression(__import__("lightning").LightningModule):
+    """The smallest trainable module: one linear layer on random regression batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1))
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+
+def test_the_end_of_training_checkpoint_keeps_the_live_weights_beside_the_average(tmp_path):
+    """``last.ckpt`` written by ``ModelCheckpoint`` at the end of training (no interval
+    checkpoint in the run, e.g. a run resumed near its end) comes after the average replaced the
+    live weights: it must still hold the live ones as ``current_model_state``, so that a resumed
+    run and ``weights="raw"`` read the run's own weights, not the average twice."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from callbacks.ema import EMA
+
+    class KeepLive(Callback):  # the live weights after the last optimiser step
+        def on_train_batch_end(self, trainer, module, *args):
+            self.live = {k: v.clone() for k, v in module.state_dict().items()}
+
+    keep = KeepLive()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=100, save_last=True)
+    trainer = L.Trainer(
+        max_steps=5,
+        callbacks=[keep, EMA(decay=0.9), checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    torch.manual_seed(0)
+    trainer.fit(_Regression())
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5
+    for name, live in keep.live.items():
+        torch.testing.assert_close(ckpt["current_model_state"][name], live)
+        assert not torch.equal(ckpt["state_dict"][name], live)  # the average differs from them
