@@ -25,7 +25,9 @@ caption-heavy task mixes it used before, which the Wan configs keep), ``twin_see
 ``generator_previous`` (the generator with the recipe before the mixed rope and the pooled
 prompt), ``generator_b64`` (the generator at the batch of 64 clips and lr the suite used before
 batches of 256) and
-``generator_fine`` (the generator with tokens of 4x4 pixels instead of 8x8). By default only the
+``generator_fine`` (the generator with tokens of 4x4 pixels instead of 8x8) and
+``twin_recall_steps`` (the twin capped at the steps recall_causal trained, in a fifth wave: equal
+steps instead of equal time). By default only the
 main stages run (:data:`MAIN`), so that they share the GPU with fewer processes and the
 evaluation is shorter (generator runs took 0.070-0.124 s a step four side by side on one H200,
 0.059-0.088 s alone; ``benchmarks/results/ablation.md``); ablations run in their own
@@ -171,12 +173,15 @@ class Stage:
         waves: the waves it trains through (its budget is one wave's minutes per wave).
         init: the stage whose last checkpoint initialises it (``None``: from scratch).
         extra: further CLI arguments.
+        steps_of: another stage whose trained steps this one trains, no more (its time budget
+            still applies): a comparison at equal steps instead of equal time.
     """
 
     config: str
     waves: tuple[int, ...]
     init: str | None = None
     extra: tuple[str, ...] = ()
+    steps_of: str | None = None
 
 
 CAUSAL = ("--model.caption_objective=autoregressive",)  # the next-token caption stream
@@ -232,6 +237,14 @@ STAGES: dict[str, Stage] = {
     # the table's intervals leave out
     "twin_seed1": Stage("conf/generator.yaml", (3,), init="generator", extra=SEED1),
     "recall_causal_seed1": recall_causal_with(*SEED1),
+    # the twin capped at recall_causal's steps: recall trains 71-75% of the twin's steps in the
+    # same time and trails it by 0.03-0.05 unseen adherence (ablation.md, parts 21-22). If the
+    # twin at recall's steps trails the twin as much, the step count explains the gap; if not,
+    # the recall objective costs the video. Wave 5: after recall has trained, alone on the GPU
+    # (beside refine_causal it would take refine's steps)
+    "twin_recall_steps": Stage(
+        "conf/generator.yaml", (5,), init="generator", steps_of="recall_causal"
+    ),
     # the generator with the recipe before the mixed rope and the pooled prompt (Wan's axial
     # rope, no pooled prompt): their ablation at the same budget, side by side with `generator`
     "generator_previous": Stage(
@@ -261,7 +274,7 @@ STAGES: dict[str, Stage] = {
         ),
     ),
 }
-WAVES = (1, 2, 3, 4)
+WAVES = (1, 2, 3, 4, 5)  # 5: ablations that need a finished stage's numbers
 # The discrete-flow caption stream (``recall`` -> ``refine``, the paper's) trailed the
 # next-token one by 0.20 caption accuracy at equal time (0.795 / 0.764 against 0.997 / 0.988,
 # c3c3034) and, side by side, took a third of waves 3-4 from the stages the targets are read
@@ -307,10 +320,22 @@ def stage_command(work: Path, name: str, preset: dict, warm_up: bool = False) ->
         overlay = stage_overlay(work / WARM_UP, name, WARM_UP_STEPS, every_n=10**9)
         return [*cmd, "-c", str(overlay), "--trainer.limit_val_batches=0"]
     minutes = preset["minutes"] * len(stage.waves) if preset["minutes"] else None
+    steps = trained_steps(work, stage.steps_of) if stage.steps_of else preset["max_steps"]
     overlay = stage_overlay(
-        work, name, preset["max_steps"], every_n=200 if minutes else None, minutes=minutes, ema=True
+        work, name, steps, every_n=200 if minutes else None, minutes=minutes, ema=True
     )
     return [*cmd, "-c", str(overlay)]
+
+
+def trained_steps(work: Path, stage: str) -> int:
+    """The optimiser steps ``stage`` trained (its ``last.ckpt``'s global step)."""
+    ckpt = work / stage / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"'{ckpt}' is missing: train '{stage}' first (a stage with steps_of={stage!r} trains "
+            "as many steps as it did)"
+        )
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 WARM_UP, WARM_UP_STEPS = "_warm_up", 3
@@ -497,11 +522,13 @@ def run(args) -> Path:
     os.environ.setdefault("LIGHTNING_VIGU_CACHE", str(work / "cache"))
     stages = [s for s in STAGES if s in args.stages]
     needed = set(stages)
-    for name in stages:  # a stage needs the stage it starts from
-        init = STAGES[name].init
-        while init:
-            needed.add(init)
-            init = STAGES[init].init
+    todo_deps = list(stages)  # a stage needs the stage it starts from, and whose steps it takes
+    while todo_deps:
+        stage = STAGES[todo_deps.pop()]
+        for dep in (stage.init, stage.steps_of):
+            if dep and dep not in needed:
+                needed.add(dep)
+                todo_deps.append(dep)
     data_file, data_overrides = preset["data"]  # the world every stage trains on
     data_cfg = {**yaml.safe_load((ROOT / data_file).read_text())["init_args"], **data_overrides}
     from datamodules import SyntheticDataModule

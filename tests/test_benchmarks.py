@@ -5,10 +5,12 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from benchmarks import quality, scaling, step_timer, throughput, train_loop
 
@@ -64,6 +66,8 @@ def test_quality_warms_up_the_graphs_of_later_stages(tmp_path, monkeypatch):
         "refine_causal",
     ]
     assert quality.warm_up_stages(tmp_path, main, (4,)) == []
+    with pytest.raises(FileNotFoundError, match="recall_causal.*train 'recall_causal' first"):
+        quality.stage_command(tmp_path, "twin_recall_steps", quality.PRESETS["toy"])
     (tmp_path / "recall_causal").mkdir()
     (tmp_path / "recall_causal" / "train_seconds.txt").write_text("1\n")  # finished before
     assert quality.warm_up_stages(tmp_path, main, (1, 2)) == ["refine_causal"]
@@ -127,6 +131,12 @@ def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
     for r in noise.values():
         assert r["clips"] == 4 and -1 <= r["adherence_low"] <= r["adherence_high"] <= 1
     assert sum(line.startswith("| ") for line in versus_twin.splitlines()) == 1 + len(noise)
+    # twin_recall_steps trains as many steps as recall_causal did, within its time budget
+    toy = {**quality.PRESETS["toy"], "max_steps": 1000}
+    cmd = quality.stage_command(work, "twin_recall_steps", toy)
+    trainer = yaml.safe_load(Path(cmd[-1]).read_text())["trainer"]
+    assert trainer["max_steps"] == quality.trained_steps(work, "recall_causal") == 6
+    assert f"--init_from={work / 'generator' / 'checkpoints' / 'last.ckpt'}" in cmd
     # samples of other stages beside the raw file (another run's) are not drawn as this run's
     grid = (out / "quality_samples.png").read_bytes()
     torch.save({"recall_scratch": {}}, work / "samples.pt")
