@@ -1,5 +1,6 @@
 """The EMA callback's average and the compile option of the module."""
 
+import lightning as L
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -113,7 +114,7 @@ def test_the_kept_pairing_follows_replaced_swapped_and_cast_tensors():
         torch.testing.assert_close(a, b)
 
 
-class _Regression(__import__("lightning").LightningModule):
+class _Regression(L.LightningModule):
     """The smallest trainable module: one linear layer on random regression batches."""
 
     def __init__(self) -> None:
@@ -138,7 +139,6 @@ def test_the_end_of_training_checkpoint_keeps_the_live_weights_beside_the_averag
     checkpoint in the run, e.g. a run resumed near its end) comes after the average replaced the
     live weights: it must still hold the live ones as ``current_model_state``, so that a resumed
     run and ``weights="raw"`` read the run's own weights, not the average twice."""
-    import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
     from callbacks.ema import EMA
