@@ -148,8 +148,9 @@ def versus_baseline(evals: dict[str, dict], features: dict, baseline: str = "twi
     return rows
 
 
-def markdown(rows: list[dict], baseline: str = "twin") -> str:
-    """The section of ``quality.md``: what the intervals measure, and the table."""
+def markdown(rows: list[dict], baseline: str = "twin", explain: bool = True) -> str:
+    """The section of ``quality.md``: what the intervals measure, and the table
+    (``explain=False``: a line that points to the first section's explanation instead)."""
     if not rows:
         return (
             f"No evaluation-noise table: this run has no `{baseline}` or its raw file holds no "
@@ -176,6 +177,11 @@ def markdown(rows: list[dict], baseline: str = "twin") -> str:
     ]
     fvd = any("fvd_diff" in r for r in rows)
     columns = list(table[0])[: None if fvd else -2]
+    if not explain:
+        return (
+            f"Intervals as in the evaluation-noise table above ({LEVEL:.0%}, paired bootstrap "
+            f"over the same {rows[0]['clips']} clips).\n\n" + markdown_table(table, columns)
+        )
     return (
         f"Evaluation noise: each stage's difference from `{baseline}` on the same "
         f"{rows[0]['clips']} clips of a split (the same prompts and the same initial noise: a "

@@ -619,6 +619,7 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
     features = torch.load(path, weights_only=True) if path.is_file() else {}
     evals = {s: raw["stages"][s]["eval"] for s in order}
     versus_twin = noise.versus_baseline(evals, features, BASELINE)
+    equal_steps = equal_step_rows(evals, features)
     for stage in order:
         for split, res in raw["stages"][stage]["eval"].items():
             res.pop(noise.PER_CLIP, None)  # in the raw file only; quality.json: the intervals
@@ -686,6 +687,7 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
             "level": noise.LEVEL,
             "rows": versus_twin,
         },
+        "equal_steps": equal_steps,
         "stages": raw["stages"],
     }
     m = raw.get("stamp") or {}
@@ -727,14 +729,39 @@ def report(raw_path: Path, out_dir: Path | None = None) -> Path:
         kept = None
     if kept is None:
         head += "No sample grid for this run: `quality_samples.png` is not from it.\n\n"
-    out = write_results(
-        "quality", payload, head + table + "\n\n" + noise.markdown(versus_twin, BASELINE), out_dir
-    )
+    body = head + table + "\n\n" + noise.markdown(versus_twin, BASELINE)
+    for capped, rows_of_pair in equal_steps.items():
+        body += "\n\n" + equal_step_section(capped, rows_of_pair)
+    out = write_results("quality", payload, body, out_dir)
     plot(raw, rows, Path(out).parent)
     if kept is not None:
         sample_grid(kept, Path(out).parent)
     print(table)
     return out
+
+
+def equal_step_rows(evals: dict[str, dict], features: dict) -> dict[str, list[dict]]:
+    """For each stage capped at another's steps (:attr:`Stage.steps_of`) that this run scored
+    with the stage it copies: that stage's difference from the capped one, with the intervals
+    of :func:`benchmarks.noise.versus_baseline` (``{capped stage: rows}``)."""
+    pairs = {}
+    for name, stage in STAGES.items():
+        if stage.steps_of and name in evals and stage.steps_of in evals:
+            pair = {stage.steps_of: evals[stage.steps_of], name: evals[name]}
+            pairs[name] = noise.versus_baseline(pair, features, baseline=name)
+    return pairs
+
+
+def equal_step_section(capped: str, rows: list[dict]) -> str:
+    """The section of ``quality.md`` that reads a stage against the one capped at its steps."""
+    copied = STAGES[capped].steps_of
+    return (
+        f"At equal steps: `{copied}` against `{capped}`, which trained as many steps as "
+        f"`{copied}` did from the same start (and so had less wall clock than the twin): a "
+        f"difference within noise here, beside one beyond it against the twin, puts the gap "
+        f"on `{copied}`'s steps per second, not on its objective. "
+        + noise.markdown(rows, capped, explain=False)
+    )
 
 
 def plot(raw: dict, rows: list[dict], out_dir: Path) -> None:
@@ -746,12 +773,21 @@ def plot(raw: dict, rows: list[dict], out_dir: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
     for stage, data in raw["stages"].items():
-        for key, curve in data.get("loss", {}).items():
-            if key in ("train/loss_video", "train/loss_text") and curve:
+        if " (" in stage:  # a variant scores a stage again: the same run, the same curves
+            continue
+        losses = data.get("loss", {})
+        # the AR baseline logs its caption loss as its only loss
+        panels = {"train/loss_video": 0, "train/loss_text": 1}
+        if stage == "arcap":
+            panels = {"train/loss": 1}
+        for key, panel in panels.items():
+            curve = losses.get(key)
+            if curve and any(v for _, v in curve):  # a stage without captions logs zeros
                 s, v = zip(*curve)
-                ax[0 if key.endswith("video") else 1].plot(s, v, label=stage)
+                ax[panel].plot(s, v, label=stage, lw=1)
     for a, title in zip(ax, ("video loss", "caption loss")):
-        a.set_title(title), a.set_xlabel("step"), a.legend(fontsize=7)
+        a.set_title(title), a.set_xlabel("step (from the stage's start)"), a.set_yscale("log")
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "quality_losses.png", dpi=110)
     metrics = ["v2t/attr_accuracy", "t2v/adherence_accuracy", "joint/agreement"]

@@ -76,9 +76,10 @@ def test_paired_bootstrap_within_noise_for_the_same_scores_and_not_for_a_shift()
         noise.paired_bootstrap(worse[:10], checks[:10], same, checks)
 
 
-def _quality_raw(tmp_path, per_clip: bool):
+def _quality_raw(tmp_path, per_clip: bool, equal_steps: bool = False):
     """A raw file of three scorings of 40 clips (``recall_causal`` as good as the twin,
-    ``refine_causal`` worse on both counts) and their FVD features beside it."""
+    ``refine_causal`` worse on both counts) and their FVD features beside it; ``equal_steps``:
+    a fourth, ``twin_recall_steps``, that adheres less than both."""
     rng = np.random.default_rng(0)
     keys = [f"clip{i:03d}" for i in range(40)]
     checks = [4] * 40
@@ -90,6 +91,8 @@ def _quality_raw(tmp_path, per_clip: bool):
         "recall_causal": (np.roll(twin, 1), twin_fake.roll(1, 0)),  # the same scores, other clips
         "refine_causal": (rng.binomial(4, 0.3, 40), twin_fake + 3.0),
     }
+    if equal_steps:
+        scorings["twin_recall_steps"] = (np.maximum(twin - 2, 0), twin_fake)
     stages, features = {}, {}
     for name, (correct, fake) in scorings.items():
         metrics = {
@@ -131,3 +134,26 @@ def test_quality_report_of_a_raw_file_without_per_clip_rows_says_so(tmp_path):
     quality.report(_quality_raw(tmp_path, per_clip=False), out)
     assert json.loads((out / "quality.json").read_text())["evaluation_noise"]["rows"] == []
     assert "No evaluation-noise table" in (out / "quality.md").read_text()
+
+
+def test_quality_report_reads_recall_against_the_twin_capped_at_its_steps(tmp_path):
+    """With ``twin_recall_steps`` scored, the report adds recall_causal's difference from it (the
+    equal-step comparison beside the equal-time one), with its own paired intervals."""
+    out = tmp_path / "out"
+    quality.report(_quality_raw(tmp_path, per_clip=True, equal_steps=True), out)
+    found = json.loads((out / "quality.json").read_text())
+    (row,) = found["equal_steps"]["twin_recall_steps"]
+    assert row["stage"] == "recall_causal" and row["split"] == "test"
+    assert 0 < row["adherence_low"] < row["adherence_diff"] < row["adherence_high"]
+    assert row["fvd_diff"] == pytest.approx(0, abs=1e-9)  # the twin's videos, other clips
+    text = (out / "quality.md").read_text().split("At equal steps")[1]
+    assert "Δ adherence vs twin_recall_steps" in text and "not on its objective" in text
+    assert {r["stage"] for r in found["evaluation_noise"]["rows"]} == {
+        "recall_causal",
+        "refine_causal",
+        "twin_recall_steps",
+    }
+    # without it, no such section
+    quality.report(_quality_raw(tmp_path, per_clip=True), out)
+    assert json.loads((out / "quality.json").read_text())["equal_steps"] == {}
+    assert "At equal steps" not in (out / "quality.md").read_text()
