@@ -85,6 +85,13 @@ def test_quality_warms_up_the_graphs_of_later_stages(tmp_path, monkeypatch):
     log = (tmp_path / quality.WARM_UP / "generator" / "train.log").read_text()
     assert f"max_steps={quality.WARM_UP_STEPS}` reached" in log, log[-2000:]
     assert not (tmp_path / "generator").exists()  # the stage's own folder is untouched
+    # a stage warmed up on this boot of the machine is not warmed up again by a later call;
+    # on another boot (a new machine, an empty compile cache) it is
+    assert quality.warmed_up(tmp_path, "generator").read_text() == quality.this_boot()
+    quality.warmed_up(tmp_path, "refine_causal").write_text(quality.this_boot())
+    assert quality.warm_up_stages(tmp_path, main, (1, 2)) == []
+    quality.warmed_up(tmp_path, "refine_causal").write_text("another boot")
+    assert quality.warm_up_stages(tmp_path, main, (1, 2)) == ["refine_causal"]
 
 
 def test_quality_toy_trains_evaluates_and_reports(tmp_path, monkeypatch):
