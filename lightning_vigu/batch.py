@@ -29,7 +29,8 @@ class Batch(TypedDict):
         caption: ``B`` detailed captions (equal to ``prompt`` when the data has only one text).
         prompt_emb: optional ``(B, L, D)`` precomputed prompt-encoder embeddings.
         key: optional ``B`` sample keys (WebDataset ``__key__``), for logging.
-        meta: optional ``B`` json records (the synthetic world's ground truth).
+        meta: optional ``B`` json records (the synthetic world's ground truth); the project's
+            DataModules leave them out of training batches (``train_records``).
     """
 
     prompt: list[str]
@@ -44,10 +45,11 @@ class Batch(TypedDict):
 _TENSOR_KEYS = ("video", "latents", "prompt_emb")
 
 
-def collate_batch(samples: list[dict]) -> Batch:
+def collate_batch(samples: list[dict], drop: tuple[str, ...] = ()) -> Batch:
     """Collate per-sample dicts (each holding the keys of :class:`Batch`, unbatched) into a Batch.
 
-    Tensors are stacked along a new batch dimension; strings and records become lists.
+    Tensors are stacked along a new batch dimension; strings and records become lists. Keys in
+    ``drop`` are left out (checked for agreement like the others).
 
     Raises:
         ValueError: when samples disagree on which keys they carry, or tensors differ in shape.
@@ -62,7 +64,7 @@ def collate_batch(samples: list[dict]) -> Batch:
                 "every sample of a DataModule must yield the same Batch keys"
             )
     out: dict = {}
-    for k in keys:
+    for k in keys.difference(drop):
         values = [s[k] for s in samples]
         if k in _TENSOR_KEYS:
             shapes = {tuple(v.shape) for v in values}

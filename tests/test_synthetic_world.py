@@ -185,6 +185,9 @@ def test_synthetic_datamodule_end_to_end(tmp_path):
     check_batch(batch)
     assert batch["video"].shape == (4, 3, 16, 32, 32) and batch["video"].dtype == torch.float32
     assert batch["video"].min() >= -1.0 and batch["video"].max() <= 1.0
+    # training batches leave the records out (train_records), evaluation batches keep them
+    assert "meta" not in batch
+    batch = next(iter(dm.val_dataloader()))
     assert all(c == m["caption"] for c, m in zip(batch["caption"], batch["meta"]))
     assert all(p == m["prompt"] for p, m in zip(batch["prompt"], batch["meta"]))
     assert all(k.startswith("unseen-") for b in dm.test_dataloader() for k in b["key"])

@@ -48,15 +48,27 @@ def _clip(index: int, frames: int | None = None) -> tuple[bytes, dict]:
 
 
 def test_batches_follow_the_contract(data_synthetic_shards):
-    dm = WebVideoDataModule(
-        train_shards=str(data_synthetic_shards / "train-*.tar"),
-        val_shards=str(data_synthetic_shards / "val-{000000..000001}.tar"),
-        batch_size=4,
-        num_workers=0,
-    )
-    dm.setup("fit")
+    def datamodule(**kwargs) -> WebVideoDataModule:
+        dm = WebVideoDataModule(
+            train_shards=str(data_synthetic_shards / "train-*.tar"),
+            val_shards=str(data_synthetic_shards / "val-{000000..000001}.tar"),
+            batch_size=4,
+            num_workers=0,
+            **kwargs,
+        )
+        dm.setup("fit")
+        return dm
+
+    # training batches leave the clips' records out unless asked (nothing in training reads
+    # them; pinning walks every one), with the same clips and texts either way
+    plain = next(iter(datamodule().train_dataloader()))
+    check_batch(plain)
+    assert "meta" not in plain
+    dm = datamodule(train_records=True)
     batch = next(iter(dm.train_dataloader()))
     check_batch(batch)
+    assert batch["key"] == plain["key"] and batch["caption"] == plain["caption"]
+    assert torch.equal(batch["video"], plain["video"])
     assert batch["video"].shape == (4, 3, 16, 32, 32) and batch["video"].dtype == torch.float32
     assert batch["video"].min() >= -1.0 and batch["video"].max() <= 1.0
     assert batch["caption"] == [m["caption"] for m in batch["meta"]]

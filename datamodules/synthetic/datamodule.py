@@ -54,6 +54,8 @@ class SyntheticDataModule(WebVideoDataModule):
             where decoding at every step would set the pace of a small model.
         in_memory_cache: keep the decoded clips in a file for the next run over the same
             shards (see :class:`~datamodules.webvideo.WebVideoDataModule`).
+        train_records: keep each clip's ground-truth record in training batches (see
+            :class:`~datamodules.webvideo.WebVideoDataModule`; evaluation batches keep them).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class SyntheticDataModule(WebVideoDataModule):
         progress: bool = True,
         in_memory: bool = False,
         in_memory_cache: bool = True,
+        train_records: bool = False,
     ) -> None:
         self.world = world_config(preset, num_frames=num_frames, height=size, width=size, fps=fps)
         super().__init__(
@@ -99,6 +102,7 @@ class SyntheticDataModule(WebVideoDataModule):
             latents=False,
             in_memory=in_memory,
             in_memory_cache=in_memory_cache,
+            train_records=train_records,
         )
         if test_split not in ("test", "unseen"):
             raise ValueError(f"test_split must be 'test' or 'unseen', got '{test_split}'")
