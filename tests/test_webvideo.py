@@ -47,24 +47,24 @@ def _clip(index: int, frames: int | None = None) -> tuple[bytes, dict]:
     return encode_video(video[:frames], CPU.fps), record
 
 
-def test_batches_follow_the_contract(data_synthetic_shards):
-    def datamodule(**kwargs) -> WebVideoDataModule:
-        dm = WebVideoDataModule(
-            train_shards=str(data_synthetic_shards / "train-*.tar"),
-            val_shards=str(data_synthetic_shards / "val-{000000..000001}.tar"),
-            batch_size=4,
-            num_workers=0,
-            **kwargs,
-        )
-        dm.setup("fit")
-        return dm
+def _fitting(shards, val: str = "val-*.tar", **kwargs) -> WebVideoDataModule:
+    """A DataModule over the synthetic shards' train split and ``val``, set up for fitting."""
+    dm = WebVideoDataModule(
+        train_shards=str(shards / "train-*.tar"), val_shards=str(shards / val), **kwargs
+    )
+    dm.setup("fit")
+    return dm
 
+
+def test_batches_follow_the_contract(data_synthetic_shards):
+    val = "val-{000000..000001}.tar"
     # training batches leave the clips' records out unless asked (nothing in training reads
     # them; pinning walks every one), with the same clips and texts either way
-    plain = next(iter(datamodule().train_dataloader()))
+    loader = _fitting(data_synthetic_shards, val, batch_size=4, num_workers=0).train_dataloader()
+    plain = next(iter(loader))
     check_batch(plain)
     assert "meta" not in plain
-    dm = datamodule(train_records=True)
+    dm = _fitting(data_synthetic_shards, val, batch_size=4, num_workers=0, train_records=True)
     batch = next(iter(dm.train_dataloader()))
     check_batch(batch)
     assert batch["key"] == plain["key"] and batch["caption"] == plain["caption"]
@@ -140,13 +140,7 @@ def test_rank_and_worker_splits_are_disjoint_and_complete(data_synthetic_shards,
 
 
 def test_dataloader_workers_cover_every_sample_once(data_synthetic_shards):
-    dm = WebVideoDataModule(
-        train_shards=str(data_synthetic_shards / "train-*.tar"),
-        val_shards=str(data_synthetic_shards / "val-*.tar"),
-        batch_size=3,
-        num_workers=2,
-    )
-    dm.setup("fit")
+    dm = _fitting(data_synthetic_shards, batch_size=3, num_workers=2)
     train = [k for b in dm.train_dataloader() for k in b["key"]]
     assert len(train) == len(set(train)) == 24
     val = [k for b in dm.val_dataloader() for k in b["key"]]
