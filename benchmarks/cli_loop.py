@@ -123,6 +123,8 @@ def run(label: str, trees: dict, size: str, a, work: Path, timer_dir: Path) -> d
         caption_length=record["hparams"]["caption_length"],
         tflops=flops / record["seconds"] / 1e12,
         peak_gib=record.get("peak_gib"),
+        gc_ms=record.get("gc_ms_per_step"),  # the garbage collector's host time a step
+        full_gcs=record.get("gc", {}).get("2", {}).get("collections"),
     )
     peak = peak_flops(record.get("device", ""))
     if peak:
@@ -137,7 +139,7 @@ def report(rows: list[dict], a) -> Path:
         if "seconds" in row and "seconds" in first:
             row["speedup"] = first["seconds"] / row["seconds"]
     cols = ["size", "loop", "caption_length", "seconds", "examples_per_s", "speedup", "tflops"]
-    table = markdown_table(rows, [*cols, "mfu", "peak_gib", "wall_s", "error"])
+    table = markdown_table(rows, [*cols, "mfu", "peak_gib", "gc_ms", "full_gcs", "wall_s", "error"])
     table += (
         f"\n\n`python -m lightning_vigu fit -c {a.config} -c {a.overlay} --model.size=SIZE "
         f"--data.init_args.num_train={a.num_train} --trainer.max_steps={a.steps} "
@@ -145,7 +147,8 @@ def report(rows: list[dict], a) -> Path:
         f"(`before`: {a.before_label}); seconds per step between steps {a.timed[0]} and "
         f"{a.timed[1]} (`benchmarks/step_timer.py`); `wall_s`: the whole command, data "
         f"generation and compilation included. MFU: this tree's model FLOPs at the run's "
-        f"caption length over the GPU's dense bf16 peak."
+        f"caption length over the GPU's dense bf16 peak. `gc_ms`: the garbage collector's "
+        f"time a step in the same window; `full_gcs`: its full (generation-2) collections there."
     )
     print(table, flush=True)
     args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}

@@ -221,8 +221,38 @@ def test_the_cli_loop_times_the_real_fit_command_with_an_injected_timer(tmp_path
     assert row["seconds"] == record["seconds"] > 0
     assert row["examples_per_s"] == pytest.approx(16 / record["seconds"])
     assert row["caption_length"] == 64  # conf/model/tiny.yaml's canvas, read from the run
+    assert row["gc_ms"] == record["gc_ms_per_step"]
+    assert row["full_gcs"] == record["gc"]["2"]["collections"]
     with pytest.raises(ValueError, match="first < last"):
         step_timer.StepTimer(3, 3, str(tmp_path / "x.json"))
+
+
+def test_the_step_timer_counts_the_collectors_time_inside_its_window_only(tmp_path):
+    """Collections between the timer's two steps are counted per generation with their time;
+    collections before or after it are not, and the timer leaves ``gc.callbacks`` as it was."""
+    import gc
+    from types import SimpleNamespace
+
+    timer = step_timer.StepTimer(1, 3, str(tmp_path / "t.json"))
+    trainer = SimpleNamespace(global_step=0)
+    module = SimpleNamespace(hparams={"size": "tiny"})
+    batch = {"video": torch.zeros(2, 3, 1, 1, 1)}
+    watching = list(gc.callbacks)
+    gc.disable()  # only the collections asked for below (gc.collect still runs)
+    try:
+        for step, collections in ((0, (2,)), (1, (2, 2, 0)), (3, (2,))):  # before, in, after
+            trainer.global_step = step
+            timer.on_train_batch_end(trainer, module, None, batch, step)
+            for generation in collections:
+                gc.collect(generation)
+    finally:
+        gc.enable()
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert record["gc"]["2"]["collections"] == 2 and record["gc"]["0"]["collections"] == 1
+    assert record["gc"]["1"]["collections"] == 0
+    spent = sum(g["seconds"] for g in record["gc"].values())
+    assert spent > 0 and record["gc_ms_per_step"] == pytest.approx(1e3 * spent / 2)
+    assert gc.callbacks == watching
 
 
 def test_a_step_profile_charges_each_kernel_to_its_part_and_kind():
