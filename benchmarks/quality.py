@@ -368,14 +368,13 @@ def warm_up_stages(work: Path, stages: list[str], waves: tuple[int, ...]) -> lis
     """
     first = min(waves)
     started = {(STAGES[s].config, STAGES[s].extra) for s in stages if STAGES[s].waves[0] <= first}
-    chosen = []
+    chosen, boot = [], this_boot()
     for name in stages:
         stage = STAGES[name]
         key = (stage.config, stage.extra)
-        done = (work / name / "train_seconds.txt").is_file()
         marker = warmed_up(work, name)
-        done = done or (
-            bool(this_boot()) and marker.is_file() and marker.read_text() == this_boot()
+        done = (work / name / "train_seconds.txt").is_file() or (
+            bool(boot) and marker.is_file() and marker.read_text() == boot
         )
         # arcap starts in wave 1, and its CLI (the baseline's) takes no --init_from
         if stage.waves[0] > first and key not in started and not done and name != "arcap":
