@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_vigu.batch import Batch, check_batch, video_as_float
 from lightning_vigu.codecs import LatentCodec, PixelCodec
+from lightning_vigu.loggers import log_step_values
 from lightning_vigu.model.embeddings import sincos_3d
 from lightning_vigu.text import CaptionTokenizer, OpenCLIPTokenizer
 from lightning_vigu.training import (
@@ -268,12 +269,11 @@ class ARCaptionerModule(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerM
         per_token = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
         loss = (per_token * keep).sum() / count
         accuracy = ((logits.argmax(-1) == target).float() * keep).sum() / count
-        self.log_dict(
-            {f"{stage}/loss": loss, f"{stage}/token_accuracy": accuracy},
-            prog_bar=stage == "train",
-            batch_size=len(texts),
-            sync_dist=stage != "train",
-        )
+        values = {f"{stage}/loss": loss, f"{stage}/token_accuracy": accuracy}
+        if stage == "train":  # on the steps the loggers write
+            log_step_values(self, values, prog_bar=True, batch_size=len(texts))
+        else:
+            self.log_dict(values, batch_size=len(texts), sync_dist=True)
         if stage == "train" and self.skip_nonfinite(loss, len(texts)):
             return None
         return loss

@@ -2,6 +2,7 @@
 
     git archive 583442d | tar -x -C /tmp/before     # the loop issue 15 measured (H100, 0.174 s)
     python -m benchmarks.cli_loop --before /tmp/before --sizes small base
+    python -m benchmarks.cli_loop --before /tmp/a /tmp/b --before-label d1ccd57 fbbb4cd
 
 Each run is the README's job on the GPU overlay, ``fit -c conf/recall.yaml -c conf/gpu.yaml``
 (``small`` or ``base``, 64 clips of 16x64x64 a step, recall's objective, from scratch), in its own tree: its
@@ -11,7 +12,7 @@ to its callbacks, which reads the clock after the two ``--timed`` steps (the dev
 synchronised there only), so the step's cost includes everything ``fit`` does per step: the
 loader, Lightning's bookkeeping, the callbacks. The runs (``--loops``):
 
-* ``before``: the ``--before`` tree as it was;
+* ``before``: each ``--before`` tree as it was (a row per tree, named by ``--before-label``);
 * ``now``: this tree (``conf/gpu.yaml``: ``model.compile: step`` since b6b67e5);
 * ``now, cuda graphs``: this tree with ``--model.compile=cudagraphs``.
 
@@ -66,6 +67,7 @@ def command(a, size: str, out: Path, run: Path) -> list[str]:
         f"--trainer.callbacks.first={a.timed[0]}",
         f"--trainer.callbacks.last={a.timed[1]}",
         f"--trainer.callbacks.out={out}",
+        *([f"--trainer.callbacks.profile={a.profile}"] if a.profile else []),
         *a.extra,
     ]
 
@@ -80,12 +82,23 @@ def step_flops(record: dict) -> float:
     )
 
 
-def run(label: str, trees: dict, size: str, a, work: Path, timer_dir: Path) -> dict:
-    """One ``fit`` run of loop ``label`` in its tree; its row (or the error and the log's
+def runs(loops: list[str], befores: list[tuple[str, Path]]) -> list[tuple[str, Path, tuple]]:
+    """``(label, tree, extra CLI arguments)`` of every run: ``before`` once per earlier tree
+    (labelled with its name), the other loops in this tree."""
+    out = []
+    for loop in loops:
+        tree_name, extra = LOOPS[loop]
+        if tree_name == "before":
+            out += [(label, tree, extra) for label, tree in befores]
+        else:
+            out.append((loop, ROOT, extra))
+    return out
+
+
+def run(label: str, tree: Path, extra: tuple, size: str, a, work: Path, timer_dir: Path) -> dict:
+    """One ``fit`` run labelled ``label`` in ``tree``; its row (or the error and the log's
     tail)."""
-    tree_name, extra = LOOPS[label]
     name = f"{size}-{label}".replace(", ", "-").replace(" ", "-")
-    tree = trees[tree_name]
     if tree != ROOT:  # a fresh copy: an earlier commit's configs may name fixed run folders
         tree = shutil.copytree(tree, work / "trees" / name, ignore=shutil.ignore_patterns("runs"))
     out = work / f"{name}.json"
@@ -93,7 +106,9 @@ def run(label: str, trees: dict, size: str, a, work: Path, timer_dir: Path) -> d
     env = dict(os.environ)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ROOT]
     env["PYTHONPATH"] = os.pathsep.join([str(timer_dir), *paths])
-    env["LIGHTNING_VIGU_CACHE"] = str(work / f"cache-{tree_name}")  # data formats may differ
+    # data formats may differ between trees; --shared-cache when they do not
+    cache = "shared" if a.shared_cache else name.removeprefix(f"{size}-")
+    env["LIGHTNING_VIGU_CACHE"] = str(work / f"cache-{cache}")
     row = {"size": size, "loop": label}
     start = time.perf_counter()
     log = work / f"{name}.log"
@@ -132,6 +147,12 @@ def run(label: str, trees: dict, size: str, a, work: Path, timer_dir: Path) -> d
     return row
 
 
+def befores(a) -> list[tuple[str, Path]]:
+    """``(label, tree)`` of each ``--before`` tree."""
+    labels = a.before_label or [Path(t).name for t in a.before]
+    return [(label, Path(t).resolve()) for label, t in zip(labels, a.before, strict=True)]
+
+
 def report(rows: list[dict], a) -> Path:
     """The table so far (speed-up over the size's first row) and the results files."""
     for row in rows:
@@ -144,7 +165,8 @@ def report(rows: list[dict], a) -> Path:
         f"\n\n`python -m lightning_vigu fit -c {a.config} -c {a.overlay} --model.size=SIZE "
         f"--data.init_args.num_train={a.num_train} --trainer.max_steps={a.steps} "
         f"{' '.join(a.extra)}` in each tree "
-        f"(`before`: {a.before_label}); seconds per step between steps {a.timed[0]} and "
+        f"({', '.join(f'`{label}`' for label, _ in befores(a)) or 'this tree only'}: "
+        f"earlier trees); seconds per step between steps {a.timed[0]} and "
         f"{a.timed[1]} (`benchmarks/step_timer.py`); `wall_s`: the whole command, data "
         f"generation and compilation included. MFU: this tree's model FLOPs at the run's "
         f"caption length over the GPU's dense bf16 peak. `gc_ms`: the garbage collector's "
@@ -159,8 +181,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--before", type=Path, default=None, help="the earlier commit's tree")
-    p.add_argument("--before-label", default="the earlier commit", help="its name in the notes")
+    p.add_argument(
+        "--before",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="earlier commits' trees (the `before` loop)",
+    )
+    p.add_argument(
+        "--before-label", nargs="+", default=[], help="their names in the table (default: folders')"
+    )
+    p.add_argument(
+        "--shared-cache",
+        action="store_true",
+        help="one synthetic-data cache for every run (trees whose data formats agree)",
+    )
     p.add_argument("--sizes", nargs="+", default=["small"])
     p.add_argument("--loops", nargs="+", default=list(LOOPS), choices=list(LOOPS))
     p.add_argument("--steps", type=int, default=245, help="below 250: no validation or checkpoint")
@@ -171,14 +206,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--extra", nargs=argparse.REMAINDER, default=[], help="CLI arguments for every run"
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile this many steps after the timed ones with pyinstrument (the host's "
+        "time by call stack; <run>_profile.txt beside the timings in --work)",
+    )
     p.add_argument("--run-timeout", type=float, default=420.0, help="seconds a run may take")
     p.add_argument("--work", type=Path, default=None, help="run folders (default: a temp dir)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     a = p.parse_args(argv)
-    if "before" in a.loops and a.before is None:
-        p.error("the `before` loop needs --before <tree of the earlier commit>")
-    trees = {"before": a.before.resolve() if a.before else None, "now": ROOT}
+    if a.steps < a.timed[1] + a.profile:
+        p.error(f"--steps {a.steps} ends before the profiled steps ({a.timed[1]} + {a.profile})")
+    if "before" in a.loops and not a.before:
+        p.error("the `before` loop needs --before <tree of an earlier commit>")
+    if a.before_label and len(a.before_label) != len(a.before):
+        p.error(f"{len(a.before)} --before trees but {len(a.before_label)} --before-label names")
     work = a.work or Path(tempfile.mkdtemp(prefix="cli_loop_"))
     work.mkdir(parents=True, exist_ok=True)
     timer_dir = work / "timer"
@@ -186,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     shutil.copy(Path(__file__).with_name("step_timer.py"), timer_dir / "lv_step_timer.py")
     rows: list[dict] = []
     for size in a.sizes:
-        for label in a.loops:
-            rows.append(run(label, trees, size, a, work, timer_dir))
+        for label, tree, extra in runs(a.loops, befores(a)):
+            rows.append(run(label, tree, extra, size, a, work, timer_dir))
             print({k: v for k, v in rows[-1].items()}, flush=True)
             path = report(rows, a)
     print(f"wrote {path}")

@@ -21,16 +21,31 @@ class StepTimer(L.Callback):
     garbage collector's collections in the same window (per generation: how many, and their
     seconds), host time that stops the loop from launching the next step.
 
+    With ``profile`` > 0 the ``profile`` steps after ``last`` run under pyinstrument's sampling
+    profiler (wall clock of the loop's thread: Lightning's loop, the callbacks, the loader's
+    hand-over and the step's host work, each by its call stack), written beside ``out`` as
+    ``<stem>_profile.txt`` (the call tree) and ``<stem>_profile.json`` (the session, for
+    ``pyinstrument --load``). Those steps are not in the timed window.
+
     Args:
         first: the step after which the clock starts (compilation and warm-up done).
         last: the step after which it stops.
         out: the JSON file to write.
+        profile: steps after ``last`` to profile (0: none; needs ``pip install pyinstrument``).
     """
 
-    def __init__(self, first: int, last: int, out: str) -> None:
+    def __init__(self, first: int, last: int, out: str, profile: int = 0) -> None:
         if not 0 <= first < last:
             raise ValueError(f"StepTimer needs 0 <= first < last; got {first}, {last}")
+        if profile < 0:
+            raise ValueError(f"StepTimer's profile is a number of steps >= 0; got {profile}")
         self.first, self.last, self.out = first, last, Path(out)
+        self.profile = profile
+        self._profiler = None
+        if profile:
+            from pyinstrument import Profiler  # fail at the start of the run, not after it
+
+            self._profiler = Profiler(interval=0.0005, async_mode="disabled")
         self._start: float | None = None
         self._collections = [[0, 0.0] for _ in range(3)]  # per generation: count, seconds
         self._collecting: float | None = None
@@ -51,6 +66,18 @@ class StepTimer(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._stop_watching_gc()  # a run that ended before ``last``
+        if self._profiler is not None and self._profiler.is_running:
+            self._write_profile(trainer.global_step - self.last)  # ended inside the window
+
+    def _write_profile(self, steps: int) -> None:
+        """Stop the profiler and write its call tree (text) and session (JSON) beside ``out``."""
+        session = self._profiler.stop()
+        stem = self.out.with_suffix("")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        session.save(f"{stem}_profile.json")
+        text = self._profiler.output_text(unicode=False, color=False, show_all=False)
+        header = f"# pyinstrument, steps {self.last + 1}-{self.last + steps} ({steps} steps)\n"
+        Path(f"{stem}_profile.txt").write_text(header + text)
 
     @staticmethod
     def _sync() -> None:
@@ -59,6 +86,9 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        profiling = self._profiler is not None and self._profiler.is_running
+        if profiling and step == self.last + self.profile:
+            self._write_profile(self.profile)
         if step == self.first:
             self._sync()
             self._start = time.perf_counter()
@@ -91,3 +121,5 @@ class StepTimer(L.Callback):
                 record["device"] = torch.cuda.get_device_name()
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.out.write_text(json.dumps(record, indent=1, default=str))
+        if self._profiler is not None and step == self.last:
+            self._profiler.start()  # the next steps, after the timing above is written

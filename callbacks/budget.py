@@ -30,7 +30,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_vigu.loggers import host_number
+from lightning_vigu.loggers import host_number, log_step_values
 
 
 class TimeBudget(L.Callback):
@@ -102,7 +102,8 @@ class TimeBudget(L.Callback):
                 verb = "planned" if self.planned_steps is None else "re-planned"
                 self.replanned = passed
                 self._plan(trainer, verb)
-        pl_module.log("train/planned_steps", host_number(self.planned_steps or trainer.max_steps))
+        planned = host_number(self.planned_steps or trainer.max_steps)
+        log_step_values(pl_module, {"train/planned_steps": planned})
 
     def _plan(self, trainer: L.Trainer, verb: str) -> None:
         """Set ``max_steps`` to the steps that fit in what is left of the budget at the mean step

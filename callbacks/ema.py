@@ -15,8 +15,6 @@ all queued work, which a small model's step cannot afford.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
@@ -60,10 +58,13 @@ class WarmupAveragedModel(AveragedModel):
     The pairing of averaged and live tensors (by device and dtype, for one ``_foreach_lerp_``
     each) is worked out once and kept: made anew at every update, its few dispatcher calls per
     tensor took an H200 host 3.1 ms an update for ``small`` against 1.9 ms kept, of which
-    walking the two modules is 1.5 (``benchmarks/results/ema_update_h200.md``). Each update
-    still walks both modules and checks that every tensor is the one paired before, on the
-    same device and dtype; any change (a parameter replaced, a module moved or cast) pairs
-    them again.
+    walking the two modules was 1.5 (``benchmarks/results/ema_update_h200.md``). Each update
+    walks the live module once (:func:`module_tensors`: its parameters and buffers from one
+    pass over its submodules, where ``parameters()`` and ``buffers()`` make two) and checks
+    that every tensor is the one paired before, on the same device and dtype; any change (a
+    parameter replaced, a module moved or cast) pairs them again. The averaged copy is this
+    class's own, and its tensors are walked again only when the pairing is made anew (after
+    :meth:`load_state_dict`, or a change on the live side): weight swaps copy values in place.
 
     Args:
         model: the module to average (deep-copied).
@@ -82,28 +83,39 @@ class WarmupAveragedModel(AveragedModel):
     def load_state_dict(self, *args, **kwargs):
         out = super().load_state_dict(*args, **kwargs)
         self._count = None  # read from n_averaged at the next update
+        self._plan = None  # ``assign=True`` replaces the averaged tensors
         return out
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         if self._count is None:
             self._count = int(self.n_averaged)
-        pairs = list(
-            zip(
-                itertools.chain(self.module.parameters(), self.module.buffers()),
-                itertools.chain(model.parameters(), model.buffers()),
-                strict=True,
-            )
-        )
+        current = module_tensors(model)
         if self._count == 0:  # the first update copies every tensor
-            for averaged, current in pairs:
-                averaged.detach().copy_(current.detach().to(averaged.device, averaged.dtype))
+            for averaged, live in zip(module_tensors(self.module), current, strict=True):
+                averaged.detach().copy_(live.detach().to(averaged.device, averaged.dtype))
         else:
-            if self._plan is None or not self._plan.fits(pairs):
+            if self._plan is None or not self._plan.fits(current):
+                pairs = list(zip(module_tensors(self.module), current, strict=True))
                 self._plan = _UpdatePlan(pairs)
             self._plan.apply(1.0 - self.average.decay_at(self._count))
         self.n_averaged += 1
         self._count += 1
+
+
+def module_tensors(module: nn.Module) -> list[Tensor]:
+    """``[*module.parameters(), *module.buffers()]``, in that order and without repeats, from
+    one pass over the submodules (``parameters()`` and ``buffers()`` each walk them, with a
+    Python-level hash per tensor: on an H200's host most of an EMA update's time)."""
+    modules = list(module.modules())
+    tensors, seen = [], set()
+    for slot in ("_parameters", "_buffers"):
+        for m in modules:
+            for t in getattr(m, slot).values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    tensors.append(t)
+    return tensors
 
 
 class _UpdatePlan:
@@ -127,11 +139,12 @@ class _UpdatePlan:
                 group[0].append(averaged)
                 group[1].append(current)
 
-    def fits(self, pairs: list[tuple[Tensor, Tensor]]) -> bool:
-        """Whether ``pairs`` are the tensors this plan was made for, where they were."""
-        return len(pairs) == len(self.pairs) and all(
-            a is a0 and c is c0 and (a.device, a.dtype, c.device, c.dtype) == where
-            for (a, c), (a0, c0, where) in zip(pairs, self.pairs)
+    def fits(self, current: list[Tensor]) -> bool:
+        """Whether ``current`` are the live tensors this plan was made for, and both sides are
+        where they were."""
+        return len(current) == len(self.pairs) and all(
+            c is c0 and (a.device, a.dtype, c.device, c.dtype) == where
+            for c, (a, c0, where) in zip(current, self.pairs)
         )
 
     def apply(self, weight: float) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_vigu.loggers import host_number
+from lightning_vigu.loggers import host_number, log_step_values
 from lightning_vigu.phases import Phase, get_phase
 
 
@@ -67,4 +67,4 @@ class PhaseSchedule(L.Callback):
         index = self.phase_index_at(trainer.global_step)
         if index != self.current:
             self._apply(pl_module, index, trainer.global_step)
-        pl_module.log("train/phase", host_number(self.current))
+        log_step_values(pl_module, {"train/phase": host_number(self.current)})

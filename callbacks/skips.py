@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_vigu.loggers import host_number
+from lightning_vigu.loggers import host_number, loggers_write_this_step
 
 
 class SkippedSamples(L.Callback):
@@ -13,7 +13,7 @@ class SkippedSamples(L.Callback):
 
     Logs ``data/skipped`` (the total) and ``data/skipped_<reason>`` for every reason seen so
     far, as running totals of this process (rank 0's on several ranks), with the training
-    metrics (every ``log_every_n_steps``) and at the end of each validation; prints the counts
+    metrics (on the steps the loggers write, every ``log_every_n_steps``) and at the end of each validation; prints the counts
     when fit, validate or test ends. The CLI adds it whenever the DataModule has
     ``skipped_counts`` (:class:`~datamodules.webvideo.WebVideoDataModule` and its subclasses).
     """
@@ -23,20 +23,22 @@ class SkippedSamples(L.Callback):
         counts = getattr(trainer.datamodule, "skipped_counts", None)
         return counts() if callable(counts) else None
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _values(self, trainer: L.Trainer) -> dict | None:
         counts = self._counts(trainer)
         if counts is None:
-            return
+            return None
         values = {"data/skipped": host_number(sum(counts.values()))}
-        values |= {f"data/skipped_{k}": host_number(v) for k, v in counts.items() if v}
-        pl_module.log_dict(values, rank_zero_only=True)
+        return values | {f"data/skipped_{k}": host_number(v) for k, v in counts.items() if v}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._log(trainer, pl_module)
+        values = self._values(trainer) if loggers_write_this_step(trainer) else None
+        if values is not None:
+            pl_module.log_dict(values, rank_zero_only=True)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._log(trainer, pl_module)
+        values = None if trainer.sanity_checking else self._values(trainer)
+        if values is not None:
+            pl_module.log_dict(values, rank_zero_only=True)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         counts = self._counts(trainer)

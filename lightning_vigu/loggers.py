@@ -1,5 +1,6 @@
-"""Experiment loggers: a Weights & Biases logger whose run continues when a fit resumes, and
-:func:`host_number` for logging numbers the host already has.
+"""Experiment loggers: a Weights & Biases logger whose run continues when a fit resumes,
+:func:`host_number` for logging numbers the host already has, and :func:`log_step_values` for
+logging a training step's values on the steps the loggers write.
 
 Lightning's ``WandbLogger`` starts a new W&B run at every ``fit`` unless it is given the id of
 an earlier one. :class:`ResumableWandbLogger` keeps that id in its ``save_dir``
@@ -15,6 +16,7 @@ import os
 import uuid
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
@@ -30,6 +32,36 @@ def host_number(value: float) -> Tensor:
     it is, and the loggers read it without waiting for anything.
     """
     return torch.tensor(float(value))
+
+
+def loggers_write_this_step(trainer: L.Trainer | None) -> bool:
+    """Whether Lightning writes the current training step's logged values to its loggers (every
+    ``trainer.log_every_n_steps`` steps, and at a stop); ``True`` outside a fit, with
+    ``log_every_n_steps=0`` or ``fast_dev_run``, where values are kept for every step.
+
+    It is the test Lightning's own loop and its ``LearningRateMonitor`` apply
+    (``should_update_logs``); where that is missing, every step logs.
+    """
+    if trainer is None or trainer.log_every_n_steps == 0 or trainer.fast_dev_run:
+        return True
+    return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
+
+
+def log_step_values(module: L.LightningModule, values: dict, **kwargs) -> None:
+    """``module.log_dict(values, **kwargs)`` on the training steps whose values the loggers
+    write, and nothing on the others.
+
+    Each ``LightningModule.log`` call walks Lightning's stored copy of the value
+    (``_ResultMetric.to``): about 1 ms of host time a value on an H200's host under a sampling
+    profiler, and a training step of the quality suite logged nine values, so a small model's
+    step, which waits for the host, lost ~15% to values that no logger wrote
+    (``benchmarks/results/ablation.md``, part 24). The loggers, the progress bar
+    (:class:`callbacks.ProgressBar`) and ``trainer.callback_metrics`` see the same values as
+    before on the steps the loggers write; in between, callbacks read the last values written.
+    Set ``trainer.log_every_n_steps=1`` for every step's values.
+    """
+    if loggers_write_this_step(module._trainer):
+        module.log_dict(values, **kwargs)
 
 
 def persistent_run_id(folder: str | Path) -> str:

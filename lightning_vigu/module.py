@@ -26,6 +26,7 @@ from lightning_vigu.flows import FlowTimeModel, SamplerConfig, UnifiedSampler
 from lightning_vigu.flows.causal import make_caption_path
 from lightning_vigu.flows.draws import seeded
 from lightning_vigu.init_weights import load_init_weights
+from lightning_vigu.loggers import log_step_values
 from lightning_vigu.model import build_model
 from lightning_vigu.objective import ObjectiveConfig, UnifiedObjective
 from lightning_vigu.phases import GROUPS, Phase, get_phase
@@ -362,11 +363,10 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
         ):
             # a skipped step still counts toward max_steps (Lightning steps the loop): log it as
             # skipped, with its non-finite loss, not the previous step's finite one
-            self.log_dict(losses, prog_bar=True, batch_size=b)
+            log_step_values(self, losses, prog_bar=True, batch_size=b)
             return None
-        self.log_dict(
-            {**losses, "train/text_accuracy": out.text_accuracy}, prog_bar=True, batch_size=b
-        )
+        losses["train/text_accuracy"] = out.text_accuracy
+        log_step_values(self, losses, prog_bar=True, batch_size=b)
         return out.loss
 
     def _eval_step(self, batch: Batch, batch_idx: int, stage: str) -> None:

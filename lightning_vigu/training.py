@@ -17,6 +17,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
+from lightning_vigu.loggers import log_step_values
+
 
 def warmup_cosine(step: int, warmup_steps: int, horizon: int | None, min_ratio: float) -> float:
     """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to
@@ -184,16 +186,17 @@ class NonFiniteSteps(L.LightningModule):
             self._loss_finite = finite
             self._count_nonfinite_on_device(finite, batch_size)
             return False
-        if finite:  # read on the host: the CPU, or an optimiser that cannot skip
-            self._nonfinite_in_a_row = 0
-            return False
-        self._nonfinite_in_a_row += 1
-        self._nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self._nonfinite_in_a_row), batch_size=batch_size)
-        self.log("train/skipped_steps", float(self._nonfinite_total), batch_size=batch_size)
+        finite = bool(finite)  # read on the host: the CPU, or an optimiser that cannot skip
+        self._nonfinite_in_a_row = 0 if finite else self._nonfinite_in_a_row + 1
+        self._nonfinite_total += 0 if finite else 1
+        counts = {
+            "train/nonfinite_steps": float(self._nonfinite_in_a_row),
+            "train/skipped_steps": float(self._nonfinite_total),
+        }
+        log_step_values(self, counts, batch_size=batch_size)
         if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
             self._stop_on_nonfinite(self._nonfinite_in_a_row, detail())
-        return True
+        return not finite
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -253,8 +256,8 @@ class NonFiniteSteps(L.LightningModule):
         run = (state[0] + 1) * bad
         state = torch.stack([run, torch.maximum(state[1], run), state[2] + bad])
         self._nonfinite_state = state  # a new tensor: the logged values stay as they were
-        self.log("train/nonfinite_steps", state[0], batch_size=batch_size)
-        self.log("train/skipped_steps", state[2], batch_size=batch_size)
+        counts = {"train/nonfinite_steps": state[0], "train/skipped_steps": state[2]}
+        log_step_values(self, counts, batch_size=batch_size)
         every = max(1, self.trainer.log_every_n_steps)
         if (self.global_step + 1) % every == 0:
             worst = int(state[1])

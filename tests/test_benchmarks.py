@@ -227,6 +227,22 @@ def test_the_cli_loop_times_the_real_fit_command_with_an_injected_timer(tmp_path
         step_timer.StepTimer(3, 3, str(tmp_path / "x.json"))
 
 
+def test_the_cli_loop_runs_each_earlier_tree_under_its_own_label(tmp_path):
+    """``--before a b`` makes one ``before`` run per tree, named by ``--before-label`` (or the
+    folder), before this tree's loops; labels must match the trees."""
+    from benchmarks import cli_loop
+
+    trees = [tmp_path / "x", tmp_path / "y"]
+    runs = cli_loop.runs(["before", "now"], list(zip(["d1ccd57", "y"], trees)))
+    assert [(label, tree) for label, tree, _ in runs] == [
+        ("d1ccd57", trees[0]),
+        ("y", trees[1]),
+        ("now", cli_loop.ROOT),
+    ]
+    with pytest.raises(SystemExit):
+        cli_loop.main(["--before", *map(str, trees), "--before-label", "one"])
+
+
 def test_the_step_timer_counts_the_collectors_time_inside_its_window_only(tmp_path):
     """Collections between the timer's two steps are counted per generation with their time;
     collections before or after it are not, and the timer leaves ``gc.callbacks`` as it was."""
@@ -253,6 +269,30 @@ def test_the_step_timer_counts_the_collectors_time_inside_its_window_only(tmp_pa
     spent = sum(g["seconds"] for g in record["gc"].values())
     assert spent > 0 and record["gc_ms_per_step"] == pytest.approx(1e3 * spent / 2)
     assert gc.callbacks == watching
+
+
+def test_the_step_timer_profiles_the_steps_after_its_window(tmp_path):
+    """With ``profile=N`` the N steps after ``last`` run under pyinstrument, whose call tree
+    and session are written beside the timing; the timed window is not profiled."""
+    from types import SimpleNamespace
+
+    timer = step_timer.StepTimer(1, 2, str(tmp_path / "t.json"), profile=2)
+    trainer = SimpleNamespace(global_step=0)
+    module = SimpleNamespace(hparams={"size": "tiny"})
+    batch = {"video": torch.zeros(2, 3, 1, 1, 1)}
+    running = []
+    for step in range(6):
+        trainer.global_step = step
+        timer.on_train_batch_end(trainer, module, None, batch, step)
+        running.append(timer._profiler.is_running)
+        sum(i * i for i in range(20000))  # the step's work
+    assert running == [False, False, True, True, False, False]
+    text = (tmp_path / "t_profile.txt").read_text()
+    assert text.startswith("# pyinstrument, steps 3-4 (2 steps)")
+    assert "test_the_step_timer_profiles" in text  # the work's frame
+    assert json.loads((tmp_path / "t_profile.json").read_text())["sample_count"] > 0
+    with pytest.raises(ValueError, match="profile"):
+        step_timer.StepTimer(1, 2, str(tmp_path / "x.json"), profile=-1)
 
 
 def test_a_step_profile_charges_each_kernel_to_its_part_and_kind():

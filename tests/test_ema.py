@@ -114,6 +114,42 @@ def test_the_kept_pairing_follows_replaced_swapped_and_cast_tensors():
         torch.testing.assert_close(a, b)
 
 
+def test_one_walk_lists_the_tensors_that_parameters_and_buffers_list():
+    """module_tensors is ``[*parameters(), *buffers()]`` from one pass: the same tensors in the
+    same order, a tied weight and a module registered twice once, ``None`` slots skipped, and
+    a submodule replaced after an update is followed (the averaged copy is then not updated
+    from the old one's tensors)."""
+    from callbacks.ema import WarmupAveragedModel, module_tensors
+
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm1d(3)
+    model = torch.nn.ModuleDict(
+        {
+            "a": torch.nn.Linear(3, 3, bias=False),
+            "b": torch.nn.Linear(3, 3),
+            "norm": norm,
+            "again": norm,  # the same module under two names
+            "empty": torch.nn.Linear(3, 3, bias=False),
+        }
+    )
+    model["b"].weight = model["a"].weight  # tied
+    model.register_buffer("none", None)
+    listed = module_tensors(model)
+    expected = [*model.parameters(), *model.buffers()]
+    assert len(listed) == len(expected) and all(a is b for a, b in zip(listed, expected))
+
+    ours = WarmupAveragedModel(model, WarmupEMA(0.5))
+    for _ in range(2):
+        ours.update_parameters(model)
+    model["empty"] = torch.nn.Linear(3, 3, bias=False)  # a new submodule in its place
+    with torch.no_grad():
+        model["empty"].weight.fill_(2.0)
+    before = ours.module["empty"].weight.detach().clone()
+    ours.update_parameters(model)
+    weight = 1.0 - WarmupEMA(0.5).decay_at(2)
+    torch.testing.assert_close(ours.module["empty"].weight, before + weight * (2.0 - before))
+
+
 class _Regression(L.LightningModule):
     """The smallest trainable module: one linear layer on random regression batches."""
 
