@@ -173,7 +173,10 @@ def report(rows: list[dict], a) -> Path:
         f"time a step in the same window; `full_gcs`: its full (generation-2) collections there."
     )
     print(table, flush=True)
-    args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    args = {
+        k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+        for k, v in vars(a).items()
+    }
     return write_results(f"cli_loop{a.tag}", {"rows": rows, "args": args}, table, a.out)
 
 
