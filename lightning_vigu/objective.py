@@ -92,7 +92,11 @@ def draw_tasks(b: int, phase: Phase, generator: torch.Generator) -> Tensor:
     probs = torch.tensor([phase.task_mix.get(t, 0.0) for t in TASKS], dtype=torch.float64)
     bounds = (probs.cumsum(0) / probs.sum())[:-1]
     points = (torch.arange(b, dtype=torch.float64) + torch.rand((), generator=generator)) / b
-    tasks = torch.bucketize(points, bounds, right=True)
+    # the bounds at or below each point (``bucketize(right=True)``): bucketize splits even 256
+    # points over the intra-op threads, which cost an H200's host ~4 ms a step (profiled)
+    # while the loader's workers held the cores; on a busy 2-core CPU 8 ms against 2 us on
+    # one thread (benchmarks/results/ablation.md, part 24)
+    tasks = (points[:, None] >= bounds[None, :]).sum(1)
     return tasks[torch.randperm(b, generator=generator)]
 
 

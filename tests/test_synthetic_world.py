@@ -222,7 +222,12 @@ def test_tokenizer_remembers_texts_without_changing_canvases():
     assert torch.equal(tok.encode(texts, 16), first)  # remembered ids give the same canvas
     short = tok.encode(texts, 4)  # the same remembered text cut to another canvas length
     assert torch.equal(short[:, :3], first[:, :3]) and (short[:, 3] == tok.eos_id).all()
-    assert len(tok._ids_cache) <= tok.cache_size
+    assert all(len(rows) <= tok.cache_size for rows in tok._rows_cache.values())
     assert tok.decode(first) == [t for t in texts]
-    copied = copy.deepcopy(tok)  # EMA copies and worker processes leave the remembered ids behind
-    assert "_ids_cache" not in copied.__dict__ and torch.equal(copied.encode(texts, 16), first)
+    first[0, 0] = -1  # a canvas is the caller's: the remembered rows stay as they were
+    assert torch.equal(tok.encode(texts[:1], 16)[0], tok.encode(texts[2:], 16)[0])
+    assert tok.encode(texts[:1], 16)[0, 0] != -1
+    assert tok.encode([], 16).shape == (0, 16)
+    copied = copy.deepcopy(tok)  # EMA copies and worker processes leave the remembered rows behind
+    assert "_rows_cache" not in copied.__dict__
+    assert torch.equal(copied.encode(texts, 16), tok.encode(texts, 16))

@@ -297,6 +297,13 @@ def test_task_counts_are_the_mix_rounded_down_or_up_and_exact_on_average():
         torch.zeros(16, dtype=torch.long),
     )
     assert torch.equal(gen.get_state(), state)
+    # the systematic points read off the mix as torch.bucketize reads them (right-closed)
+    for b in (1, 7, 256):
+        ours, ref = torch.Generator().manual_seed(b), torch.Generator().manual_seed(b)
+        bounds = torch.tensor([0.8, 0.95], dtype=torch.float64)
+        points = (torch.arange(b, dtype=torch.float64) + torch.rand((), generator=ref)) / b
+        expected = torch.bucketize(points, bounds, right=True)[torch.randperm(b, generator=ref)]
+        assert torch.equal(draw_tasks(b, phase, ours), expected)
 
 
 def test_validation_video_loss_of_a_unified_model_compares_with_its_generators(tmp_path):

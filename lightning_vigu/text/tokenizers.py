@@ -31,32 +31,43 @@ class CaptionTokenizer:
     def _decode_ids(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    #: texts whose ids are remembered (captions repeat every epoch; BPE costs ~0.2 ms a text,
-    #: which at batch 64 and three encodes a step is tens of ms of the training loop)
+    #: texts whose canvases are remembered, per canvas length (captions repeat every epoch;
+    #: BPE costs ~0.2 ms a text, which at batch 64 and three encodes a step is tens of ms of
+    #: the training loop)
     cache_size: int = 200_000
 
     def __getstate__(self) -> dict:
-        """Copies and pickles (EMA copies, worker processes) leave the remembered ids behind."""
+        """Copies and pickles (EMA copies, worker processes) leave the remembered canvases
+        behind."""
         state = self.__dict__.copy()
-        state.pop("_ids_cache", None)
+        state.pop("_rows_cache", None)
         return state
 
     def encode(self, texts: Sequence[str], length: int) -> Tensor:
         """Tokenize ``texts`` into a ``(B, length)`` canvas; text longer than ``length - 1``
-        tokens is truncated so that at least one EOS always marks the end."""
+        tokens is truncated so that at least one EOS always marks the end.
+
+        Each text's row is remembered as a tensor and a batch stacks them: building the
+        batch from Python lists took ~1 ms for 257 texts of 64 tokens (2.3 ms on an H200's host
+        under a sampling profiler, once or twice a training step), stacking 0.03 ms."""
         if length < 2:
             raise ValueError(f"caption canvas length must be >= 2, got {length}")
-        cache: dict[str, tuple[int, ...]] = self.__dict__.setdefault("_ids_cache", {})
+        cache: dict[str, Tensor] = self.__dict__.setdefault("_rows_cache", {}).setdefault(
+            length, {}
+        )
         rows = []
         for text in texts:
-            ids = cache.get(text)
-            if ids is None:
+            row = cache.get(text)
+            if row is None:
                 if len(cache) >= self.cache_size:
                     cache.clear()
-                ids = cache[text] = tuple(self._encode_one(text))
-            ids = ids[: length - 1]
-            rows.append([*ids, *([self.eos_id] * (length - len(ids)))])
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
+                ids = self._encode_one(text)[: length - 1]
+                row = torch.tensor([*ids, *([self.eos_id] * (length - len(ids)))])
+                cache[text] = row
+            rows.append(row)
+        if not rows:
+            return torch.zeros(0, length, dtype=torch.long)
+        return torch.stack(rows)
 
     def decode(self, tokens: Tensor) -> list[str]:
         """Decode a ``(B, L)`` canvas into strings, cutting each at its first EOS."""
