@@ -17,6 +17,11 @@ class ProgressBar(RichProgressBar):
     """:class:`~lightning.pytorch.callbacks.RichProgressBar` whose metrics are read every
     ``metrics_every_n_steps`` training steps.
 
+    The module and the callbacks of this project log a training step's values only on the
+    steps the loggers write (:func:`lightning_vigu.loggers.log_step_values`), so reading more
+    often than ``log_every_n_steps`` shows the same values; lower ``trainer.log_every_n_steps``
+    to see them more often.
+
     Args:
         metrics_every_n_steps: training steps between two reads (``None``: the trainer's
             ``log_every_n_steps``; ``1``: every step, as Lightning's bar).

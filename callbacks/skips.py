@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_vigu.loggers import host_number, loggers_write_this_step
+from lightning_vigu.loggers import host_number, logs_this_step
 
 
 class SkippedSamples(L.Callback):
@@ -13,8 +13,8 @@ class SkippedSamples(L.Callback):
 
     Logs ``data/skipped`` (the total) and ``data/skipped_<reason>`` for every reason seen so
     far, as running totals of this process (rank 0's on several ranks), with the training
-    metrics (on the steps the loggers write, every ``log_every_n_steps``) and at the end of each validation; prints the counts
-    when fit, validate or test ends. The CLI adds it whenever the DataModule has
+    metrics (every ``log_every_n_steps``: :func:`~lightning_vigu.loggers.logs_this_step`) and at
+    the end of each validation; prints the counts when fit, validate or test ends. The CLI adds it whenever the DataModule has
     ``skipped_counts`` (:class:`~datamodules.webvideo.WebVideoDataModule` and its subclasses).
     """
 
@@ -31,7 +31,7 @@ class SkippedSamples(L.Callback):
         return values | {f"data/skipped_{k}": host_number(v) for k, v in counts.items() if v}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        values = self._values(trainer) if loggers_write_this_step(trainer) else None
+        values = self._values(trainer) if logs_this_step(trainer) else None
         if values is not None:
             pl_module.log_dict(values, rank_zero_only=True)
 

@@ -1,6 +1,6 @@
 """Experiment loggers: a Weights & Biases logger whose run continues when a fit resumes,
 :func:`host_number` for logging numbers the host already has, and :func:`log_step_values` for
-logging a training step's values on the steps the loggers write.
+logging a training step's values on the steps the loggers write (and the last).
 
 Lightning's ``WandbLogger`` starts a new W&B run at every ``fit`` unless it is given the id of
 an earlier one. :class:`ResumableWandbLogger` keeps that id in its ``save_dir``
@@ -34,33 +34,41 @@ def host_number(value: float) -> Tensor:
     return torch.tensor(float(value))
 
 
-def loggers_write_this_step(trainer: L.Trainer | None) -> bool:
-    """Whether Lightning writes the current training step's logged values to its loggers (every
-    ``trainer.log_every_n_steps`` steps, and at a stop); ``True`` outside a fit, with
-    ``log_every_n_steps=0`` or ``fast_dev_run``, where values are kept for every step.
+def logs_this_step(trainer: L.Trainer | None) -> bool:
+    """Whether a training step's values are logged at this step: on the steps Lightning writes
+    to its loggers (every ``trainer.log_every_n_steps``, and at a stop: its own
+    ``should_update_logs`` test, as its ``LearningRateMonitor`` uses), and at the last step of
+    the fit or of an epoch, so that ``trainer.callback_metrics`` ends with the last step's
+    values. ``True`` outside a fit, with ``log_every_n_steps=0`` or ``fast_dev_run``, and where
+    Lightning's test is missing: every step is logged then.
 
-    It is the test Lightning's own loop and its ``LearningRateMonitor`` apply
-    (``should_update_logs``); where that is missing, every step logs.
+    The same answer in ``training_step`` and in ``on_train_batch_end``: both come before the
+    loop counts the step (``_batches_that_stepped``).
     """
     if trainer is None or trainer.log_every_n_steps == 0 or trainer.fast_dev_run:
         return True
-    return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
+    writes = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    if writes is None or stepped is None:
+        return True
+    last = trainer.max_steps > 0 and stepped + 1 >= trainer.max_steps
+    return bool(writes) or last or trainer.is_last_batch
 
 
 def log_step_values(module: L.LightningModule, values: dict, **kwargs) -> None:
-    """``module.log_dict(values, **kwargs)`` on the training steps whose values the loggers
-    write, and nothing on the others.
+    """``module.log_dict(values, **kwargs)`` on the training steps :func:`logs_this_step`
+    chooses, and nothing on the others.
 
     Each ``LightningModule.log`` call walks Lightning's stored copy of the value
-    (``_ResultMetric.to``): about 1 ms of host time a value on an H200's host under a sampling
-    profiler, and a training step of the quality suite logged nine values, so a small model's
-    step, which waits for the host, lost ~15% to values that no logger wrote
+    (``_ResultMetric.to``) and clones it: about 1 ms of an H200 host's time a value under a
+    sampling profiler, and a training step of the quality suite logged nine values, so a small
+    model's step, which waits for the host, lost ~15% to values that no logger wrote
     (``benchmarks/results/ablation.md``, part 24). The loggers, the progress bar
     (:class:`callbacks.ProgressBar`) and ``trainer.callback_metrics`` see the same values as
-    before on the steps the loggers write; in between, callbacks read the last values written.
-    Set ``trainer.log_every_n_steps=1`` for every step's values.
+    before on the steps the loggers write and at the end; in between, callbacks read the last
+    values logged. Set ``trainer.log_every_n_steps=1`` for every step's values.
     """
-    if loggers_write_this_step(module._trainer):
+    if logs_this_step(module._trainer):
         module.log_dict(values, **kwargs)
 
 

@@ -97,8 +97,9 @@ def test_the_progress_bar_reads_the_metrics_every_n_steps(monkeypatch):
 
 def test_training_values_are_logged_on_the_steps_the_loggers_write(tmp_path, monkeypatch):
     """Lightning walks its stored copy of every logged value (~1 ms of host time a value on an
-    H200's host), so a step's values are logged only on the steps the loggers write: there each
-    row holds that step's own loss, and no other step calls ``log``."""
+    H200's host), so a step's values are logged only on the steps the loggers write and at the
+    last step: each written row holds that step's own loss, no other step calls ``log``, and
+    the callback metrics end with the last step's loss."""
     import csv
 
     from lightning_vigu.module import UniViGU
@@ -129,10 +130,12 @@ def test_training_values_are_logged_on_the_steps_the_loggers_write(tmp_path, mon
     )  # fmt: skip
     module = tiny_module(optimizer=functools.partial(torch.optim.AdamW, fused=True))
     trainer.fit(module, RandomVideoDataModule())
-    assert {step for step, _ in logged} == {2, 5}  # batches 3 and 6: (step + 1) % 3 == 0
+    # batches 3 and 6 ((step + 1) % 3 == 0) and the last, 7
+    assert {step for step, _ in logged} == {2, 5, 6}
     assert {name for _, name in logged} >= {"train/loss", "train/skipped_steps"}
     path = next(tmp_path.rglob("metrics.csv"))
     rows = [r for r in csv.DictReader(path.open()) if r.get("train/loss")]
     assert [int(r["step"]) for r in rows] == [2, 5]
     for row in rows:
         assert float(row["train/loss"]) == pytest.approx(losses[int(row["step"])], rel=1e-6)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(losses[6], rel=1e-6)
