@@ -135,10 +135,12 @@ def stage_overlay(
     keep_all: bool = False,
     minutes: float | None = None,
     ema: bool = False,
+    every_s: float | None = None,
 ) -> Path:
     """A per-stage config overlay: run folder, CSV logs, a last.ckpt, no progress bars.
 
-    ``every_n`` sets the checkpoint interval (default a tenth of the run); ``keep_all`` keeps
+    ``every_n`` sets the checkpoint interval (default a tenth of the run), or ``every_s`` in
+    seconds of training (``ModelCheckpoint(train_time_interval=...)``); ``keep_all`` keeps
     every interval checkpoint (``step=N.ckpt``) rather than only ``last.ckpt``. ``minutes``
     plans the run's length from a wall-clock budget (:class:`callbacks.TimeBudget`: the lr
     schedule ends at the last step; ``steps`` is then an upper bound) and turns validation off
@@ -155,7 +157,11 @@ def stage_overlay(
                 "save_last": True,
                 "save_top_k": -1 if keep_all else 0,
                 "filename": "{step}",
-                "every_n_train_steps": every_n or max(steps // 10, 1),
+                **(
+                    {"train_time_interval": str(_dt.timedelta(seconds=every_s))}
+                    if every_s
+                    else {"every_n_train_steps": every_n or max(steps // 10, 1)}
+                ),
             },
         }
     ]

@@ -14,8 +14,9 @@ class SkippedSamples(L.Callback):
     Logs ``data/skipped`` (the total) and ``data/skipped_<reason>`` for every reason seen so
     far, as running totals of this process (rank 0's on several ranks), with the training
     metrics (every ``log_every_n_steps``: :func:`~lightning_vigu.loggers.logs_this_step`) and at
-    the end of each validation; prints the counts when fit, validate or test ends. The CLI adds it whenever the DataModule has
-    ``skipped_counts`` (:class:`~datamodules.webvideo.WebVideoDataModule` and its subclasses).
+    the end of each validation; prints the counts when fit, validate or test ends. The CLI adds
+    it whenever the DataModule has ``skipped_counts``
+    (:class:`~datamodules.webvideo.WebVideoDataModule` and its subclasses).
     """
 
     @staticmethod

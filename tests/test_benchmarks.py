@@ -486,6 +486,25 @@ def test_motion_probe_reads_real_clips_exactly_and_writes_its_table(tmp_path):
     )
 
 
+def test_a_timed_stage_checkpoints_by_training_time(tmp_path, monkeypatch):
+    """A quality stage with a wall-clock budget writes its last.ckpt every CHECKPOINT_SECONDS
+    of training (Lightning's ``train_time_interval``, parsed from the overlay by the CLI), not
+    every N steps; an untimed stage keeps its step interval."""
+    import datetime
+
+    from lightning_vigu.cli import ViGUCLI
+
+    monkeypatch.setattr("sys.argv", ["lightning_vigu"])
+    cmd = quality.stage_command(tmp_path, "generator", quality.PRESETS["gpu"])
+    cli = ViGUCLI(args=["-c", "conf/generator.yaml", "-c", cmd[-1]], run=False)  # its overlay
+    ckpt = cli.trainer.checkpoint_callback
+    seconds = datetime.timedelta(seconds=quality.CHECKPOINT_SECONDS)
+    assert ckpt._train_time_interval == seconds and not ckpt._every_n_train_steps
+    toy = quality.stage_command(tmp_path / "toy", "generator", quality.PRESETS["toy"])
+    written = yaml.safe_load(Path(toy[-1]).read_text())["trainer"]["callbacks"][0]["init_args"]
+    assert "train_time_interval" not in written and written["every_n_train_steps"] >= 1
+
+
 def test_quality_stages_start_after_the_stage_they_start_from(tmp_path):
     """A stage trains in its waves from its ``init`` stage's last checkpoint: that stage must
     have finished in an earlier wave, and every wave is one ``--waves`` can ask for."""
