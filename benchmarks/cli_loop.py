@@ -99,6 +99,8 @@ def run(label: str, tree: Path, extra: tuple, size: str, a, work: Path, timer_di
     """One ``fit`` run labelled ``label`` in ``tree``; its row (or the error and the log's
     tail)."""
     name = f"{size}-{label}".replace(", ", "-").replace(" ", "-")
+    # a data cache per tree (their data formats may differ), one with --shared-cache
+    cache = "shared" if a.shared_cache else "now" if tree == ROOT else name.removeprefix(f"{size}-")
     if tree != ROOT:  # a fresh copy: an earlier commit's configs may name fixed run folders
         tree = shutil.copytree(tree, work / "trees" / name, ignore=shutil.ignore_patterns("runs"))
     out = work / f"{name}.json"
@@ -106,8 +108,6 @@ def run(label: str, tree: Path, extra: tuple, size: str, a, work: Path, timer_di
     env = dict(os.environ)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ROOT]
     env["PYTHONPATH"] = os.pathsep.join([str(timer_dir), *paths])
-    # data formats may differ between trees; --shared-cache when they do not
-    cache = "shared" if a.shared_cache else name.removeprefix(f"{size}-")
     env["LIGHTNING_VIGU_CACHE"] = str(work / f"cache-{cache}")
     row = {"size": size, "loop": label}
     start = time.perf_counter()
