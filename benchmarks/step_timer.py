@@ -43,8 +43,13 @@ class StepTimer(L.Callback):
         self.profile = profile
         self._profiler = None
         if profile:
-            from pyinstrument import Profiler  # fail at the start of the run, not after it
-
+            try:  # fail at the start of the run, not after it
+                from pyinstrument import Profiler
+            except ImportError as exn:
+                raise ImportError(
+                    "StepTimer(profile=...) profiles with pyinstrument: pip install pyinstrument "
+                    "(in requirements-dev.txt), or leave profile at 0"
+                ) from exn
             self._profiler = Profiler(interval=0.0005, async_mode="disabled")
         self._start: float | None = None
         self._collections = [[0, 0.0] for _ in range(3)]  # per generation: count, seconds
