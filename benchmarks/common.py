@@ -149,6 +149,10 @@ def stage_overlay(
     """
     d = work / stage
     d.mkdir(parents=True, exist_ok=True)
+    if every_s:
+        interval = {"train_time_interval": str(_dt.timedelta(seconds=every_s))}
+    else:
+        interval = {"every_n_train_steps": every_n or max(steps // 10, 1)}
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -157,11 +161,7 @@ def stage_overlay(
                 "save_last": True,
                 "save_top_k": -1 if keep_all else 0,
                 "filename": "{step}",
-                **(
-                    {"train_time_interval": str(_dt.timedelta(seconds=every_s))}
-                    if every_s
-                    else {"every_n_train_steps": every_n or max(steps // 10, 1)}
-                ),
+                **interval,
             },
         }
     ]

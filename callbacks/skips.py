@@ -24,22 +24,21 @@ class SkippedSamples(L.Callback):
         counts = getattr(trainer.datamodule, "skipped_counts", None)
         return counts() if callable(counts) else None
 
-    def _values(self, trainer: L.Trainer) -> dict | None:
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts = self._counts(trainer)
         if counts is None:
-            return None
+            return
         values = {"data/skipped": host_number(sum(counts.values()))}
-        return values | {f"data/skipped_{k}": host_number(v) for k, v in counts.items() if v}
+        values |= {f"data/skipped_{k}": host_number(v) for k, v in counts.items() if v}
+        pl_module.log_dict(values, rank_zero_only=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        values = self._values(trainer) if logs_this_step(trainer) else None
-        if values is not None:
-            pl_module.log_dict(values, rank_zero_only=True)
+        if logs_this_step(trainer):
+            self._log(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        values = None if trainer.sanity_checking else self._values(trainer)
-        if values is not None:
-            pl_module.log_dict(values, rank_zero_only=True)
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         counts = self._counts(trainer)
