@@ -31,6 +31,7 @@ KINDS = (  # (kind, substrings of a kernel's name), first match wins
     ("copy", ("memcpy", "memset")),
 )
 _PREFIX = "step/"
+TOP_KERNELS = 60  # the largest kernels kept by name
 
 
 def kernel_kind(name: str) -> str:
@@ -44,7 +45,7 @@ def profile_steps(
 ) -> dict:
     """Profile ``steps`` calls of ``run_step(i, part)``; returns per-step milliseconds:
     ``gpu_ms`` (total, by kind, by part), ``host_ms`` by part, ``launches`` and the
-    ``top_kernels`` by GPU time."""
+    ``top_kernels`` by GPU time (name, ms a step, launches a step)."""
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
@@ -81,7 +82,7 @@ def summarise(events: list[dict], steps: int) -> dict:
                 return p["name"][len(_PREFIX) :]
         return "outside"
 
-    by_kind, by_part, by_name, launches = Counter(), Counter(), Counter(), 0
+    by_kind, by_part, by_name, calls, launches = Counter(), Counter(), Counter(), Counter(), 0
     for e in events:
         if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
@@ -89,6 +90,7 @@ def summarise(events: list[dict], steps: int) -> dict:
         by_kind[kernel_kind(e["name"])] += e["dur"]
         by_part[part_of(launched_at.get(e.get("args", {}).get("correlation")))] += e["dur"]
         by_name[e["name"]] += e["dur"]
+        calls[e["name"]] += 1
     host = Counter()
     for p in parts:
         host[p["name"][len(_PREFIX) :]] += p["dur"]
@@ -102,5 +104,7 @@ def summarise(events: list[dict], steps: int) -> dict:
         "gpu_ms_by_part": per_step(by_part),
         "host_ms_by_part": per_step(host),
         "launches": launches / steps,
-        "top_kernels": [[name[:120], ms] for name, ms in per_step(by_name).items()][:10],
+        "top_kernels": [
+            [name[:120], ms, calls[name] / steps] for name, ms in per_step(by_name).items()
+        ][:TOP_KERNELS],
     }
