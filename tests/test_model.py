@@ -287,6 +287,42 @@ def test_rope_tables_are_the_float64_angles_and_survive_a_cast_to_bf16():
     assert rope.state_dict() == {} and text.state_dict() == {}  # derived, not learned
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("video_rope", ["axial", "mixed"])
+def test_rotations_are_the_textbook_pairs_bit_for_bit_also_over_a_joint_sequence(dtype, video_rope):
+    """Each rope is written as one elementwise expression (``x * cos + swap(x) * signed sin``,
+    and both pairings over ``[video | caption]`` in one pass). Every element must be exactly
+    the textbook ``(x0 c - x1 s, x0 s + x1 c)`` of its pair, computed per part."""
+    from lightning_vigu.model.embeddings import (
+        TextRope1D,
+        VideoRope3D,
+        VideoRopeMixed,
+        apply_rope_half,
+        apply_rope_interleaved,
+        apply_rope_joint,
+    )
+
+    heads, grid, length = 4, (2, 3, 4), 7
+    video = VideoRope3D(32, (1, 2, 2)) if video_rope == "axial" else VideoRopeMixed(32, heads)
+    cos_v, sin_v = video(grid)
+    cos_t, sin_t = TextRope1D(32)(length, torch.device("cpu"))
+    x = torch.randn(2, 24 + length, heads, 32).to(dtype)
+    xv, xt = x[:, :24].float(), x[:, 24:].float()
+    # interleaved pairs (Wan's video rope)
+    a, b = xv.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos_v[..., 0::2], sin_v[..., 0::2]
+    want_v = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(dtype)
+    # rotate-half pairs (the caption's rope)
+    a, b = xt.chunk(2, dim=-1)
+    want_t = (xt * cos_t + torch.cat([-b, a], dim=-1) * sin_t).to(dtype)
+    assert torch.equal(apply_rope_interleaved(x[:, :24], cos_v, sin_v), want_v)
+    assert torch.equal(apply_rope_half(x[:, 24:], cos_t, sin_t), want_t)
+    joint = apply_rope_joint(x, (cos_v, sin_v), (cos_t, sin_t))
+    assert torch.equal(joint, torch.cat([want_v, want_t], dim=1))
+    with pytest.raises(ValueError, match="24 video and 7 caption tokens, but the sequence has 30"):
+        apply_rope_joint(x[:, :30], (cos_v, sin_v), (cos_t, sin_t))
+
+
 def test_mixed_rope_turns_pairs_along_oblique_directions_and_scores_relative_offsets():
     from lightning_vigu.model.embeddings import VideoRopeMixed, apply_rope_interleaved
 

@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_vigu.model.embeddings import apply_rope_half, apply_rope_interleaved
+from lightning_vigu.model.embeddings import (
+    apply_rope_half,
+    apply_rope_interleaved,
+    apply_rope_joint,
+)
 
 BACKENDS = ("sdpa", "xformers")
 
@@ -116,14 +120,13 @@ class WanAttention(nn.Module):
         context: Tensor | None = None,
         rope_video: tuple[Tensor, Tensor] | None = None,
         rope_text: tuple[Tensor, Tensor] | None = None,
-        num_video: int | None = None,
         mask: Tensor | None = None,
         memory: VideoMemory | None = None,
     ) -> Tensor:
         """Attend ``x`` ``(B, S, dim)`` to itself (``context=None``) or to ``context``.
 
-        For self-attention over ``[video | caption]``, the first ``num_video`` tokens get the
-        3-D rope and the rest the 1-D caption rope. ``mask``: ``(S, S_kv)`` bool, True where a
+        For self-attention over ``[video | caption]``, the video tokens (as many as
+        ``rope_video`` has rows) get the 3-D rope and the rest the 1-D caption rope. ``mask``: ``(S, S_kv)`` bool, True where a
         query may attend (``None``: everywhere). ``memory`` (self-attention only): record this
         layer's keys and values, or read the video's recorded ones and attend to them before
         ``x`` (see :class:`VideoMemory`).
@@ -131,7 +134,7 @@ class WanAttention(nn.Module):
         kv = x if context is None else context
         q, k, v = self._qkv(x, kv)
         if context is None and (rope_video is not None or rope_text is not None):
-            q, k = (self._rope(t, rope_video, rope_text, num_video) for t in (q, k))
+            q, k = (self._rope(t, rope_video, rope_text) for t in (q, k))
         if memory is not None:
             k, v = memory.exchange(k, v)
         return self._out(attention(q, k, v, self.backend, mask), x)
@@ -235,14 +238,9 @@ class WanAttention(nn.Module):
         t: Tensor,
         rope_video: tuple[Tensor, Tensor] | None,
         rope_text: tuple[Tensor, Tensor] | None,
-        num_video: int | None,
     ) -> Tensor:
-        n = t.shape[1] if num_video is None else num_video
         if rope_text is None:
             return apply_rope_interleaved(t, *rope_video) if rope_video is not None else t
         if rope_video is None:
             return apply_rope_half(t, *rope_text)
-        return torch.cat(
-            [apply_rope_interleaved(t[:, :n], *rope_video), apply_rope_half(t[:, n:], *rope_text)],
-            dim=1,
-        )
+        return apply_rope_joint(t, rope_video, rope_text)

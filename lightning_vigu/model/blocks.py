@@ -170,14 +170,7 @@ class UnifiedBlock(nn.Module):
         h = router.merge(
             [_modulate(self.norm1(p), m[0], m[1]).to(dtype) for p, m in zip(parts, mod)]
         )
-        attn = self.attn1(
-            h,
-            rope_video=rope_video,
-            rope_text=rope_text,
-            num_video=router.lengths[0],
-            mask=mask,
-            memory=memory,
-        )
+        attn = self.attn1(h, rope_video=rope_video, rope_text=rope_text, mask=mask, memory=memory)
         attn_parts = router.split(attn)
         x = router.merge(
             [(p.float() + a * m[2]).to(dtype) for p, a, m in zip(parts, attn_parts, mod)]

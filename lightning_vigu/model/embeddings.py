@@ -323,17 +323,67 @@ class TextRope1D(_RopeTables):
         return cos, sin  # (1, L, 1, head_dim) each
 
 
+def _swap_pairs(x: Tensor) -> Tensor:
+    """``(x0, x1, x2, x3, ...)`` -> ``(x1, x0, x3, x2, ...)`` along the last dim."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _swap_halves(x: Tensor) -> Tensor:
+    """``(a, b)`` -> ``(b, a)``: the two halves of the last dim exchanged."""
+    return x.roll(x.shape[-1] // 2, dims=-1)
+
+
+def _signed_pairs(sin: Tensor) -> Tensor:
+    """An interleaved sine table ``(s0, s0, s1, s1, ...)`` as ``(-s0, s0, -s1, s1, ...)``."""
+    s = sin[..., 0::2]
+    return torch.stack([-s, s], dim=-1).flatten(-2)
+
+
+def _signed_halves(sin: Tensor) -> Tensor:
+    """A rotate-half sine table ``(s, s)`` as ``(-s, s)``."""
+    first, second = sin.chunk(2, dim=-1)
+    return torch.cat([-first, second], dim=-1)
+
+
+# Each rotation is written as ``x * cos + swap(x) * signed_sin``: one elementwise expression
+# whose partner channel is an index map of the same row, so a compiler fuses it with the q/k
+# norm before it, for the video and the caption tokens of one sequence alike (no split and
+# concatenation of the rotated parts). Every output element is the product-sum of the
+# textbook form (x0 * c - x1 * s, x0 * s + x1 * c), in the same float32 arithmetic.
+
+
 def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs of ``x`` ``(B, S, H, D)``."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
-    c, s = cos[..., 0::2], sin[..., 0::2]
-    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)  # (B, S, H, D/2, 2)
-    return out.flatten(-2).type_as(x)  # (B, S, H, D)
+    """Rotate interleaved channel pairs ``(x0, x1), (x2, x3), ...`` of ``x`` ``(B, S, H, D)``
+    (Wan's video rope); ``cos``/``sin`` hold each pair's value twice."""
+    xf = x.float()
+    return (xf * cos + _swap_pairs(xf) * _signed_pairs(sin)).type_as(x)
 
 
 def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``(B, S, H, D)`` with rotate-half pairing."""
+    """Rotate ``x`` ``(B, S, H, D)`` with rotate-half pairing (channel ``i`` with ``i + D/2``)."""
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
+    return (xf * cos + _swap_halves(xf) * _signed_halves(sin)).type_as(x)
+
+
+def apply_rope_joint(
+    x: Tensor, rope_video: tuple[Tensor, Tensor], rope_text: tuple[Tensor, Tensor]
+) -> Tensor:
+    """Rotate ``x`` ``(B, Lv + Lt, H, D)``: the first ``Lv`` tokens (the length of the video
+    tables ``(1, Lv, 1 or H, D)``) with interleaved pairs, the rest with the caption's
+    rotate-half tables ``(1, Lt, 1, D)``. One elementwise pass over the whole sequence: each
+    token's other pairing has a zero sine, so it adds exactly nothing (as
+    :func:`apply_rope_interleaved` and :func:`apply_rope_half` of the two parts)."""
+    (cos_v, sin_v), (cos_t, sin_t) = rope_video, rope_text
+    if cos_v.shape[1] + cos_t.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"rope tables for {cos_v.shape[1]} video and {cos_t.shape[1]} caption tokens, "
+            f"but the sequence has {x.shape[1]}"
+        )
+    heads = max(cos_v.shape[2], cos_t.shape[2])
+    sin_v, sin_t = _signed_pairs(sin_v), _signed_halves(sin_t)
+    cos_v, sin_v, cos_t, sin_t = (t.expand(-1, -1, heads, -1) for t in (cos_v, sin_v, cos_t, sin_t))
+    cos = torch.cat([cos_v, cos_t], dim=1)
+    pairs = torch.cat([sin_v, torch.zeros_like(sin_t)], dim=1)
+    halves = torch.cat([torch.zeros_like(sin_v), sin_t], dim=1)
+    xf = x.float()
+    return (xf * cos + _swap_pairs(xf) * pairs + _swap_halves(xf) * halves).type_as(x)
