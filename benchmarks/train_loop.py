@@ -55,7 +55,10 @@ _OLD = dict(rope="graph", video="float")
 _NOW = dict(rope="tables", video="uint8")
 LOOPS: dict[str, dict] = {
     # the loop of conf/gpu.yaml three changes ago: compiled blocks, AdamW's default, per-tensor
-    # EMA, the loss read on the host every step (the non-finite check)
+    # EMA, the loss read on the host every step (the non-finite check). Every loop runs on this
+    # tree's model code, so a model change moves this one too (fb9772d's rope: 0.118 -> 0.0917 s
+    # a `small` step): loops compare configurations; an earlier commit against this one is
+    # `benchmarks.cli_loop --before <its tree>`
     "before": dict(compile="blocks", fused=False, ema="per_tensor", host_reads=True, **_OLD),
     # the loop of conf/gpu.yaml at 8861e1e: the whole transformer as one graph, fused AdamW,
     # torch's AveragedModel (which reads its count on the host), the loss read every step
