@@ -28,7 +28,7 @@ from lightning_vigu.flows.draws import seeded
 from lightning_vigu.init_weights import load_init_weights
 from lightning_vigu.loggers import log_step_values
 from lightning_vigu.model import build_model
-from lightning_vigu.objective import ObjectiveConfig, UnifiedObjective
+from lightning_vigu.objective import LossOutput, ObjectiveConfig, StepDraws, UnifiedObjective
 from lightning_vigu.phases import GROUPS, Phase, get_phase
 from lightning_vigu.text import (
     CaptionTokenizer,
@@ -55,6 +55,13 @@ def check_learning_rates(lr: float, lr_groups: dict[str, float] | None) -> None:
         raise ValueError(
             f"model.lr_groups multipliers must be >= 0, got {bad}; 0 freezes a group's updates"
         )
+
+
+def _condition_and_uncond(both: Tensor) -> tuple[Tensor, Tensor]:
+    """The conditions of ``B`` prompts and of one unconditional prompt, encoded together as
+    ``(B + 1, L, dim)``: ``(B, L, dim)`` each (the last expanded)."""
+    b = both.shape[0] - 1
+    return both[:b], both[b:].expand(b, -1, -1)
 
 
 # parts built outside the module; a config stores them, a Python caller passes them again on load
@@ -105,8 +112,9 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             CUDA graphs, which removes the kernel launches that bound small models' steps);
             ``autotune`` (``model`` with inductor's max-autotune: each matrix multiply's kernel
             chosen by timing candidates, minutes of compilation); ``step`` (the step's whole
-            tensor work, transformer and losses, as one graph replayed as CUDA graphs: only the
-            step's random draws stay outside, :meth:`UnifiedObjective.draw`). These modes
+            tensor work, the prompt encoder's layers, transformer and losses, as one graph
+            replayed as CUDA graphs: only the step's random draws and the tokenising stay
+            outside, :meth:`UnifiedObjective.draw`, :meth:`PromptEncoder.token_ids`). These modes
             compile the training step only: sampling and validation run eagerly (see
             :func:`compile_transformer`).
         attention_backend: ``sdpa`` or ``xformers``.
@@ -196,7 +204,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             from lightning_vigu.model.lora import apply_lora
 
             apply_lora(self.model, **lora)
-        self.compile_for_training(self.model, compile, step=self.objective.loss)
+        self.compile_for_training(self.model, compile, step=self.step_losses)
         self.phase = get_phase(phase)
         self.apply_phase(self.phase)
 
@@ -274,9 +282,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
     ) -> tuple[Tensor, Tensor]:
         """Prompt condition ``(B, L, text_dim)`` and the unconditional one (the empty or
         negative prompt's, expanded to ``(B, L, text_dim)``), in one encoder call."""
-        b = len(prompts)
-        both = self.encode_prompts([*prompts, negative_prompt])  # (B + 1, L, text_dim)
-        return both[:b], both[b:].expand(b, -1, -1)
+        return _condition_and_uncond(self.encode_prompts([*prompts, negative_prompt]))
 
     def _check_data_shape(self, batch: Batch, latents: Tensor) -> None:
         """Warn once per shape when the data's clips differ from ``video_shape`` (the shape that
@@ -294,8 +300,8 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             "width] to the data's (or the DataModule's num_frames/size to the model's)"
         )
 
-    def batch_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Latents, prompt condition and empty-prompt condition of a batch."""
+    def batch_latents(self, batch: Batch) -> Tensor:
+        """The latents of a batch (its clips encoded, or its cached latents)."""
         check_batch(batch)
         if "latents" in batch:
             latents = batch["latents"].float()
@@ -303,6 +309,11 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             with torch.no_grad():
                 latents = self.codec.encode(video_as_float(batch["video"]).float())
         self._check_data_shape(batch, latents)
+        return latents
+
+    def batch_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Latents, prompt condition and empty-prompt condition of a batch."""
+        latents = self.batch_latents(batch)
         b = latents.shape[0]
         if "prompt_emb" in batch and not self.prompt_encoder.trainable:
             context = batch["prompt_emb"].float()
@@ -312,7 +323,15 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
         return latents, context, empty.to(context.dtype)
 
     def compute_loss(self, batch: Batch, phase: Phase, generator: torch.Generator):
-        latents, context, empty = self.batch_inputs(batch)
+        step = self.compiled_step()
+        # the compiled step encodes the prompts itself when the encoder splits its host part off
+        ids = None
+        if step is not None and not ("prompt_emb" in batch and not self.prompt_encoder.trainable):
+            ids = self.prompt_encoder.token_ids([*batch["prompt"], ""])  # (B + 1, L) or None
+        if ids is None:
+            latents, context, empty = self.batch_inputs(batch)
+        else:
+            latents = self.batch_latents(batch)
         target = prompt_tokens = null = None
         if self.model.has_text and phase.uses_text:
             prompt_tokens = self.encode_canvas(batch["prompt"])
@@ -322,17 +341,39 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
                 else self.encode_canvas(batch["caption"])
             )
             null = self.encode_canvas([""])
-        step = self.compiled_step()
         if step is None:
             flow = self.training_flow  # the eager flow outside training
             return self.objective(
                 flow, latents, context, empty, target, prompt_tokens, phase, generator, null
             )
         draws = self.objective.draw(latents, target, phase, generator)
-        out = step(self.flow, latents, context, empty, target, prompt_tokens, phase, draws, null)
+        condition = ids if ids is not None else (context, empty)
+        out = step(self.flow, latents, condition, target, prompt_tokens, phase, draws, null)
         # graph outputs are overwritten by the next replay; what the step logs outlives it
         fields = dataclasses.fields(out)
         return dataclasses.replace(out, **{f.name: getattr(out, f.name).clone() for f in fields})
+
+    def step_losses(
+        self,
+        flow: FlowTimeModel,
+        latents: Tensor,
+        condition: Tensor | tuple[Tensor, Tensor],
+        target: Tensor | None,
+        prompt_tokens: Tensor | None,
+        phase: Phase,
+        draws: StepDraws,
+        null: Tensor | None,
+    ) -> LossOutput:
+        """The training step's tensor work, which ``compile: step`` compiles as one graph: the
+        prompt condition, from the prompts' and the empty prompt's token ids ``(B + 1, L)``
+        (:meth:`PromptEncoder.token_ids`: the encoder's layers run in the graph) or given as
+        ``(context, empty)``, then the objective's losses (:meth:`UnifiedObjective.loss`)."""
+        if isinstance(condition, Tensor):
+            context, empty = _condition_and_uncond(self.prompt_encoder.embed(condition))
+        else:
+            context, empty = condition
+        args = (target, prompt_tokens, phase, draws, null)
+        return self.objective.loss(flow, latents, context, empty, *args)
 
     @property
     def training_flow(self) -> FlowTimeModel:

@@ -474,10 +474,18 @@ def test_the_generalized_kl_stays_finite_beside_t2v_rows():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def _offers_no_ids(encoder) -> None:
+    """Make ``encoder`` one that encodes as before but does not split its tokenising off (as
+    umT5's): the compiled step is then given the condition, not the ids."""
+    embed, ids_of = encoder.embed, encoder.token_ids
+    encoder.forward = lambda prompts: embed(ids_of(prompts))
+    encoder.token_ids = lambda prompts: None
+
+
 @pytest.mark.parametrize("caption_objective", ["flow", "autoregressive"])
 def test_the_step_mode_traces_forward_and_losses_as_one_graph(monkeypatch, caption_objective):
-    """``compile: step`` compiles the objective's tensor work with the transformer: it must
-    trace as one graph (``fullgraph``: a break would leave eager ops between graphs) and give
+    """``compile: step`` compiles the objective's tensor work with the transformer (and the
+    prompt encoder's layers, given the prompts' token ids): it must trace as one graph (``fullgraph``: a break would leave eager ops between graphs) and give
     the eager step's losses and gradients. Traced by dynamo alone here (inductor's kernels and
     CUDA graphs are the GPU's: benchmarks/train_loop.py)."""
     compile_ = torch.compile
@@ -486,7 +494,7 @@ def test_the_step_mode_traces_forward_and_losses_as_one_graph(monkeypatch, capti
     def traced(fn, mode=None):
         modes.append(mode)
         graph = compile_(fn, backend="eager", fullgraph=True)
-        return lambda *args: calls.append(len(args)) or graph(*args)
+        return lambda *args: calls.append(type(args[2]).__name__) or graph(*args)
 
     monkeypatch.setattr(torch, "compile", traced)
     batch = {
@@ -495,21 +503,29 @@ def test_the_step_mode_traces_forward_and_losses_as_one_graph(monkeypatch, capti
         "caption": ["a red circle moves to the left", "a blue square stays"] * 4,
     }
     runs = []
-    for compile_mode in ("none", "step"):
+    # the eager step; the compiled one with the prompt encoder's layers in its graph (the
+    # encoder splits off its tokenising); and with the condition encoded before it (an encoder
+    # that does not split, as umT5's)
+    for compile_mode, splits in (("none", True), ("step", True), ("step", False)):
         torch.manual_seed(0)
         module = tiny_module(compile=compile_mode, caption_objective=caption_objective)
         module.phase = RECALL_LIKE
+        if not splits:
+            _offers_no_ids(module.prompt_encoder)
         out = module.compute_loss(batch, RECALL_LIKE, module.step_generator("train", 1))
         out.loss.backward()
         grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
         runs.append((out, grads))
-    assert modes == ["reduce-overhead"] and calls == [9]  # CUDA graphs on the GPU; the step ran
-    (eager, eager_grads), (step, step_grads) = runs
-    for field in ("loss", "video", "text", "text_accuracy", "num_video", "num_text", "tasks"):
-        torch.testing.assert_close(getattr(step, field), getattr(eager, field))
-    assert step.text > 0 and eager_grads.keys() == step_grads.keys()
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(step_grads[name], grad, msg=name)
+    # CUDA graphs on the GPU; the step ran, given the prompts' ids, then their condition
+    assert modes == ["reduce-overhead"] * 2 and calls == ["Tensor", "tuple"]
+    (eager, eager_grads), *compiled = runs
+    for step, step_grads in compiled:
+        for field in ("loss", "video", "text", "text_accuracy", "num_video", "num_text", "tasks"):
+            torch.testing.assert_close(getattr(step, field), getattr(eager, field))
+        assert step.text > 0 and eager_grads.keys() == step_grads.keys()
+        assert any(n.startswith("prompt_encoder.") for n in step_grads)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(step_grads[name], grad, msg=name)
     with pytest.raises(ValueError, match="model.compile 'step'"):
         from benchmarks.baselines import ARCaptionerModule
 

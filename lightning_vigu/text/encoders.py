@@ -21,7 +21,13 @@ from lightning_vigu.text.tokenizers import CaptionTokenizer
 
 class PromptEncoder(nn.Module):
     """Interface: ``forward(prompts) -> (B, max_length, dim)``; ``trainable`` says whether
-    its parameters belong to the model's optimiser (frozen encoders can be cached)."""
+    its parameters belong to the model's optimiser (frozen encoders can be cached).
+
+    An encoder may split its work in two: :meth:`token_ids` (the host's part: texts to ids on
+    the encoder's device) and :meth:`embed` (the tensor work on those ids), with ``forward(p)
+    == embed(token_ids(p))``. A compiled training step (``model.compile: step``) then takes the
+    ids and runs :meth:`embed` inside its graph. Encoders that do not split return ``None``.
+    """
 
     dim: int
     max_length: int
@@ -29,6 +35,14 @@ class PromptEncoder(nn.Module):
 
     def forward(self, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def token_ids(self, prompts: Sequence[str]) -> Tensor | None:
+        """``(B, max_length)`` ids on the encoder's device, or ``None`` (no split)."""
+        return None
+
+    def embed(self, ids: Tensor) -> Tensor:  # pragma: no cover - interface
+        """``(B, max_length, dim)`` from :meth:`token_ids`'s ids."""
+        raise NotImplementedError(f"{type(self).__name__} does not split tokenising from embedding")
 
 
 class LearnedPromptEncoder(PromptEncoder):
@@ -73,8 +87,15 @@ class LearnedPromptEncoder(PromptEncoder):
         nn.init.normal_(self.position_embedding, std=0.02)
 
     def forward(self, prompts: Sequence[str]) -> Tensor:
+        return self.embed(self.token_ids(prompts))
+
+    def token_ids(self, prompts: Sequence[str]) -> Tensor:
+        """``(B, max_length)`` caption-tokenizer ids, EOS-padded, on the encoder's device."""
         device = self.token_embedding.weight.device
-        ids = to_device(self.tokenizer.encode(list(prompts), self.max_length), device)  # (B, L)
+        return to_device(self.tokenizer.encode(list(prompts), self.max_length), device)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """``(B, max_length, dim)`` condition of ``ids``; padding zeroed."""
         keep = ids != self.tokenizer.eos_id
         keep[:, 0] = True  # the empty prompt still has one (EOS) token to attend to
         x = self.token_embedding(ids) + self.position_embedding  # (B, L, dim)
