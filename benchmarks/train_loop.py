@@ -7,6 +7,7 @@
     python -m benchmarks.train_loop --preset caption_rows   # causal captions: their rows or all
     python -m benchmarks.train_loop --preset wave3 --profile 5 --side-by-side 60  # twin vs recall
     python -m benchmarks.train_loop --preset step     # one GPU: the whole step compiled, small and base
+    python -m benchmarks.train_loop --preset rope     # one GPU: the rope in one pass or split
     python -m benchmarks.train_loop --preset toy      # CPU smoke test (eager loops only)
 
 A step is what ``fit`` runs per batch, minus Lightning's bookkeeping: the objective of the
@@ -45,6 +46,7 @@ from benchmarks.step_profile import profile_steps
 from callbacks.ema import WarmupAveragedModel, WarmupEMA
 from datamodules.synthetic import WorldTokenizer, make_clip, world_config
 from lightning_vigu.batch import batch_to_device, video_as_float
+from lightning_vigu.model.attention import WanAttention
 from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, _rope_frequencies
 from lightning_vigu.module import UniViGU
 from lightning_vigu.objective import ObjectiveConfig, caption_row_count
@@ -94,6 +96,16 @@ LOOPS: dict[str, dict] = {
         host_reads=False,
         coordinate_descent=True,
         **_NOW,
+    ),
+    # that loop with the rope as it was before fb9772d: each part of [video | caption] rotated
+    # in its textbook form (interleaved pairs stacked, halves concatenated), the joint sequence
+    # split and concatenated (the same values; see split_rope)
+    "split rope": dict(
+        compile="step", fused=True, ema="callback", host_reads=False, rope_form="split", **_NOW
+    ),
+    # the eager loop with that rope (CPU: its losses are the loop's)
+    "eager split rope": dict(
+        compile="none", fused=True, ema="callback", host_reads=False, rope_form="split", **_NOW
     ),
     # that loop with the caption rows packed with the video tokens: the norms and the
     # attention's projections once over both streams (UniViGUConfig.pack_caption_rows)
@@ -223,6 +235,19 @@ PRESETS = {
         steps=100,
         timed_from=40,
     ),
+    # the rope in one pass (fb9772d) against the split one, for the quality suite's twin
+    # (generator phase: video tokens only, the recipe's mixed rope) and base's recall step
+    # (the joint sequence, where it took base from 0.0893 to 0.0872 s a step)
+    "rope": dict(
+        cases=[
+            Case(
+                "small", "cpu", 256, ("whole step", "split rope"), model="recipe", phase="generator"
+            ),
+            Case("base", "gpu", 64, ("whole step", "split rope")),
+        ],
+        steps=100,
+        timed_from=40,
+    ),
     # base's MFU (issue 15's 30%): the whole step with and without coordinate-descent tuning
     "base_tuning": dict(
         cases=[Case("base", "gpu", 64, ("whole step", "coordinate descent"))],
@@ -274,6 +299,40 @@ def rope_in_graph(model: torch.nn.Module) -> None:
     ).to(rope.cos.device)
     if getattr(model, "rope_text", None) is not None:
         model.rope_text = TextRopeInGraph(model.rope_text.head_dim, model.rope_text.theta)
+
+
+def _interleaved_textbook(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs rotated as before fb9772d: ``(x0 c - x1 s, x0 s + x1 c)`` stacked."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 0::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+
+
+def _half_textbook(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half pairs as before fb9772d: ``x cos + cat(-x2, x1) sin``."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+def _split_rope(t, rope_video, rope_text):
+    """``WanAttention._rope`` before fb9772d: the joint sequence split, each part rotated in
+    its textbook form, the parts concatenated."""
+    if rope_text is None:
+        return _interleaved_textbook(t, *rope_video) if rope_video is not None else t
+    if rope_video is None:
+        return _half_textbook(t, *rope_text)
+    n = rope_video[0].shape[1]
+    video = _interleaved_textbook(t[:, :n], *rope_video)
+    return torch.cat([video, _half_textbook(t[:, n:], *rope_text)], dim=1)
+
+
+def split_rope(model: torch.nn.Module) -> None:
+    """Give every attention of ``model`` the rope as it was before fb9772d (:func:`_split_rope`;
+    the same values). Set on the instances: other models keep the current one."""
+    for attention in model.modules():
+        if isinstance(attention, WanAttention):
+            attention._rope = _split_rope
 
 
 def host_batches(videos: torch.Tensor, kind: str) -> torch.Tensor:
@@ -336,6 +395,8 @@ def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
         if case.model != "fixed":
             raise ValueError("loops with the rope computed in the graph time the fixed model only")
         rope_in_graph(module.model)
+    if loop.get("rope_form") == "split":
+        split_rope(module.model)
     if loop.get("caption_rows") == "all":  # the training step calls the wrapper, compiled
         module.flow.model = EveryRowCaptions(module.model)
         module.compile_for_training(module.flow.model, mode)

@@ -167,6 +167,30 @@ def test_train_loop_toy_times_each_loop_and_their_loss_curves_agree():
     assert rows[1]["max_rel_loss_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("phase", ["recall", "generator"])
+def test_the_split_rope_loop_is_the_rope_before_it_ran_in_one_pass(phase):
+    """``split rope`` gives the attentions the rope as it was before fb9772d (the joint sequence
+    split, each part in its textbook form): the same loss curve, bit for bit in the eager
+    loop, over the joint sequence (recall) and the video alone (generator); and only the
+    model it was given has it."""
+    from lightning_vigu.model.attention import WanAttention
+
+    case = train_loop.Case("tiny", "cpu", 2, ("eager fused", "eager split rope"), phase=phase)
+    rows = [train_loop.run_one(case, name, steps=6, timed_from=4) for name in case.loops]
+    train_loop.compare(rows)
+    assert all("error" not in row for row in rows) and len(set(rows[0]["losses"])) > 1
+    assert rows[1]["losses"] == rows[0]["losses"]
+    fresh = train_loop.build(case, train_loop.LOOPS["eager fused"], torch.device("cpu"))
+    split = train_loop.build(case, train_loop.LOOPS["eager split rope"], torch.device("cpu"))
+    attentions = [m for m in fresh.modules() if isinstance(m, WanAttention)]
+    assert attentions and all("_rope" not in vars(m) for m in attentions)
+    assert all(
+        vars(m)["_rope"] is train_loop._split_rope
+        for m in split.modules()
+        if isinstance(m, WanAttention)
+    )
+
+
 def test_causal_captions_of_the_rows_that_train_them_give_every_row_s_loss_curve():
     """Next-token captions held by the rows that train them only (the step since 7bf44e3)
     give the loss curve of every row holding one in a masked joint pass (the step before), and
