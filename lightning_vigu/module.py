@@ -311,11 +311,16 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
         self._check_data_shape(batch, latents)
         return latents
 
+    def _condition_is_cached(self, batch: Batch) -> bool:
+        """Whether the batch carries its prompts' condition (a frozen encoder's ``prompt_emb``,
+        from the latent cache), so the prompts are not encoded."""
+        return "prompt_emb" in batch and not self.prompt_encoder.trainable
+
     def batch_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Latents, prompt condition and empty-prompt condition of a batch."""
         latents = self.batch_latents(batch)
         b = latents.shape[0]
-        if "prompt_emb" in batch and not self.prompt_encoder.trainable:
+        if self._condition_is_cached(batch):
             context = batch["prompt_emb"].float()
             empty = self.encode_prompts([""]).expand(b, -1, -1)
         else:
@@ -326,7 +331,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
         step = self.compiled_step()
         # the compiled step encodes the prompts itself when the encoder splits its host part off
         ids = None
-        if step is not None and not ("prompt_emb" in batch and not self.prompt_encoder.trainable):
+        if step is not None and not self._condition_is_cached(batch):
             ids = self.prompt_encoder.token_ids([*batch["prompt"], ""])  # (B + 1, L) or None
         if ids is None:
             latents, context, empty = self.batch_inputs(batch)
