@@ -107,10 +107,25 @@ LOOPS: dict[str, dict] = {
     "eager split rope": dict(
         compile="none", fused=True, ema="callback", host_reads=False, rope_form="split", **_NOW
     ),
+    # that loop with the fused Triton kernels (model.triton_kernels: the q/k norm and rope in one
+    # kernel, the attention to the prompt's few tokens in another; lightning_vigu.model.kernels)
+    "triton kernels": dict(
+        compile="step", fused=True, ema="callback", host_reads=False, triton_kernels=True, **_NOW
+    ),
     # that loop with the caption rows packed with the video tokens: the norms and the
     # attention's projections once over both streams (UniViGUConfig.pack_caption_rows)
     "packed rows": dict(
         compile="step", fused=True, ema="callback", host_reads=False, packed=True, **_NOW
+    ),
+    # that loop with the fused Triton kernels
+    "packed rows, triton kernels": dict(
+        compile="step",
+        fused=True,
+        ema="callback",
+        host_reads=False,
+        packed=True,
+        triton_kernels=True,
+        **_NOW,
     ),
     # that loop with inductor's max-autotune (each matrix multiply's kernel chosen by timing)
     "autotune": dict(compile="autotune", fused=True, ema="callback", host_reads=False, **_NOW),
@@ -244,6 +259,19 @@ PRESETS = {
                 "small", "cpu", 256, ("whole step", "split rope"), model="recipe", phase="generator"
             ),
             Case("base", "gpu", 64, ("whole step", "split rope")),
+        ],
+        steps=100,
+        timed_from=40,
+    ),
+    # the fused Triton kernels against the whole step without them: issue 15's cases (the GPU
+    # preset's small and base), and the quality suite's twin and next-token recall
+    "kernels": dict(
+        cases=[
+            Case("small", "gpu", 64, ("whole step", "triton kernels")),
+            Case("base", "gpu", 64, ("whole step", "triton kernels")),
+            *twin_and_recall_causal(
+                ("whole step", "triton kernels"), ("packed rows", "packed rows, triton kernels")
+            ),
         ],
         steps=100,
         timed_from=40,
@@ -390,6 +418,7 @@ def build(case: Case, loop: dict, device: torch.device) -> UniViGU:
         phase=case.phase,
         caption_objective=case.caption_objective,
         compile=mode,
+        triton_kernels=loop.get("triton_kernels", False),
     )
     if loop["rope"] == "graph":
         if case.model != "fixed":
@@ -622,10 +651,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--loops", nargs="+", default=None, help="only these loops of the preset")
     p.add_argument(
+        "--cases", nargs="+", type=int, default=None, help="only these cases of the preset (0-based)"
+    )
+    p.add_argument(
         "--no-alone", action="store_true", help="with --side-by-side: skip the loops alone"
     )
     a = p.parse_args(argv)
     preset = dict(PRESETS[a.preset])
+    if a.cases is not None:
+        preset["cases"] = [preset["cases"][i] for i in a.cases]
     if a.loops:
         cases = [
             dataclasses.replace(c, loops=tuple(n for n in c.loops if n in a.loops))

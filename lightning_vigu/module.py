@@ -118,6 +118,11 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
             compile the training step only: sampling and validation run eagerly (see
             :func:`compile_transformer`).
         attention_backend: ``sdpa`` or ``xformers``.
+        triton_kernels: on CUDA, fuse each self-attention's q/k RMS norm and rope into one
+            Triton kernel and attend to the prompt's few tokens with another, forward and
+            backward (:mod:`lightning_vigu.model.kernels`; the same values within float
+            rounding, tested; ``benchmarks/results/kernels_h200.md`` for their speed). Off or
+            on the CPU: the PyTorch expressions.
         max_nonfinite_steps: stop after this many consecutive non-finite losses (skipped).
         seed: base seed of the per-step randomness (times, noise, tasks).
         trust_pickle: load ``init_from`` with full pickle (``torch.load(weights_only=False)``),
@@ -153,6 +158,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
         gradient_checkpointing: int | bool = False,
         compile: str = "none",
         attention_backend: str = "sdpa",
+        triton_kernels: bool = False,
         max_nonfinite_steps: int = 5,
         seed: int = 0,
         trust_pickle: bool = False,
@@ -196,6 +202,7 @@ class UniViGU(NonFiniteSteps, CompiledTrainingStep, InjectedOptimizerModule):
         self.sampler_config = sampler or SamplerConfig()
         self._optimizer_factory = optimizer
         self.model.set_attention_backend(attention_backend)
+        self.model.set_triton_kernels(triton_kernels)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing(gradient_checkpointing)
         if init_from:

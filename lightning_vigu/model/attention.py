@@ -4,7 +4,9 @@ rows only, one call for the video and one for the captions (:meth:`WanAttention.
 
 Backends: PyTorch SDPA (default; on Hopper it dispatches to cuDNN / flash kernels) and xformers'
 ``memory_efficient_attention`` when the package imports and its kernels load (optional; its
-0.0.35 wheels do not load against the CUDA 13 torch builds, so it is never required).
+0.0.35 wheels do not load against the CUDA 13 torch builds, so it is never required). With
+``WanAttention.triton_kernels`` on, CUDA tensors take :mod:`lightning_vigu.model.kernels`' fused
+q/k norm and rope, and its attention for a short key sequence (the prompt) where it applies.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_vigu.model import kernels
 from lightning_vigu.model.embeddings import (
     apply_rope_half,
     apply_rope_interleaved,
@@ -113,6 +116,7 @@ class WanAttention(nn.Module):
         self.norm_q = nn.RMSNorm(inner, eps=eps)
         self.norm_k = nn.RMSNorm(inner, eps=eps)
         self.backend = "sdpa"
+        self.triton_kernels = False  # the fused kernels of lightning_vigu.model.kernels on CUDA
 
     def forward(
         self,
@@ -131,13 +135,14 @@ class WanAttention(nn.Module):
         layer's keys and values, or read the video's recorded ones and attend to them before
         ``x`` (see :class:`VideoMemory`).
         """
-        kv = x if context is None else context
-        q, k, v = self._qkv(x, kv)
         if context is None and (rope_video is not None or rope_text is not None):
-            q, k = (self._rope(t, rope_video, rope_text) for t in (q, k))
+            q, k = self._rotated_qk(self.to_q(x), self.to_k(x), rope_video, rope_text)
+            v = self.to_v(x).unflatten(-1, (self.heads, -1))
+        else:
+            q, k, v = self._qkv(x, x if context is None else context)
         if memory is not None:
             k, v = memory.exchange(k, v)
-        return self._out(attention(q, k, v, self.backend, mask), x)
+        return self._out(self._attend(q, k, v, mask), x)
 
     def forward_rows(
         self,
@@ -153,8 +158,9 @@ class WanAttention(nn.Module):
         row's video (``rows`` ``(Bt,)``: indices into the video's batch) and to itself under
         ``text_mask`` ``(Lt, Lv + Lt)``. With ``rows = arange(B)`` this is :meth:`forward`
         over ``[video | caption]`` with the causal mask, in two calls."""
-        video, text = self._qkv(x_video, x_video), self._qkv(x_text, x_text)
-        return self._attend_rows(video, text, rows, rope_video, rope_text, text_mask, x_video)
+        video = self._qkv_rotated(*(f(x_video) for f in self._projections()), rope_video, None)
+        text = self._qkv_rotated(*(f(x_text) for f in self._projections()), None, rope_text)
+        return self._attend_rows(video, text, rows, text_mask, x_video)
 
     def forward_packed(
         self,
@@ -168,8 +174,10 @@ class WanAttention(nn.Module):
         """:meth:`forward_rows` with both streams packed in ``h`` (:class:`PackedRows`): the
         queries, keys and values of every token in one projection each; the attention per
         stream. Returns each stream's output, ``(B, Lv, dim)`` and ``(Bt, Lt, dim)``."""
-        video, text = zip(*(packed.split(t) for t in self._qkv(h, h)))
-        return self._attend_rows(video, text, rows, rope_video, rope_text, text_mask, h)
+        video, text = zip(*(packed.split(f(h)) for f in self._projections()))
+        video = self._qkv_rotated(*video, rope_video, None)
+        text = self._qkv_rotated(*text, None, rope_text)
+        return self._attend_rows(video, text, rows, text_mask, h)
 
     def cross_packed(
         self, h: Tensor, rows: Tensor, packed: PackedRows, context: Tensor
@@ -192,29 +200,76 @@ class WanAttention(nn.Module):
         video: tuple[Tensor, Tensor, Tensor],
         text: tuple[Tensor, Tensor, Tensor],
         rows: Tensor,
-        rope_video: tuple[Tensor, Tensor],
-        rope_text: tuple[Tensor, Tensor],
         text_mask: Tensor,
         like: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """:meth:`forward_rows` from each stream's queries, keys and values ``(B, S, H, D)``;
-        the outputs projected in ``like``'s dtype."""
+        """:meth:`forward_rows` from each stream's rotated queries and keys, and values
+        ``(B, S, H, D)``; the outputs projected in ``like``'s dtype."""
         (qv, kv, vv), (qt, kt, vt) = video, text
-        qv, kv = (apply_rope_interleaved(t, *rope_video) for t in (qv, kv))
-        qt, kt = (apply_rope_half(t, *rope_text) for t in (qt, kt))
         k = torch.cat([kv.index_select(0, rows), kt], dim=1)
         v = torch.cat([vv.index_select(0, rows), vt], dim=1)
-        out_video = self._out(attention(qv, kv, vv, self.backend), like)
-        return out_video, self._out(attention(qt, k, v, self.backend, text_mask), like)
+        out_video = self._out(self._attend(qv, kv, vv), like)
+        return out_video, self._out(self._attend(qt, k, v, text_mask), like)
 
     def _attend_prompt(
         self, q_video: Tensor, q_text: Tensor, rows: Tensor, context: Tensor, like: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:meth:`cross_rows` from each stream's queries ``(B, S, H, D)``."""
         k, v = self._kv(context)
-        out_video = self._out(attention(q_video, k, v, self.backend), like)
+        out_video = self._out(self._attend(q_video, k, v), like)
         k, v = k.index_select(0, rows), v.index_select(0, rows)
-        return out_video, self._out(attention(q_text, k, v, self.backend), like)
+        return out_video, self._out(self._attend(q_text, k, v), like)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """:func:`attention` with this layer's backend, or the few-key kernel where it applies
+        (``triton_kernels`` on, no mask, at most ``kernels.MAX_KEYS`` half-precision keys)."""
+        few_keys = (
+            self.triton_kernels
+            and mask is None
+            and k.shape[1] <= kernels.MAX_KEYS
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and q.dtype == k.dtype == v.dtype
+            and kernels.usable(q, k, v)
+        )
+        if few_keys:
+            return kernels.few_key_attention(q, k, v)
+        return attention(q, k, v, self.backend, mask)
+
+    def _projections(self) -> tuple:
+        """The query, key and value projections, each ``(..., dim) -> (..., inner)``."""
+        return self.to_q, self.to_k, self.to_v
+
+    def _qkv_rotated(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope_video: tuple[Tensor, Tensor] | None,
+        rope_text: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected ``q``, ``k``, ``v`` ``(B, S, inner)`` as rotated queries and keys and
+        values ``(B, S, H, D)``."""
+        return *self._rotated_qk(q, k, rope_video, rope_text), v.unflatten(-1, (self.heads, -1))
+
+    def _rotated_qk(
+        self,
+        q: Tensor,
+        k: Tensor,
+        rope_video: tuple[Tensor, Tensor] | None,
+        rope_text: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Projected queries and keys ``(B, S, inner)``, RMS-normalised and rotated ``(B, S, H,
+        D)``: by the fused kernel where ``triton_kernels`` is on and it runs, else by the norms
+        and :meth:`_rope` (the same values)."""
+        q, k = (t.unflatten(-1, (self.heads, -1)) for t in (q, k))
+        if self.triton_kernels and kernels.usable(q, k):
+            norms = (self.norm_q, self.norm_k)
+            return kernels.qk_norm_rope(
+                q, k, *(n.weight for n in norms), self.norm_q.eps, rope_video, rope_text
+            )
+        q = self.norm_q(q.flatten(-2)).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(k.flatten(-2)).unflatten(-1, (self.heads, -1))
+        return self._rope(q, rope_video, rope_text), self._rope(k, rope_video, rope_text)
 
     def _qkv(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised queries of ``x``, keys and values of ``kv``, ``(..., H, D)`` each."""

@@ -222,6 +222,14 @@ class UniViGUTransformer(nn.Module):
             if hasattr(m, "backend"):
                 m.backend = backend
 
+    def set_triton_kernels(self, enabled: bool) -> None:
+        """Use the fused Triton kernels of :mod:`lightning_vigu.model.kernels` (the q/k norm and
+        rope, the attention to the prompt) in every attention layer where they run (CUDA);
+        the same values as the PyTorch path within float rounding."""
+        for m in self.modules():
+            if hasattr(m, "triton_kernels"):
+                m.triton_kernels = bool(enabled)
+
     def enable_gradient_checkpointing(self, num_blocks: int | bool = True) -> None:
         """Recompute the first ``num_blocks`` blocks in backward (``True`` = all, ``0`` = none)."""
         self.gradient_checkpointing = len(self.blocks) if num_blocks is True else int(num_blocks)

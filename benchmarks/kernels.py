@@ -1,0 +1,235 @@
+"""The Triton kernels of :mod:`lightning_vigu.model.kernels` against the PyTorch expressions they
+replace, at the training step's shapes: forward + backward time and error.
+
+    python -m benchmarks.kernels               # one GPU: the GPU preset's small and base, the twin
+    TRITON_INTERPRET=1 python -m benchmarks.kernels --preset toy  # CPU: Triton's interpreter
+
+Each row times one layer's worth of one part, forward and backward, as the training step runs
+it (bf16 autocast): ``norm + rope`` (the self-attention's q/k RMS norms and rotary embedding
+over ``[video | caption]``; the PyTorch expression compiled with ``torch.compile``, as
+``model.compile: step`` runs it) and ``prompt attention`` (the cross-attention of every token
+to the prompt; SDPA, cuDNN on Hopper). ``max_err_*``: the largest absolute difference of the
+output and of the first input's gradient from the same computation in float64; the PyTorch
+path's own error is the scale of bf16 rounding the kernel's is compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import markdown_table, timed, write_results
+from lightning_vigu.model import kernels
+from lightning_vigu.model.embeddings import (
+    TextRope1D,
+    VideoRope3D,
+    VideoRopeMixed,
+    apply_rope_interleaved,
+    apply_rope_joint,
+)
+
+
+@dataclass
+class Shape:
+    """One case: batch, video grid (frames, rows, columns of tokens), caption and prompt tokens,
+    heads, head width, and the video rope (``axial`` or ``mixed``)."""
+
+    name: str
+    batch: int
+    grid: tuple[int, int, int]
+    caption: int
+    prompt: int
+    heads: int
+    head_dim: int
+    rope: str = "axial"
+
+
+PRESETS = {
+    "gpu": [
+        Shape("small, GPU preset", 64, (16, 8, 8), 64, 32, 6, 64),
+        Shape("base, GPU preset", 64, (16, 8, 8), 64, 32, 8, 64),
+        Shape("small, quality twin", 256, (16, 4, 4), 0, 32, 6, 64, rope="mixed"),
+    ],
+    "toy": [
+        Shape("toy", 2, (2, 2, 3), 5, 7, 3, 16),
+        Shape("toy mixed", 2, (2, 2, 2), 0, 20, 2, 16),
+    ],
+}
+
+
+def rope_tables(shape: Shape, device: torch.device):
+    """The video's and the caption's rope tables of ``shape`` (``None`` for no caption)."""
+    d = shape.head_dim
+    video = VideoRope3D(d, (1, 2, 2), 1024) if shape.rope == "axial" else None
+    video = video or VideoRopeMixed(d, shape.heads, 1024)
+    text = TextRope1D(d)(shape.caption, device) if shape.caption else None
+    return video.to(device)(shape.grid), text
+
+
+def _max_err(outputs, reference) -> float:
+    return max(float((a.double() - b).abs().max()) for a, b in zip(outputs, reference))
+
+
+def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
+    """``norm + rope``: the compiled PyTorch expression and the kernel, forward + backward."""
+    b, (f, h, w), heads, d = shape.batch, shape.grid, shape.heads, shape.head_dim
+    seq, inner = f * h * w + shape.caption, heads * d
+    rope_video, rope_text = rope_tables(shape, device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, gq, gk = (
+        torch.randn(b, seq, inner, generator=g).to(device, torch.bfloat16) for _ in "1234"
+    )
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    norms = [nn.RMSNorm(inner, eps=1e-6).to(device) for _ in range(2)]
+    for n in norms:
+        nn.init.uniform_(n.weight, 0.5, 1.5)
+
+    def torch_path(q, k, norms, rope_video, rope_text):
+        def rotate(t):
+            if rope_text is None:
+                return apply_rope_interleaved(t, *rope_video)
+            return apply_rope_joint(t, rope_video, rope_text)
+
+        return tuple(rotate(n(x).unflatten(-1, (heads, d))) for n, x in zip(norms, (q, k)))
+
+    def ref_path(q, k):
+        cos_v, sin_v = (t.double() for t in rope_video)
+        text = tuple(t.double() for t in rope_text) if rope_text else None
+        out = []
+        for n, x in zip(norms, (q, k)):
+            x = x.double()
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * n.weight.double()
+            x = x.unflatten(-1, (heads, d))
+            out.append(_joint_reference(x, (cos_v, sin_v), text))
+        return out
+
+    compiled = torch.compile(torch_path)
+    ref = ref_path(q.detach(), k.detach())
+    ref_grad = torch.autograd.grad(
+        ref_path(q, k),
+        [q],
+        [gq.unflatten(-1, (heads, d)).double(), gk.unflatten(-1, (heads, d)).double()],
+    )[0]
+    rows = []
+    for path in ("torch", "triton"):
+
+        def step(path=path):
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                if path == "torch":
+                    out = compiled(q, k, norms, rope_video, rope_text)
+                else:
+                    out = kernels.qk_norm_rope(
+                        q.unflatten(-1, (heads, d)), k.unflatten(-1, (heads, d)),
+                        norms[0].weight, norms[1].weight, 1e-6, rope_video, rope_text,
+                    )  # fmt: skip
+            grads = [t.unflatten(-1, (heads, d)).to(o.dtype) for t, o in zip((gq, gk), out)]
+            return out, torch.autograd.grad(out, [q], grads)[0]
+
+        out, grad = step()
+        rows.append(
+            dict(
+                case=shape.name,
+                part="norm + rope",
+                path=path,
+                ms=timed(lambda: step(), warmup=3, iters=iters) * 1e3,
+                max_err_out=_max_err(out, ref),
+                max_err_grad=_max_err([grad], [ref_grad]),
+            )
+        )
+    return rows
+
+
+def _joint_reference(x, rope_video, rope_text):
+    """The rotation in its textbook form (float64): interleaved pairs for the video tokens,
+    rotate-half for the caption's."""
+    (cos_v, sin_v), lv = rope_video, rope_video[0].shape[1]
+    xv = x[:, :lv]
+    a, b = xv[..., 0::2], xv[..., 1::2]
+    c, s = cos_v[..., 0::2], sin_v[..., 0::2]
+    video = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    if rope_text is None:
+        return video
+    cos_t, sin_t = rope_text
+    xt = x[:, lv:]
+    lo, hi = xt.chunk(2, dim=-1)
+    half = cos_t.shape[-1] // 2
+    c, s = cos_t[..., :half], sin_t[..., :half]
+    return torch.cat([video, torch.cat([lo * c - hi * s, lo * s + hi * c], dim=-1)], dim=1)
+
+
+def prompt_attention_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
+    """``prompt attention``: SDPA and the few-key kernel, forward + backward."""
+    b, (f, h, w), heads, d = shape.batch, shape.grid, shape.heads, shape.head_dim
+    seq = f * h * w + shape.caption
+    g = torch.Generator(device="cpu").manual_seed(1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, do = (torch.randn(b, seq, heads, d, generator=g).to(device, dtype) for _ in "12")
+    k, v = (torch.randn(b, shape.prompt, heads, d, generator=g).to(device, dtype) for _ in "12")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def sdpa(q, k, v):
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        return out.transpose(1, 2)
+
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = sdpa(qd, kd, vd)
+    ref_grad = torch.autograd.grad(ref, [qd], [do.double()])[0]
+    rows = []
+    for path, fn in (("torch", sdpa), ("triton", kernels.few_key_attention)):
+
+        def step(fn=fn):
+            out = fn(q, k, v)
+            return out, torch.autograd.grad(out, [q], [do])[0]
+
+        out, grad = step()
+        rows.append(
+            dict(
+                case=shape.name,
+                part="prompt attention",
+                path=path,
+                ms=timed(lambda: step(), warmup=3, iters=iters) * 1e3,
+                max_err_out=_max_err([out], [ref]),
+                max_err_grad=_max_err([grad], [ref_grad]),
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--tag", default="", help="suffix of the results' file names")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("no GPU: run with TRITON_INTERPRET=1 (Triton's interpreter, toy shapes)")
+    rows = []
+    for shape in PRESETS[a.preset]:
+        for measure in (norm_rope_row, prompt_attention_row):
+            rows += measure(shape, device, a.iters)
+            print(markdown_table(rows[-2:], list(rows[-1])), flush=True)
+    by = {(r["case"], r["part"], r["path"]): r for r in rows}
+    for r in rows:
+        r["speedup"] = by[(r["case"], r["part"], "torch")]["ms"] / r["ms"]
+    columns = ["case", "part", "path", "ms", "speedup", "max_err_out", "max_err_grad"]
+    table = markdown_table(rows, columns)
+    note = (
+        "\n\nOne layer's part, forward + backward, bf16 autocast on the GPU (float32 under "
+        "Triton's interpreter on the CPU); `torch`: the compiled PyTorch expression (norm + "
+        "rope) or SDPA (prompt attention); `max_err_*`: largest absolute difference from float64."
+    )
+    write_results(f"kernels{a.tag}", {"rows": rows}, table + note, a.out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
