@@ -651,7 +651,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--loops", nargs="+", default=None, help="only these loops of the preset")
     p.add_argument(
-        "--cases", nargs="+", type=int, default=None, help="only these cases of the preset (0-based)"
+        "--cases",
+        nargs="+",
+        type=int,
+        default=None,
+        help="only these cases of the preset (0-based)",
     )
     p.add_argument(
         "--no-alone", action="store_true", help="with --side-by-side: skip the loops alone"
