@@ -203,19 +203,19 @@ if HAS_TRITON:
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
         kp, kmask = _attn_tiles(k_ptr, b, h, 0, L, skb, sks, skh, LP, D)
-        vp, _ = _attn_tiles(v_ptr, b, h, 0, L, svb, svs, svh, LP, D)
+        vp, vmask = _attn_tiles(v_ptr, b, h, 0, L, svb, svs, svh, LP, D)
         k = tl.load(kp, mask=kmask, other=0.0)
-        v = tl.load(vp, mask=kmask, other=0.0)
+        v = tl.load(vp, mask=vmask, other=0.0)
         keys = tl.arange(0, LP)[None, :] < L
         dk = tl.zeros((LP, D), dtype=tl.float32)
         dv = tl.zeros((LP, D), dtype=tl.float32)
         for start in range(tl.program_id(0) * BM, S, tl.num_programs(0) * BM):
             qp, qmask = _attn_tiles(q_ptr, b, h, start, S, sqb, sqs, sqh, BM, D)
-            op, _ = _attn_tiles(o_ptr, b, h, start, S, sob, sos, soh, BM, D)
-            dop, _ = _attn_tiles(do_ptr, b, h, start, S, sdb, sds, sdh, BM, D)
+            op, omask = _attn_tiles(o_ptr, b, h, start, S, sob, sos, soh, BM, D)
+            dop, domask = _attn_tiles(do_ptr, b, h, start, S, sdb, sds, sdh, BM, D)
             q = tl.load(qp, mask=qmask, other=0.0)
-            o = tl.load(op, mask=qmask, other=0.0).to(tl.float32)
-            do = tl.load(dop, mask=qmask, other=0.0)
+            o = tl.load(op, mask=omask, other=0.0).to(tl.float32)
+            do = tl.load(dop, mask=domask, other=0.0)
             rows = start + tl.arange(0, BM)
             lse = tl.load(lse_ptr + bh * S + rows, mask=rows < S, other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
@@ -225,8 +225,8 @@ if HAS_TRITON:
             delta = tl.sum(o * do.to(tl.float32), axis=1)
             ds = (p * (dp - delta[:, None])).to(q.dtype)
             dq = tl.dot(ds, k) * scale
-            dqp, _ = _attn_tiles(dq_ptr, b, h, start, S, sqb, sqs, sqh, BM, D)
-            tl.store(dqp, dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+            dqp, dqmask = _attn_tiles(dq_ptr, b, h, start, S, sqb, sqs, sqh, BM, D)
+            tl.store(dqp, dq.to(dq_ptr.dtype.element_ty), mask=dqmask)
             dk += tl.dot(tl.trans(ds), q)
         # this program's share of the keys' and values' gradients: (chunk, B * H, LP, D)
         part = (tl.program_id(0) * tl.num_programs(1) + bh) * LP * D
