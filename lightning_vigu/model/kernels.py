@@ -304,7 +304,7 @@ if HAS_TRITON:
         b, s, heads, d = q.shape
         length, padded = k.shape[1], max(16, _pow2(k.shape[1]))
         chunks = max(1, min(triton.cdiv(s, _ATTN_ROWS), _ATTN_BACKWARD_PROGRAMS // (b * heads)))
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq = torch.empty_like(q)  # q's strides, which the kernel writes it with
         dk = torch.empty(chunks, b, heads, padded, d, device=q.device, dtype=torch.float32)
         dv = torch.empty_like(dk)
         torch.library.wrap_triton(_few_key_bwd)[(chunks, b * heads)](
