@@ -31,6 +31,7 @@ import dataclasses
 import gc
 import multiprocessing
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -539,6 +540,7 @@ def run_loop(
         )
         row.update(device_rates(flops, seconds))
     except Exception as exn:  # a compile or memory failure is a result, not a crash
+        traceback.print_exc()  # the row keeps its first line; the log the whole story
         row["error"] = failure(exn)
         if shared is not None:
             shared[0].abort()  # the others stop waiting for this loop
