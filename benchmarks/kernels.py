@@ -125,10 +125,6 @@ def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
     grads = [t.unflatten(-1, (heads, d)).double() for t in (gq, gk)]
     ref_grad = torch.autograd.grad(ref, [qd], grads)[0]
     ref = [t.detach() for t in ref]
-        ref_path(q, k),
-        [q],
-        [gq.unflatten(-1, (heads, d)).double(), gk.unflatten(-1, (heads, d)).double()],
-    )[0]
     rows = []
     for path in ("torch", "triton"):
 
