@@ -111,7 +111,7 @@ if HAS_TRITON:
     @triton.jit
     def _norm_rope_fwd(
         xq_ptr, xk_ptr, wq_ptr, wk_ptr, yq_ptr, yk_ptr, cv_ptr, sv_ptr, ct_ptr, st_ptr,
-        R, S, num_video, eps,
+        R, S, num_video, EPS: tl.constexpr,
         H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
         if tl.program_id(1) == 0:
@@ -122,7 +122,7 @@ if HAS_TRITON:
         offs, mask, x, w, cos, sin, video = _norm_rope_tiles(
             x_ptr, w_ptr, cv_ptr, sv_ptr, ct_ptr, st_ptr, rows, R, S, num_video, H, HP, D, HV
         )
-        r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + eps)  # [BT]
+        r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)  # [BT]
         n = x * r[:, None, None] * w
         partner, sign = _rotate_partner(n, video, BT, HP, D)
         y = n * cos + partner * (sin * sign)
@@ -131,7 +131,7 @@ if HAS_TRITON:
     @triton.jit
     def _norm_rope_bwd(
         gq_ptr, gk_ptr, xq_ptr, xk_ptr, wq_ptr, wk_ptr, dxq_ptr, dxk_ptr, dw_ptr,
-        cv_ptr, sv_ptr, ct_ptr, st_ptr, R, S, num_video, eps, num_blocks,
+        cv_ptr, sv_ptr, ct_ptr, st_ptr, R, S, num_video, num_blocks, EPS: tl.constexpr,
         H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
         which = tl.program_id(1)
@@ -148,7 +148,7 @@ if HAS_TRITON:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             partner, sign = _rotate_partner(g, video, BT, HP, D)
             gn = g * cos - partner * (sin * sign)  # the rotation's transpose
-            r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + eps)[:, None, None]
+            r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)[:, None, None]
             dw += tl.sum(gn * x * r, axis=0)
             u = gn * w
             dot = tl.sum(tl.sum(u * x, axis=2), axis=1)[:, None, None]
@@ -170,9 +170,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _few_key_fwd(
-        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, S, L, H, scale,
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, S, L, H,
         sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
-        D: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr,
+        SCALE: tl.constexpr, D: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -184,7 +184,7 @@ if HAS_TRITON:
         v = tl.load(vp, mask=kmask, other=0.0)
         q = tl.load(qp, mask=qmask, other=0.0)
         keys = tl.arange(0, LP)[None, :] < L
-        s = tl.where(keys, tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [BM, LP]
+        s = tl.where(keys, tl.dot(q, tl.trans(k)) * SCALE, float("-inf"))  # [BM, LP]
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])
         den = tl.sum(p, axis=1)
@@ -196,9 +196,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _few_key_bwd(
-        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, S, L, H, scale,
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, S, L, H,
         sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, sdb, sds, sdh,
-        D: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr,
+        SCALE: tl.constexpr, D: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -218,20 +218,20 @@ if HAS_TRITON:
             do = tl.load(dop, mask=domask, other=0.0)
             rows = start + tl.arange(0, BM)
             lse = tl.load(lse_ptr + bh * S + rows, mask=rows < S, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k)) * SCALE
             p = tl.where(keys & qmask, tl.exp(s - lse[:, None]), 0.0)  # [BM, LP]
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dp = tl.dot(do, tl.trans(v))
             delta = tl.sum(o * do.to(tl.float32), axis=1)
             ds = (p * (dp - delta[:, None])).to(q.dtype)
-            dq = tl.dot(ds, k) * scale
+            dq = tl.dot(ds, k) * SCALE
             dqp, dqmask = _attn_tiles(dq_ptr, b, h, start, S, sqb, sqs, sqh, BM, D)
             tl.store(dqp, dq.to(dq_ptr.dtype.element_ty), mask=dqmask)
             dk += tl.dot(tl.trans(ds), q)
         # this program's share of the keys' and values' gradients: (chunk, B * H, LP, D)
         part = (tl.program_id(0) * tl.num_programs(1) + bh) * LP * D
         offs = part + tl.arange(0, LP)[:, None] * D + tl.arange(0, D)[None, :]
-        tl.store(dk_ptr + offs, dk * scale)
+        tl.store(dk_ptr + offs, dk * SCALE)
         tl.store(dv_ptr + offs, dv)
 
     # ---- the operators ---------------------------------------------------------------------
@@ -245,7 +245,7 @@ if HAS_TRITON:
         yq, yk = torch.empty_like(q), torch.empty_like(k)
         grid = (triton.cdiv(b * s, _ROPE_ROWS), 2)
         torch.library.wrap_triton(_norm_rope_fwd)[grid](
-            q, k, wq, wk, yq, yk, cos_v, sin_v, cos_t, sin_t, b * s, s, num_video, eps,
+            q, k, wq, wk, yq, yk, cos_v, sin_v, cos_t, sin_t, b * s, s, num_video, EPS=eps,
             H=heads, HP=_pow2(heads), D=d, HV=cos_v.shape[1], BT=_ROPE_ROWS,
         )  # fmt: skip
         return yq, yk
@@ -262,7 +262,7 @@ if HAS_TRITON:
         dw = torch.empty(2, programs, heads * d, device=q.device, dtype=torch.float32)
         torch.library.wrap_triton(_norm_rope_bwd)[(programs, 2)](
             gq, gk, q, k, wq, wk, dq, dk, dw, cos_v, sin_v, cos_t, sin_t,
-            b * s, s, num_video, eps, blocks,
+            b * s, s, num_video, blocks, EPS=eps,
             H=heads, HP=_pow2(heads), D=d, HV=cos_v.shape[1], BT=_ROPE_ROWS,
         )  # fmt: skip
         return dq, dk, dw[0].sum(0).to(wq.dtype), dw[1].sum(0).to(wk.dtype)
@@ -291,9 +291,9 @@ if HAS_TRITON:
         lse = torch.empty(b * heads, s, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(s, _ATTN_ROWS), b * heads)
         torch.library.wrap_triton(_few_key_fwd)[grid](
-            q, k, v, o, lse, s, length, heads, 1.0 / math.sqrt(d),
+            q, k, v, o, lse, s, length, heads,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            D=d, LP=max(16, _pow2(length)), BM=_ATTN_ROWS,
+            SCALE=1.0 / math.sqrt(d), D=d, LP=max(16, _pow2(length)), BM=_ATTN_ROWS,
         )  # fmt: skip
         return o, lse
 
@@ -308,9 +308,9 @@ if HAS_TRITON:
         dk = torch.empty(chunks, b, heads, padded, d, device=q.device, dtype=torch.float32)
         dv = torch.empty_like(dk)
         torch.library.wrap_triton(_few_key_bwd)[(chunks, b * heads)](
-            q, k, v, o, do, lse, dq, dk, dv, s, length, heads, 1.0 / math.sqrt(d),
+            q, k, v, o, do, lse, dq, dk, dv, s, length, heads,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
-            D=d, LP=padded, BM=_ATTN_ROWS,
+            SCALE=1.0 / math.sqrt(d), D=d, LP=padded, BM=_ATTN_ROWS,
         )  # fmt: skip
         # (chunks, B, H, LP, D) -> (B, L, H, D)
         dk, dv = (t.sum(0)[:, :, :length].transpose(1, 2) for t in (dk, dv))
