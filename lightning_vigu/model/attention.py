@@ -227,6 +227,8 @@ class WanAttention(nn.Module):
             self.triton_kernels
             and mask is None
             and k.shape[1] <= kernels.MAX_KEYS
+            and kernels.fits(q.shape[-1])
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and q.dtype in (torch.bfloat16, torch.float16)
             and q.dtype == k.dtype == v.dtype
             and kernels.usable(q, k, v)
@@ -262,7 +264,7 @@ class WanAttention(nn.Module):
         D)``: by the fused kernel where ``triton_kernels`` is on and it runs, else by the norms
         and :meth:`_rope` (the same values)."""
         q, k = (t.unflatten(-1, (self.heads, -1)) for t in (q, k))
-        if self.triton_kernels and kernels.usable(q, k):
+        if self.triton_kernels and kernels.fits(q.shape[-1]) and kernels.usable(q, k):
             norms = (self.norm_q, self.norm_k)
             return kernels.qk_norm_rope(
                 q, k, *(n.weight for n in norms), self.norm_q.eps, rope_video, rope_text

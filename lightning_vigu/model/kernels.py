@@ -52,6 +52,11 @@ def usable(*tensors: Tensor) -> bool:
     return all(t.is_cuda or (interpreted and t.device.type == "cpu") for t in tensors)
 
 
+def fits(head_dim: int) -> bool:
+    """Whether the kernels take heads of this width (a power of two, at least 16)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -350,6 +355,8 @@ def qk_norm_rope(
         raise ValueError("qk_norm_rope needs the video's or the caption's rope tables")
     num_video = rope_video[0].shape[1] if rope_video is not None else 0
     num_text = rope_text[0].shape[1] if rope_text is not None else 0
+    if not fits(q.shape[-1]):
+        raise ValueError(f"qk_norm_rope takes heads of 2^n >= 16 channels, got {q.shape[-1]}")
     if q.shape != k.shape or q.shape[1] != num_video + num_text:
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must match and hold the rope's "
@@ -366,6 +373,11 @@ def qk_norm_rope(
 def few_key_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention of ``q`` ``(B, S, H, D)`` to ``k``, ``v`` ``(B, L, H, D)`` with
     ``L <= MAX_KEYS`` (no mask, scale ``1/sqrt(D)``), returns ``(B, S, H, D)``."""
-    if k.shape[1] > MAX_KEYS:
-        raise ValueError(f"few_key_attention takes at most {MAX_KEYS} keys, got {k.shape[1]}")
+    if k.shape[1] > MAX_KEYS or not fits(q.shape[-1]):
+        raise ValueError(
+            f"few_key_attention takes at most {MAX_KEYS} keys and heads of 2^n >= 16 channels, "
+            f"got {k.shape[1]} keys of {q.shape[-1]}"
+        )
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("few_key_attention needs contiguous channels (stride 1 in the last dim)")
     return _few_key_op(q, k, v)[0]
