@@ -81,6 +81,20 @@ def gpu_ms(fn, iters: int) -> float:
     return profile_steps(lambda i, part: fn(), steps=iters)["gpu_ms"]
 
 
+def measure(step, iters: int, ref, ref_grad, **row) -> dict:
+    """A table row: ``step()`` (returning its outputs and the first input's gradient) timed,
+    and its largest errors from the float64 ``ref`` outputs and ``ref_grad``."""
+    out, grad = step()
+    out = out if isinstance(out, (tuple, list)) else [out]
+    return dict(
+        row,
+        ms=gpu_ms(step, iters),
+        wall_ms=timed(step, warmup=2, iters=iters) * 1e3,
+        max_err_out=_max_err(out, ref),
+        max_err_grad=_max_err([grad], [ref_grad]),
+    )
+
+
 def _max_err(outputs, reference) -> float:
     return max(float((a.double() - b).abs().max()) for a, b in zip(outputs, reference))
 
@@ -140,17 +154,8 @@ def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
             grads = [t.unflatten(-1, (heads, d)).to(o.dtype) for t, o in zip((gq, gk), out)]
             return out, torch.autograd.grad(out, [q], grads)[0]
 
-        out, grad = step()
         rows.append(
-            dict(
-                case=shape.name,
-                part="norm + rope",
-                path=path,
-                ms=gpu_ms(step, iters),
-                wall_ms=timed(step, warmup=2, iters=iters) * 1e3,
-                max_err_out=_max_err(out, ref),
-                max_err_grad=_max_err([grad], [ref_grad]),
-            )
+            measure(step, iters, ref, ref_grad, case=shape.name, part="norm + rope", path=path)
         )
     return rows
 
@@ -198,16 +203,9 @@ def prompt_attention_row(shape: Shape, device: torch.device, iters: int) -> list
             out = fn(q, k, v)
             return out, torch.autograd.grad(out, [q], [do])[0]
 
-        out, grad = step()
         rows.append(
-            dict(
-                case=shape.name,
-                part="prompt attention",
-                path=path,
-                ms=gpu_ms(step, iters),
-                wall_ms=timed(step, warmup=2, iters=iters) * 1e3,
-                max_err_out=_max_err([out], [ref]),
-                max_err_grad=_max_err([grad], [ref_grad]),
+            measure(
+                step, iters, [ref], ref_grad, case=shape.name, part="prompt attention", path=path
             )
         )
     return rows

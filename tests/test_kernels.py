@@ -159,6 +159,21 @@ def test_bf16_autocast_takes_the_few_key_kernel(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, atol=0.05, rtol=0.02)
 
 
+@interpreted
+def test_the_kernels_benchmark_runs_its_toy_preset(tmp_path):
+    import json
+
+    from benchmarks import kernels as suite
+
+    suite.main(["--preset", "toy", "--iters", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert {(r["part"], r["path"]) for r in rows} == {
+        (part, path) for part in ("norm + rope", "prompt attention") for path in ("torch", "triton")
+    }
+    assert len(rows) == 8 and all(r["ms"] > 0 for r in rows)
+    assert all(r["max_err_out"] < 0.05 and r["max_err_grad"] < 0.05 for r in rows)
+
+
 @pytest.mark.skipif(INTERPRETED or not kernels.HAS_TRITON, reason="the main run starts it")
 def test_kernels_under_the_interpreter():
     """This file's ``interpreted`` tests, in a fresh interpreter under Triton's interpreter."""
