@@ -136,8 +136,7 @@ class WanAttention(nn.Module):
         ``x`` (see :class:`VideoMemory`).
         """
         if context is None and (rope_video is not None or rope_text is not None):
-            q, k = self._rotated_qk(self.to_q(x), self.to_k(x), rope_video, rope_text)
-            v = self.to_v(x).unflatten(-1, (self.heads, -1))
+            q, k, v = self._qkv_rotated(*self._project(x), rope_video, rope_text)
         else:
             q, k, v = self._qkv(x, x if context is None else context)
         if memory is not None:
@@ -158,8 +157,8 @@ class WanAttention(nn.Module):
         row's video (``rows`` ``(Bt,)``: indices into the video's batch) and to itself under
         ``text_mask`` ``(Lt, Lv + Lt)``. With ``rows = arange(B)`` this is :meth:`forward`
         over ``[video | caption]`` with the causal mask, in two calls."""
-        video = self._qkv_rotated(*(f(x_video) for f in self._projections()), rope_video, None)
-        text = self._qkv_rotated(*(f(x_text) for f in self._projections()), None, rope_text)
+        video = self._qkv_rotated(*self._project(x_video), rope_video, None)
+        text = self._qkv_rotated(*self._project(x_text), None, rope_text)
         return self._attend_rows(video, text, rows, text_mask, x_video)
 
     def forward_packed(
@@ -174,7 +173,7 @@ class WanAttention(nn.Module):
         """:meth:`forward_rows` with both streams packed in ``h`` (:class:`PackedRows`): the
         queries, keys and values of every token in one projection each; the attention per
         stream. Returns each stream's output, ``(B, Lv, dim)`` and ``(Bt, Lt, dim)``."""
-        video, text = zip(*(packed.split(f(h)) for f in self._projections()))
+        video, text = zip(*(packed.split(t) for t in self._project(h)))
         video = self._qkv_rotated(*video, rope_video, None)
         text = self._qkv_rotated(*text, None, rope_text)
         return self._attend_rows(video, text, rows, text_mask, h)
@@ -222,24 +221,14 @@ class WanAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """:func:`attention` with this layer's backend, or the few-key kernel where it applies
-        (``triton_kernels`` on, no mask, at most ``kernels.MAX_KEYS`` half-precision keys)."""
-        few_keys = (
-            self.triton_kernels
-            and mask is None
-            and k.shape[1] <= kernels.MAX_KEYS
-            and kernels.fits(q.shape[-1])
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and q.dtype in (torch.bfloat16, torch.float16)
-            and q.dtype == k.dtype == v.dtype
-            and kernels.usable(q, k, v)
-        )
-        if few_keys:
+        (``triton_kernels`` on, no mask, :func:`kernels.takes_few_keys`)."""
+        if self.triton_kernels and mask is None and kernels.takes_few_keys(q, k, v):
             return kernels.few_key_attention(q, k, v)
         return attention(q, k, v, self.backend, mask)
 
-    def _projections(self) -> tuple:
-        """The query, key and value projections, each ``(..., dim) -> (..., inner)``."""
-        return self.to_q, self.to_k, self.to_v
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The projected queries, keys and values ``(..., inner)`` of ``x`` ``(..., dim)``."""
+        return self.to_q(x), self.to_k(x), self.to_v(x)
 
     def _qkv_rotated(
         self,
@@ -249,29 +238,19 @@ class WanAttention(nn.Module):
         rope_video: tuple[Tensor, Tensor] | None,
         rope_text: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Projected ``q``, ``k``, ``v`` ``(B, S, inner)`` as rotated queries and keys and
-        values ``(B, S, H, D)``."""
-        return *self._rotated_qk(q, k, rope_video, rope_text), v.unflatten(-1, (self.heads, -1))
-
-    def _rotated_qk(
-        self,
-        q: Tensor,
-        k: Tensor,
-        rope_video: tuple[Tensor, Tensor] | None,
-        rope_text: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, Tensor]:
-        """Projected queries and keys ``(B, S, inner)``, RMS-normalised and rotated ``(B, S, H,
-        D)``: by the fused kernel where ``triton_kernels`` is on and it runs, else by the norms
-        and :meth:`_rope` (the same values)."""
-        q, k = (t.unflatten(-1, (self.heads, -1)) for t in (q, k))
-        if self.triton_kernels and kernels.fits(q.shape[-1]) and kernels.usable(q, k):
-            norms = (self.norm_q, self.norm_k)
-            return kernels.qk_norm_rope(
+        """Projected ``q``, ``k``, ``v`` ``(B, S, inner)`` as RMS-normalised, rotated queries
+        and keys, and values, ``(B, S, H, D)`` each: the norms and the rope in the fused kernel
+        where ``triton_kernels`` is on and it runs, else the norms and :meth:`_rope` (the same
+        values)."""
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))
+        norms = (self.norm_q, self.norm_k)
+        if self.triton_kernels and kernels.takes_norm_rope(q, k):
+            q, k = kernels.qk_norm_rope(
                 q, k, *(n.weight for n in norms), self.norm_q.eps, rope_video, rope_text
             )
-        q = self.norm_q(q.flatten(-2)).unflatten(-1, (self.heads, -1))
-        k = self.norm_k(k.flatten(-2)).unflatten(-1, (self.heads, -1))
-        return self._rope(q, rope_video, rope_text), self._rope(k, rope_video, rope_text)
+            return q, k, v
+        q, k = (n(t.flatten(-2)).unflatten(-1, (self.heads, -1)) for n, t in zip(norms, (q, k)))
+        return self._rope(q, rope_video, rope_text), self._rope(k, rope_video, rope_text), v
 
     def _qkv(self, x: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised queries of ``x``, keys and values of ``kv``, ``(..., H, D)`` each."""

@@ -57,6 +57,25 @@ def fits(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def takes_norm_rope(q: Tensor, k: Tensor) -> bool:
+    """Whether :func:`qk_norm_rope` runs on these ``(B, S, H, D)`` queries and keys."""
+    return fits(q.shape[-1]) and usable(q, k)
+
+
+def takes_few_keys(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`few_key_attention` runs on these ``(B, S, H, D)`` tensors: at most
+    :data:`MAX_KEYS` keys, heads that :func:`fits`, contiguous channels, and one half-precision
+    dtype (in float32 its matrix products would round to TF32, which SDPA's do not)."""
+    return (
+        k.shape[1] <= MAX_KEYS
+        and fits(q.shape[-1])
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype == k.dtype == v.dtype
+        and usable(q, k, v)
+    )
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
