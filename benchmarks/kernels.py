@@ -25,14 +25,10 @@ from torch import nn
 
 from benchmarks.common import markdown_table, timed, write_results
 from benchmarks.step_profile import profile_steps
+from benchmarks.train_loop import textbook_rope
 from lightning_vigu.model import kernels
-from lightning_vigu.model.embeddings import (
-    TextRope1D,
-    VideoRope3D,
-    VideoRopeMixed,
-    apply_rope_interleaved,
-    apply_rope_joint,
-)
+from lightning_vigu.model.attention import WanAttention
+from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, VideoRopeMixed
 
 
 @dataclass
@@ -114,13 +110,11 @@ def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
     for n in norms:
         nn.init.uniform_(n.weight, 0.5, 1.5)
 
-    def torch_path(q, k, norms, rope_video, rope_text):
-        def rotate(t):
-            if rope_text is None:
-                return apply_rope_interleaved(t, *rope_video)
-            return apply_rope_joint(t, rope_video, rope_text)
-
-        return tuple(rotate(n(x).unflatten(-1, (heads, d))) for n, x in zip(norms, (q, k)))
+    def torch_path(q, k, norms, rope_video, rope_text):  # the model's PyTorch path
+        return tuple(
+            WanAttention._rope(n(x).unflatten(-1, (heads, d)), rope_video, rope_text)
+            for n, x in zip(norms, (q, k))
+        )
 
     def ref_path(q, k):
         cos_v, sin_v = (t.double() for t in rope_video)
@@ -130,7 +124,7 @@ def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
             x = x.double()
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * n.weight.double()
             x = x.unflatten(-1, (heads, d))
-            out.append(_joint_reference(x, (cos_v, sin_v), text))
+            out.append(textbook_rope(x, (cos_v, sin_v), text))
         return out
 
     compiled = torch.compile(torch_path)
@@ -158,24 +152,6 @@ def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
             measure(step, iters, ref, ref_grad, case=shape.name, part="norm + rope", path=path)
         )
     return rows
-
-
-def _joint_reference(x, rope_video, rope_text):
-    """The rotation in its textbook form (float64): interleaved pairs for the video tokens,
-    rotate-half for the caption's."""
-    (cos_v, sin_v), lv = rope_video, rope_video[0].shape[1]
-    xv = x[:, :lv]
-    a, b = xv[..., 0::2], xv[..., 1::2]
-    c, s = cos_v[..., 0::2], sin_v[..., 0::2]
-    video = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
-    if rope_text is None:
-        return video
-    cos_t, sin_t = rope_text
-    xt = x[:, lv:]
-    lo, hi = xt.chunk(2, dim=-1)
-    half = cos_t.shape[-1] // 2
-    c, s = cos_t[..., :half], sin_t[..., :half]
-    return torch.cat([video, torch.cat([lo * c - hi * s, lo * s + hi * c], dim=-1)], dim=1)
 
 
 def prompt_attention_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:

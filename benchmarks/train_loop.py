@@ -330,23 +330,29 @@ def rope_in_graph(model: torch.nn.Module) -> None:
         model.rope_text = TextRopeInGraph(model.rope_text.head_dim, model.rope_text.theta)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it is (a float64 reference keeps its precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _interleaved_textbook(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved pairs rotated as before fb9772d: ``(x0 c - x1 s, x0 s + x1 c)`` stacked."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x1, x2 = _at_least_float32(x).unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 0::2]
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
 
 
 def _half_textbook(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half pairs as before fb9772d: ``x cos + cat(-x2, x1) sin``."""
-    xf = x.float()
+    xf = _at_least_float32(x)
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-def _split_rope(t, rope_video, rope_text):
+def textbook_rope(t, rope_video, rope_text):
     """``WanAttention._rope`` before fb9772d: the joint sequence split, each part rotated in
-    its textbook form, the parts concatenated."""
+    its textbook form, the parts concatenated (also the float64 reference of
+    ``benchmarks.kernels``)."""
     if rope_text is None:
         return _interleaved_textbook(t, *rope_video) if rope_video is not None else t
     if rope_video is None:
@@ -357,11 +363,11 @@ def _split_rope(t, rope_video, rope_text):
 
 
 def split_rope(model: torch.nn.Module) -> None:
-    """Give every attention of ``model`` the rope as it was before fb9772d (:func:`_split_rope`;
+    """Give every attention of ``model`` the rope as it was before fb9772d (:func:`textbook_rope`;
     the same values). Set on the instances: other models keep the current one."""
     for attention in model.modules():
         if isinstance(attention, WanAttention):
-            attention._rope = _split_rope
+            attention._rope = textbook_rope
 
 
 def host_batches(videos: torch.Tensor, kind: str) -> torch.Tensor:

@@ -185,7 +185,7 @@ def test_the_split_rope_loop_is_the_rope_before_it_ran_in_one_pass(phase):
     attentions = [m for m in fresh.modules() if isinstance(m, WanAttention)]
     assert attentions and all("_rope" not in vars(m) for m in attentions)
     assert all(
-        vars(m)["_rope"] is train_loop._split_rope
+        vars(m)["_rope"] is train_loop.textbook_rope
         for m in split.modules()
         if isinstance(m, WanAttention)
     )
