@@ -19,14 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_vigu.model import build_model, kernels
-from lightning_vigu.model.embeddings import (
-    TextRope1D,
-    VideoRope3D,
-    VideoRopeMixed,
-    apply_rope_half,
-    apply_rope_interleaved,
-    apply_rope_joint,
-)
+from lightning_vigu.model.attention import WanAttention
+from lightning_vigu.model.embeddings import TextRope1D, VideoRope3D, VideoRopeMixed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(
@@ -43,15 +37,10 @@ def _ropes(mixed: bool):
 
 def _reference(q, k, norms, rope_video, rope_text):
     """The model's PyTorch path: RMS norms over the heads, then the rope of the parts."""
-
-    def rotate(t):
-        if rope_text is None:
-            return apply_rope_interleaved(t, *rope_video)
-        if rope_video is None:
-            return apply_rope_half(t, *rope_text)
-        return apply_rope_joint(t, rope_video, rope_text)
-
-    return [rotate(n(x).unflatten(-1, (H, D))) for n, x in zip(norms, (q, k))]
+    return [
+        WanAttention._rope(n(x).unflatten(-1, (H, D)), rope_video, rope_text)
+        for n, x in zip(norms, (q, k))
+    ]
 
 
 @interpreted
