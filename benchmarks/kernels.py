@@ -2,6 +2,7 @@
 replace, at the training step's shapes: forward + backward time and error.
 
     python -m benchmarks.kernels               # one GPU: the GPU preset's small and base, the twin
+    python -m benchmarks.kernels --tune        # the norm + rope kernel's launch parameters
     TRITON_INTERPRET=1 python -m benchmarks.kernels --preset toy  # CPU: Triton's interpreter
 
 Each row times one layer's worth of one part, forward and backward, as the training step runs
@@ -154,6 +155,46 @@ def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
     return rows
 
 
+TUNE_GRID = {
+    "forward": [dict(rows=r, warps=w) for r in (4, 8, 16) for w in (2, 4, 8)],
+    "backward": [
+        dict(backward_rows=r, backward_warps=w, backward_programs=n)
+        for r in (4, 8, 16)
+        for w in (4, 8)
+        for n in (1024, 4096, 1 << 30)  # the last: a program a block, no loop
+    ],
+}
+"""The launch parameters ``--tune`` tries (:data:`kernels.ROPE_TUNING`'s keys)."""
+
+
+def tune_rows(shape: Shape, device: torch.device, iters: int) -> list[dict]:
+    """The norm + rope kernel's forward and backward alone (GPU ms a call) for each launch
+    configuration of :data:`TUNE_GRID`, the others at :data:`kernels.ROPE_TUNING`'s values."""
+    b, (f, h, w), heads, d = shape.batch, shape.grid, shape.heads, shape.head_dim
+    seq, dtype = f * h * w + shape.caption, torch.bfloat16 if device.type == "cuda" else None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, gq, gk = (torch.randn(b, seq, heads, d, generator=g).to(device, dtype) for _ in "1234")
+    weights = [torch.rand(heads * d, generator=g).to(device) + 0.5 for _ in "qk"]
+    args = kernels.norm_rope_arguments(q, k, *weights, 1e-6, *rope_tables(shape, device))
+    ops = torch.ops.lightning_vigu
+    calls = {
+        "forward": lambda: ops.qk_norm_rope(*args),
+        "backward": lambda: ops.qk_norm_rope_backward(gq, gk, *args),
+    }
+    default, rows = dict(kernels.ROPE_TUNING), []
+    try:
+        for part, configs in TUNE_GRID.items():
+            for config in configs:
+                kernels.ROPE_TUNING.update(default, **config)
+                ms = gpu_ms(calls[part], iters)
+                current = all(default[key] == value for key, value in config.items())
+                config = ", ".join(f"{key}={value:g}" for key, value in config.items())
+                rows.append(dict(case=shape.name, part=part, config=config, ms=ms, now=current))
+    finally:
+        kernels.ROPE_TUNING.update(default)
+    return rows
+
+
 def prompt_attention_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
     """``prompt attention``: SDPA and the few-key kernel, forward + backward."""
     b, (f, h, w), heads, d = shape.batch, shape.grid, shape.heads, shape.head_dim
@@ -193,10 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the results' file names")
+    p.add_argument("--tune", action="store_true", help="time the norm + rope kernel's launches")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("no GPU: run with TRITON_INTERPRET=1 (Triton's interpreter, toy shapes)")
+    if a.tune:
+        return tune(a, device)
     rows = []
     for shape in PRESETS[a.preset]:
         for measure in (norm_rope_row, prompt_attention_row):
@@ -216,6 +260,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     write_results(f"kernels{a.tag}", {"rows": rows}, table + note, a.out)
     print(table)
+
+
+def tune(a: argparse.Namespace, device: torch.device) -> None:
+    """``--tune``: every shape's launch configurations, fastest first within a part."""
+    rows = []
+    for shape in PRESETS[a.preset]:
+        found = tune_rows(shape, device, a.iters)
+        rows += sorted(found, key=lambda r: (r["part"] != "forward", r["ms"]))
+        print(markdown_table(rows[-len(found) :], list(found[0])), flush=True)
+    note = (
+        "\n\nThe norm + rope kernel's forward and backward alone, GPU ms a call (profiler "
+        "trace), for each launch configuration (`kernels.ROPE_TUNING`'s keys; the others at "
+        "their values); `now`: the configuration the model runs with."
+    )
+    write_results(
+        f"kernels_tune{a.tag}", {"rows": rows}, markdown_table(rows, list(rows[0])) + note, a.out
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,15 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
     HAS_TRITON = False
 
 MAX_KEYS = 128  # few_key_attention holds all keys of a (batch, head) in one tile
-_ROPE_ROWS = 8  # rows (tokens) of a norm + rope program
-_ROPE_BACKWARD_PROGRAMS = 1024  # the backward loops over row blocks, summing the weights' grads
+ROPE_TUNING = dict(
+    rows=8,  # tokens of a forward program
+    warps=4,  # its warps
+    backward_rows=8,  # tokens of a backward block
+    backward_warps=4,
+    backward_programs=1024,  # the backward's programs (each of q, k) loop over its blocks
+)
+"""Launch parameters of :func:`qk_norm_rope` (``python -m benchmarks.kernels --tune`` measures
+them); read when the operator runs, so a compiled graph keeps those it was traced with."""
 _ATTN_ROWS = 64  # queries of an attention program
 _ATTN_BACKWARD_PROGRAMS = 1024  # (batch, head) pairs times query chunks in the backward
 
@@ -83,81 +90,109 @@ def _pow2(n: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _rotate_partner(x, video, BT: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
-        """The rotation partner of each channel of ``x`` ``[BT, HP, D]`` and its sign:
-        interleaved pairs (2j, 2j+1) where ``video`` ``[BT]``, else halves (j, j + D/2)."""
-        a, b = tl.split(tl.reshape(x, (BT, HP, D // 2, 2)))
-        pairs = tl.reshape(tl.join(b, a), (BT, HP, D))
-        lo, hi = tl.split(tl.permute(tl.reshape(x, (BT, HP, 2, D // 2)), (0, 1, 3, 2)))
-        halves = tl.reshape(tl.permute(tl.join(hi, lo), (0, 1, 3, 2)), (BT, HP, D))
-        d = tl.arange(0, D)
-        sign_pairs = tl.where(d % 2 == 0, -1.0, 1.0)
-        sign_halves = tl.where(d < D // 2, -1.0, 1.0)
-        v = video[:, None, None]
-        partner = tl.where(v, pairs, halves)
-        sign = tl.where(v, sign_pairs[None, None, :], sign_halves[None, None, :])
-        return partner, sign
+    def _rotated(x, PAIRS: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+        """``x`` ``[BT, HP, D]`` with each rotation pair turned a quarter: ``(-x_j, x_i)`` for
+        the pair ``(i, j)``, interleaved pairs ``(2m, 2m+1)`` (``PAIRS``, the video's) or
+        halves ``(m, m + D/2)`` (the caption's). The rope is ``x * cos + rotated(x) * sin``."""
+        if PAIRS:  # the partners are neighbours, which the register layout keeps together
+            a, b = tl.split(tl.reshape(x, (BT, HP, D // 2, 2)))
+            return tl.reshape(tl.join(-b, a), (BT, HP, D))
+        else:
+            lo, hi = tl.split(tl.permute(tl.reshape(x, (BT, HP, 2, D // 2)), (0, 1, 3, 2)))
+            return tl.reshape(tl.permute(tl.join(-hi, lo), (0, 1, 3, 2)), (BT, HP, D))
 
     @triton.jit
-    def _norm_rope_tiles(
-        x_ptr, w_ptr, cv_ptr, sv_ptr, ct_ptr, st_ptr, rows, R, S, num_video,
-        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HV: tl.constexpr,
+    def _segment_tile(
+        x_ptr, w_ptr, c_ptr, s_ptr, b, start, length, first, S,
+        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HT: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
-        """Offsets, mask, float32 input, weights, rope tables and video flags of a row block:
-        a token at position ``pos < num_video`` reads the video's tables ``(Lv, HV, D)``, the
-        others the caption's ``(Lt, 1, D)`` at ``pos - num_video``."""
+        """Offsets, mask, float32 rows, weights, cos and sin of tokens ``start..start+BT`` of
+        one segment of batch item ``b``: the video's or the caption's tokens, ``length`` of
+        them from sequence position ``first``, with the segment's rope table ``(length, HT,
+        D)`` (``HT`` 1: one table for every head)."""
+        t = start + tl.arange(0, BT)[:, None, None]  # position within the segment
         h = tl.arange(0, HP)[None, :, None]
         d = tl.arange(0, D)[None, None, :]
-        offs = rows[:, None, None] * (H * D) + h * D + d
-        mask = (rows[:, None, None] < R) & (h < H)
+        offs = (b.to(tl.int64) * S + first + t) * (H * D) + h * D + d
+        mask = (t < length) & (h < H)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + h * D + d, mask=h < H, other=0.0).to(tl.float32)
-        pos = (rows % S)[:, None, None]
-        video = pos < num_video
-        if HV == 1:
-            voffs = pos * D + d + 0 * h
-        else:
-            voffs = pos * (HV * D) + h * D + d
-        toffs = (pos - num_video) * D + d + 0 * h
-        vmask, tmask = mask & video, mask & (pos >= num_video)
-        cos = tl.where(
-            video,
-            tl.load(cv_ptr + voffs, mask=vmask, other=0.0),
-            tl.load(ct_ptr + toffs, mask=tmask, other=0.0),
+        # the tables at the rows' full shape, so that the compiler lays them out as the float32
+        # rows: loaded as [BT, 1, D], their layout differs from the bf16 rows' (4 channels a
+        # thread, not 8) and the rows went through shared memory twice to match (the PTX)
+        table = t * (HT * D) + (h * D if HT > 1 else 0 * h) + d
+        cos = tl.load(c_ptr + table, mask=mask, other=0.0)
+        sin = tl.load(s_ptr + table, mask=mask, other=0.0)
+        return offs, mask, x, w, cos, sin
+
+    @triton.jit
+    def _norm_rope_fwd_tile(
+        x_ptr, w_ptr, y_ptr, c_ptr, s_ptr, b, start, length, first, S, EPS: tl.constexpr,
+        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HT: tl.constexpr, BT: tl.constexpr,
+        PAIRS: tl.constexpr,
+    ):  # fmt: skip
+        offs, mask, x, w, cos, sin = _segment_tile(
+            x_ptr, w_ptr, c_ptr, s_ptr, b, start, length, first, S, H, HP, D, HT, BT
         )
-        sin = tl.where(
-            video,
-            tl.load(sv_ptr + voffs, mask=vmask, other=0.0),
-            tl.load(st_ptr + toffs, mask=tmask, other=0.0),
+        r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)  # [BT]
+        n = x * r[:, None, None] * w
+        y = n * cos + _rotated(n, PAIRS, BT, HP, D) * sin
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_rope_bwd_tile(
+        g_ptr, x_ptr, w_ptr, dx_ptr, c_ptr, s_ptr, b, start, length, first, S,
+        EPS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+        HT: tl.constexpr, BT: tl.constexpr, PAIRS: tl.constexpr,
+    ):  # fmt: skip
+        """Writes the rows' input gradients, returns their share of the weights' ``[HP, D]``."""
+        offs, mask, x, w, cos, sin = _segment_tile(
+            x_ptr, w_ptr, c_ptr, s_ptr, b, start, length, first, S, H, HP, D, HT, BT
         )
-        return offs, mask, x, w, cos, sin, (rows % S) < num_video
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gn = g * cos - _rotated(g * sin, PAIRS, BT, HP, D)  # the rotation's transpose
+        r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)[:, None, None]
+        u = gn * w
+        dot = tl.sum(tl.sum(u * x, axis=2), axis=1)[:, None, None]
+        dx = r * u - x * (r * r * r) * dot / (H * D)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        return tl.sum(gn * x * r, axis=0)
 
     @triton.jit
     def _norm_rope_fwd(
         xq_ptr, xk_ptr, wq_ptr, wk_ptr, yq_ptr, yk_ptr, cv_ptr, sv_ptr, ct_ptr, st_ptr,
-        R, S, num_video, EPS: tl.constexpr,
+        S, num_video, video_blocks, blocks, EPS: tl.constexpr,
         H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
+        """Program ``(i, 0 or 1)`` normalises and rotates block ``i % blocks`` of batch item
+        ``i // blocks`` of q or k: each item's first ``video_blocks`` blocks tile its video
+        tokens, the rest its caption tokens, so a block is all of one kind."""
         if tl.program_id(1) == 0:
             x_ptr, w_ptr, y_ptr = xq_ptr, wq_ptr, yq_ptr
         else:
             x_ptr, w_ptr, y_ptr = xk_ptr, wk_ptr, yk_ptr
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        offs, mask, x, w, cos, sin, video = _norm_rope_tiles(
-            x_ptr, w_ptr, cv_ptr, sv_ptr, ct_ptr, st_ptr, rows, R, S, num_video, H, HP, D, HV
-        )
-        r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)  # [BT]
-        n = x * r[:, None, None] * w
-        partner, sign = _rotate_partner(n, video, BT, HP, D)
-        y = n * cos + partner * (sin * sign)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        b = tl.program_id(0) // blocks
+        j = tl.program_id(0) % blocks
+        if j < video_blocks:
+            _norm_rope_fwd_tile(
+                x_ptr, w_ptr, y_ptr, cv_ptr, sv_ptr, b, j * BT, num_video, 0, S, EPS,
+                H, HP, D, HV, BT, PAIRS=True,
+            )  # fmt: skip
+        else:
+            _norm_rope_fwd_tile(
+                x_ptr, w_ptr, y_ptr, ct_ptr, st_ptr, b, (j - video_blocks) * BT,
+                S - num_video, num_video, S, EPS, H, HP, D, 1, BT, PAIRS=False,
+            )  # fmt: skip
 
     @triton.jit
     def _norm_rope_bwd(
         gq_ptr, gk_ptr, xq_ptr, xk_ptr, wq_ptr, wk_ptr, dxq_ptr, dxk_ptr, dw_ptr,
-        cv_ptr, sv_ptr, ct_ptr, st_ptr, R, S, num_video, num_blocks, EPS: tl.constexpr,
-        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
+        cv_ptr, sv_ptr, ct_ptr, st_ptr, S, num_video, video_blocks, blocks, num_blocks,
+        EPS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+        HV: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
+        """The forward's blocks, looped over by ``num_programs(0)`` programs of q and of k,
+        each summing its blocks' weight gradients (no atomics)."""
         which = tl.program_id(1)
         if which == 0:
             g_ptr, x_ptr, w_ptr, dx_ptr = gq_ptr, xq_ptr, wq_ptr, dxq_ptr
@@ -165,19 +200,18 @@ if HAS_TRITON:
             g_ptr, x_ptr, w_ptr, dx_ptr = gk_ptr, xk_ptr, wk_ptr, dxk_ptr
         dw = tl.zeros((HP, D), dtype=tl.float32)
         for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-            rows = block * BT + tl.arange(0, BT)
-            offs, mask, x, w, cos, sin, video = _norm_rope_tiles(
-                x_ptr, w_ptr, cv_ptr, sv_ptr, ct_ptr, st_ptr, rows, R, S, num_video, H, HP, D, HV
-            )
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            partner, sign = _rotate_partner(g, video, BT, HP, D)
-            gn = g * cos - partner * (sin * sign)  # the rotation's transpose
-            r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)[:, None, None]
-            dw += tl.sum(gn * x * r, axis=0)
-            u = gn * w
-            dot = tl.sum(tl.sum(u * x, axis=2), axis=1)[:, None, None]
-            dx = r * u - x * (r * r * r) * dot / (H * D)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            b = block // blocks
+            j = block % blocks
+            if j < video_blocks:
+                dw += _norm_rope_bwd_tile(
+                    g_ptr, x_ptr, w_ptr, dx_ptr, cv_ptr, sv_ptr, b, j * BT, num_video, 0, S,
+                    EPS, H, HP, D, HV, BT, PAIRS=True,
+                )  # fmt: skip
+            else:
+                dw += _norm_rope_bwd_tile(
+                    g_ptr, x_ptr, w_ptr, dx_ptr, ct_ptr, st_ptr, b, (j - video_blocks) * BT,
+                    S - num_video, num_video, S, EPS, H, HP, D, 1, BT, PAIRS=False,
+                )  # fmt: skip
         h = tl.arange(0, HP)[:, None]
         d = tl.arange(0, D)[None, :]
         dw_offs = (which * tl.num_programs(0) + tl.program_id(0)) * (H * D) + h * D + d
@@ -260,17 +294,25 @@ if HAS_TRITON:
 
     # ---- the operators ---------------------------------------------------------------------
 
+    def _rope_blocks(s: int, num_video: int, rows: int) -> tuple[int, int]:
+        """Blocks of ``rows`` tokens over a sequence's video tokens, and over all its tokens
+        (the video's, then the caption's)."""
+        video = triton.cdiv(num_video, rows)
+        return video, video + triton.cdiv(s - num_video, rows)
+
     @torch.library.triton_op("lightning_vigu::qk_norm_rope", mutates_args=())
     def _qk_norm_rope_op(
         q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, cos_v: Tensor, sin_v: Tensor,
         cos_t: Tensor, sin_t: Tensor, num_video: int, eps: float,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         b, s, heads, d = q.shape
+        rows = ROPE_TUNING["rows"]
+        video_blocks, blocks = _rope_blocks(s, num_video, rows)
         yq, yk = torch.empty_like(q), torch.empty_like(k)
-        grid = (triton.cdiv(b * s, _ROPE_ROWS), 2)
-        torch.library.wrap_triton(_norm_rope_fwd)[grid](
-            q, k, wq, wk, yq, yk, cos_v, sin_v, cos_t, sin_t, b * s, s, num_video, EPS=eps,
-            H=heads, HP=_pow2(heads), D=d, HV=cos_v.shape[1], BT=_ROPE_ROWS,
+        torch.library.wrap_triton(_norm_rope_fwd)[(b * blocks, 2)](
+            q, k, wq, wk, yq, yk, cos_v, sin_v, cos_t, sin_t, s, num_video, video_blocks, blocks,
+            EPS=eps, H=heads, HP=_pow2(heads), D=d, HV=cos_v.shape[1], BT=rows,
+            num_warps=ROPE_TUNING["warps"],
         )  # fmt: skip
         return yq, yk
 
@@ -280,14 +322,16 @@ if HAS_TRITON:
         cos_v: Tensor, sin_v: Tensor, cos_t: Tensor, sin_t: Tensor, num_video: int, eps: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         b, s, heads, d = q.shape
-        blocks = triton.cdiv(b * s, _ROPE_ROWS)
-        programs = min(blocks, _ROPE_BACKWARD_PROGRAMS)
+        rows = ROPE_TUNING["backward_rows"]
+        video_blocks, blocks = _rope_blocks(s, num_video, rows)
+        programs = min(b * blocks, ROPE_TUNING["backward_programs"])
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dw = torch.empty(2, programs, heads * d, device=q.device, dtype=torch.float32)
         torch.library.wrap_triton(_norm_rope_bwd)[(programs, 2)](
             gq, gk, q, k, wq, wk, dq, dk, dw, cos_v, sin_v, cos_t, sin_t,
-            b * s, s, num_video, blocks, EPS=eps,
-            H=heads, HP=_pow2(heads), D=d, HV=cos_v.shape[1], BT=_ROPE_ROWS,
+            s, num_video, video_blocks, blocks, b * blocks, EPS=eps,
+            H=heads, HP=_pow2(heads), D=d, HV=cos_v.shape[1], BT=rows,
+            num_warps=ROPE_TUNING["backward_warps"],
         )  # fmt: skip
         return dq, dk, dw[0].sum(0).to(wq.dtype), dw[1].sum(0).to(wk.dtype)
 
@@ -370,6 +414,22 @@ def qk_norm_rope(
     (``rope_text``, ``(1, Lt, 1, D)``); ``S = Lv + Lt``, either part may be absent. The same
     values as ``norm`` followed by :func:`~lightning_vigu.model.embeddings.apply_rope_joint`,
     in the inputs' dtype."""
+    return _qk_norm_rope_op(
+        *norm_rope_arguments(q, k, weight_q, weight_k, eps, rope_video, rope_text)
+    )
+
+
+def norm_rope_arguments(
+    q: Tensor,
+    k: Tensor,
+    weight_q: Tensor,
+    weight_k: Tensor,
+    eps: float,
+    rope_video: tuple[Tensor, Tensor] | None,
+    rope_text: tuple[Tensor, Tensor] | None,
+) -> tuple:
+    """:func:`qk_norm_rope`'s arguments checked and laid out as its operator
+    (``torch.ops.lightning_vigu.qk_norm_rope``) takes them."""
     if rope_video is None and rope_text is None:
         raise ValueError("qk_norm_rope needs the video's or the caption's rope tables")
     num_video = rope_video[0].shape[1] if rope_video is not None else 0
@@ -383,10 +443,8 @@ def qk_norm_rope(
         )
     video = rope_video if rope_video is not None else rope_text  # a table that is never read
     text = rope_text if rope_text is not None else rope_video
-    return _qk_norm_rope_op(
-        q.contiguous(), k.contiguous(), weight_q, weight_k,
-        *(_table(t) for t in (*video, *text)), num_video, eps,
-    )  # fmt: skip
+    tables = (_table(t) for t in (*video, *text))
+    return q.contiguous(), k.contiguous(), weight_q, weight_k, *tables, num_video, eps
 
 
 def few_key_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
