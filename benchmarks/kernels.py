@@ -156,12 +156,12 @@ def norm_rope_row(shape: Shape, device: torch.device, iters: int) -> list[dict]:
 
 
 TUNE_GRID = {
-    "forward": [dict(rows=r, warps=w) for r in (4, 8, 16) for w in (2, 4, 8)],
+    "forward": [dict(rows=r, warps=w) for r, w in ((4, 2), (8, 2), (8, 4), (16, 4))],
     "backward": [
         dict(backward_rows=r, backward_warps=w, backward_programs=n)
-        for r in (4, 8, 16)
-        for w in (4, 8)
-        for n in (1024, 4096, 1 << 30)  # the last: a program a block, no loop
+        for r in (2, 4, 8)
+        for w in (2, 4)
+        for n in (1024, 2048, 4096)
     ],
 }
 """The launch parameters ``--tune`` tries (:data:`kernels.ROPE_TUNING`'s keys)."""

@@ -39,8 +39,8 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
 MAX_KEYS = 128  # few_key_attention holds all keys of a (batch, head) in one tile
 ROPE_TUNING = dict(
     rows=8,  # tokens of a forward program
-    warps=4,  # its warps
-    backward_rows=8,  # tokens of a backward block
+    warps=2,  # its warps
+    backward_rows=4,  # tokens of a backward block
     backward_warps=4,
     backward_programs=1024,  # the backward's programs (each of q, k) loop over its blocks
 )
