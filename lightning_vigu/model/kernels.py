@@ -102,61 +102,48 @@ if HAS_TRITON:
             return tl.reshape(tl.permute(tl.join(-hi, lo), (0, 1, 3, 2)), (BT, HP, D))
 
     @triton.jit
-    def _segment_tile(
-        x_ptr, w_ptr, c_ptr, s_ptr, b, start, length, first, S,
-        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HT: tl.constexpr, BT: tl.constexpr,
+    def _norm_rope_block(
+        block, S, num_video, video_blocks, blocks,
+        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
-        """Offsets, mask, float32 rows, weights, cos and sin of tokens ``start..start+BT`` of
-        one segment of batch item ``b``: the video's or the caption's tokens, ``length`` of
-        them from sequence position ``first``, with the segment's rope table ``(length, HT,
-        D)`` (``HT`` 1: one table for every head)."""
-        t = start + tl.arange(0, BT)[:, None, None]  # position within the segment
+        """Block ``block`` of the flattened ``(B, S)`` tokens: block ``block % blocks`` of batch
+        item ``block // blocks``, whose first ``video_blocks`` blocks tile its video tokens and
+        the rest its caption tokens (a block is all of one kind). Returns whether it is the
+        video's, the offsets ``[BT, HP, D]`` of its rows (all heads), their mask, and each
+        row's position within its part ``[BT, 1, 1]``."""
+        b = block // blocks
+        j = block % blocks
+        video = j < video_blocks
+        start = tl.where(video, j, j - video_blocks) * BT
+        length = tl.where(video, num_video, S - num_video)
+        first = tl.where(video, 0, num_video)
+        t = start + tl.arange(0, BT)[:, None, None]
         h = tl.arange(0, HP)[None, :, None]
         d = tl.arange(0, D)[None, None, :]
         offs = (b.to(tl.int64) * S + first + t) * (H * D) + h * D + d
-        mask = (t < length) & (h < H)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + h * D + d, mask=h < H, other=0.0).to(tl.float32)
-        # the tables at the rows' full shape, so that the compiler lays them out as the float32
-        # rows: loaded as [BT, 1, D], their layout differs from the bf16 rows' (4 channels a
-        # thread, not 8) and the rows went through shared memory twice to match (the PTX)
-        table = t * (HT * D) + (h * D if HT > 1 else 0 * h) + d
-        cos = tl.load(c_ptr + table, mask=mask, other=0.0)
-        sin = tl.load(s_ptr + table, mask=mask, other=0.0)
-        return offs, mask, x, w, cos, sin
+        return video, offs, (t < length) & (h < H), t
 
     @triton.jit
-    def _norm_rope_fwd_tile(
-        x_ptr, w_ptr, y_ptr, c_ptr, s_ptr, b, start, length, first, S, EPS: tl.constexpr,
-        H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HT: tl.constexpr, BT: tl.constexpr,
-        PAIRS: tl.constexpr,
-    ):  # fmt: skip
-        offs, mask, x, w, cos, sin = _segment_tile(
-            x_ptr, w_ptr, c_ptr, s_ptr, b, start, length, first, S, H, HP, D, HT, BT
-        )
-        r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)  # [BT]
-        n = x * r[:, None, None] * w
-        y = n * cos + _rotated(n, PAIRS, BT, HP, D) * sin
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    def _table_offsets(t, HT: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+        """Offsets ``[BT, HP, D]`` into a rope table ``(L, HT, D)`` of positions ``t``: at the
+        rows' full shape (for ``HT`` 1 the heads read the same entries), so that the compiler
+        lays the float32 tables out as the rows; loaded as ``[BT, 1, D]`` they took another
+        layout and the rows went through shared memory twice to match it (the PTX)."""
+        h = tl.arange(0, HP)[None, :, None]
+        d = tl.arange(0, D)[None, None, :]
+        return t * (HT * D) + (h * D if HT > 1 else 0 * h) + d
 
     @triton.jit
-    def _norm_rope_bwd_tile(
-        g_ptr, x_ptr, w_ptr, dx_ptr, c_ptr, s_ptr, b, start, length, first, S,
-        EPS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-        HT: tl.constexpr, BT: tl.constexpr, PAIRS: tl.constexpr,
-    ):  # fmt: skip
-        """Writes the rows' input gradients, returns their share of the weights' ``[HP, D]``."""
-        offs, mask, x, w, cos, sin = _segment_tile(
-            x_ptr, w_ptr, c_ptr, s_ptr, b, start, length, first, S, H, HP, D, HT, BT
-        )
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gn = g * cos - _rotated(g * sin, PAIRS, BT, HP, D)  # the rotation's transpose
+    def _normalised(x, w, EPS: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+        """The RMS norm over all heads of rows ``x`` ``[BT, HP, D]`` (weights ``w``), and the
+        reciprocal RMS ``[BT, 1, 1]``."""
         r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / (H * D) + EPS)[:, None, None]
-        u = gn * w
-        dot = tl.sum(tl.sum(u * x, axis=2), axis=1)[:, None, None]
-        dx = r * u - x * (r * r * r) * dot / (H * D)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        return tl.sum(gn * x * r, axis=0)
+        return x * r * w, r
+
+    # Loads and stores stay in the kernels' bodies, not in helpers: torch.compile reads a
+    # kernel's IR to learn which tensors it writes, and a load or store inside a called
+    # function makes it assume every argument is written (copies of q, k, weights and tables;
+    # in the packed caption rows' graph, a write-back that faulted on the GPU)
 
     @triton.jit
     def _norm_rope_fwd(
@@ -164,25 +151,32 @@ if HAS_TRITON:
         S, num_video, video_blocks, blocks, EPS: tl.constexpr,
         H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
-        """Program ``(i, 0 or 1)`` normalises and rotates block ``i % blocks`` of batch item
-        ``i // blocks`` of q or k: each item's first ``video_blocks`` blocks tile its video
-        tokens, the rest its caption tokens, so a block is all of one kind."""
+        """Program ``(i, 0 or 1)`` normalises and rotates block ``i`` of q or k
+        (:func:`_norm_rope_block`)."""
         if tl.program_id(1) == 0:
             x_ptr, w_ptr, y_ptr = xq_ptr, wq_ptr, yq_ptr
         else:
             x_ptr, w_ptr, y_ptr = xk_ptr, wk_ptr, yk_ptr
-        b = tl.program_id(0) // blocks
-        j = tl.program_id(0) % blocks
-        if j < video_blocks:
-            _norm_rope_fwd_tile(
-                x_ptr, w_ptr, y_ptr, cv_ptr, sv_ptr, b, j * BT, num_video, 0, S, EPS,
-                H, HP, D, HV, BT, PAIRS=True,
-            )  # fmt: skip
+        video, offs, mask, t = _norm_rope_block(
+            tl.program_id(0), S, num_video, video_blocks, blocks, H, HP, D, BT
+        )
+        h = tl.arange(0, HP)[None, :, None]
+        d = tl.arange(0, D)[None, None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + h * D + d, mask=h < H, other=0.0).to(tl.float32)
+        if video:  # the norm in each branch: the caption's layout stays out of the video's
+            table = _table_offsets(t, HV, HP, D)
+            cos = tl.load(cv_ptr + table, mask=mask, other=0.0)
+            sin = tl.load(sv_ptr + table, mask=mask, other=0.0)
+            n, _ = _normalised(x, w, EPS, H, D)
+            y = n * cos + _rotated(n, True, BT, HP, D) * sin
         else:
-            _norm_rope_fwd_tile(
-                x_ptr, w_ptr, y_ptr, ct_ptr, st_ptr, b, (j - video_blocks) * BT,
-                S - num_video, num_video, S, EPS, H, HP, D, 1, BT, PAIRS=False,
-            )  # fmt: skip
+            table = _table_offsets(t, 1, HP, D)
+            cos = tl.load(ct_ptr + table, mask=mask, other=0.0)
+            sin = tl.load(st_ptr + table, mask=mask, other=0.0)
+            n, _ = _normalised(x, w, EPS, H, D)
+            y = n * cos + _rotated(n, False, BT, HP, D) * sin
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _norm_rope_bwd(
@@ -198,24 +192,34 @@ if HAS_TRITON:
             g_ptr, x_ptr, w_ptr, dx_ptr = gq_ptr, xq_ptr, wq_ptr, dxq_ptr
         else:
             g_ptr, x_ptr, w_ptr, dx_ptr = gk_ptr, xk_ptr, wk_ptr, dxk_ptr
+        h = tl.arange(0, HP)[None, :, None]
+        d = tl.arange(0, D)[None, None, :]
+        w = tl.load(w_ptr + h * D + d, mask=h < H, other=0.0).to(tl.float32)
         dw = tl.zeros((HP, D), dtype=tl.float32)
         for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-            b = block // blocks
-            j = block % blocks
-            if j < video_blocks:
-                dw += _norm_rope_bwd_tile(
-                    g_ptr, x_ptr, w_ptr, dx_ptr, cv_ptr, sv_ptr, b, j * BT, num_video, 0, S,
-                    EPS, H, HP, D, HV, BT, PAIRS=True,
-                )  # fmt: skip
+            video, offs, mask, t = _norm_rope_block(
+                block, S, num_video, video_blocks, blocks, H, HP, D, BT
+            )
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if video:  # the rotation's transpose
+                table = _table_offsets(t, HV, HP, D)
+                cos = tl.load(cv_ptr + table, mask=mask, other=0.0)
+                sin = tl.load(sv_ptr + table, mask=mask, other=0.0)
+                gn = g * cos - _rotated(g * sin, True, BT, HP, D)
             else:
-                dw += _norm_rope_bwd_tile(
-                    g_ptr, x_ptr, w_ptr, dx_ptr, ct_ptr, st_ptr, b, (j - video_blocks) * BT,
-                    S - num_video, num_video, S, EPS, H, HP, D, 1, BT, PAIRS=False,
-                )  # fmt: skip
-        h = tl.arange(0, HP)[:, None]
-        d = tl.arange(0, D)[None, :]
+                table = _table_offsets(t, 1, HP, D)
+                cos = tl.load(ct_ptr + table, mask=mask, other=0.0)
+                sin = tl.load(st_ptr + table, mask=mask, other=0.0)
+                gn = g * cos - _rotated(g * sin, False, BT, HP, D)
+            xr, r = _normalised(x, 1.0, EPS, H, D)
+            dw += tl.sum(gn * xr, axis=0)
+            u = gn * w
+            dot = tl.sum(tl.sum(u * x, axis=2), axis=1)[:, None, None]
+            dx = r * u - x * (r * r * r) * dot / (H * D)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_offs = (which * tl.num_programs(0) + tl.program_id(0)) * (H * D) + h * D + d
-        tl.store(dw_ptr + dw_offs, dw, mask=h < H)
+        tl.store(dw_ptr + tl.reshape(dw_offs, (HP, D)), dw, mask=tl.reshape(h < H, (HP, 1)))
 
     @triton.jit
     def _attn_tiles(
