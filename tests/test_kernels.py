@@ -120,14 +120,22 @@ def _tiny(**overrides):
 
 
 @interpreted
-@pytest.mark.parametrize("packed", [False, True])
-def test_the_model_with_kernels_gives_the_torch_paths_values(packed):
-    # the joint pass (self-attention over [video | caption], cross-attention to the prompt) and
-    # the causal captions of some rows with both streams packed (a pass per stream)
-    model = _tiny(causal_captions=packed, pack_caption_rows=packed)
-    rows = torch.tensor([1]) if packed else None  # the caption of row 1 only
+@pytest.mark.parametrize("path, fused_calls", [("joint", 2), ("rows", 4), ("packed", 0)])
+def test_the_model_with_kernels_gives_the_torch_paths_values(path, fused_calls, monkeypatch):
+    # the joint pass (self-attention over [video | caption], cross-attention to the prompt);
+    # the causal captions of some rows, a pass per stream (the norm + rope kernel on the video
+    # alone and on the captions alone), and with both streams packed (the kernel off there
+    # until it has run in that graph on the GPU: WanAttention.forward_packed)
+    calls = []
+    fused = kernels.qk_norm_rope
+    monkeypatch.setattr(kernels, "qk_norm_rope", lambda *a: calls.append(1) or fused(*a))
+    causal = path != "joint"
+    model = _tiny(causal_captions=causal, pack_caption_rows=path == "packed")
+    rows = torch.tensor([1]) if causal else None  # the caption of row 1 only
     ref_loss, ref_grads = _model_losses_and_grads(model, False, rows=rows)
+    assert not calls
     loss, grads = _model_losses_and_grads(model, True, rows=rows)
+    assert len(calls) == fused_calls  # the tiny model's two layers
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert len(grads) == len(ref_grads)
     for a, b in zip(grads, ref_grads):
@@ -235,3 +243,54 @@ def test_the_kernels_compile_for_hopper(name, float32, constants):
     source = ASTSource(fn, signature, constexprs=constants)
     compiled = compile(source, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["ptx"].count(".entry") == 1
+
+
+class _Hopper:
+    """Triton's active driver for code generation without a GPU: the target is sm_90."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+
+@pytest.mark.skipif(
+    INTERPRETED or not kernels.HAS_TRITON, reason="Triton's compiler, not its interpreter"
+)
+@pytest.mark.parametrize(
+    "name, writes",
+    [
+        ("_norm_rope_fwd", {"yq_ptr", "yk_ptr"}),
+        ("_norm_rope_bwd", {"dxq_ptr", "dxk_ptr", "dw_ptr"}),
+        ("_few_key_fwd", {"o_ptr", "lse_ptr"}),
+        ("_few_key_bwd", {"dq_ptr", "dk_ptr", "dv_ptr"}),
+    ],
+)
+def test_torch_compile_sees_which_tensors_the_kernels_write(name, writes, monkeypatch):
+    # torch.compile reads a user kernel's IR to learn which tensors it writes; where it cannot
+    # tell (a load or store inside a called function), it takes every argument as written:
+    # it copies each input first and writes the copies back (in the packed caption rows'
+    # graph that write-back faulted on the GPU, ablation.md part 27)
+    import triton
+
+    wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Hopper())
+    fn = getattr(kernels, name)
+    constants = dict(EPS=1e-6, H=6, HP=8, D=64, HV=1, BT=8, SCALE=0.125, LP=32, BM=64)
+    float32 = {"wq_ptr", "wk_ptr", "dw_ptr", "lse_ptr", *_TABLES}
+    if name == "_few_key_bwd":
+        float32 |= {"dk_ptr", "dv_ptr"}
+
+    def argument(arg: str):
+        if arg in constants:
+            return constants[arg]
+        if arg.endswith("_ptr"):
+            return torch.zeros(64, dtype=torch.float32 if arg in float32 else torch.bfloat16)
+        return 64
+
+    args = {arg: argument(arg) for arg in fn.arg_names}
+    accessed = wrap.identify_accessed_tensors(fn, args, {})
+    assert {dep.name for dep in accessed.read_writes.writes} == writes

@@ -174,8 +174,12 @@ class WanAttention(nn.Module):
         queries, keys and values of every token in one projection each; the attention per
         stream. Returns each stream's output, ``(B, Lv, dim)`` and ``(Bt, Lt, dim)``."""
         video, text = zip(*(packed.split(t) for t in self._project(h)))
-        video = self._qkv_rotated(*video, rope_video, None)
-        text = self._qkv_rotated(*text, None, rope_text)
+        # the fused norm + rope kernel stays off here until it has run in this graph on the
+        # GPU: compiled, its earlier form faulted in this graph (torch.compile took it to write
+        # its inputs, views of the packed projections, and wrote them back; ablation.md,
+        # part 27); the form that fixes that is tested on the CPU only
+        video = self._qkv_rotated(*video, rope_video, None, fused=False)
+        text = self._qkv_rotated(*text, None, rope_text, fused=False)
         return self._attend_rows(video, text, rows, text_mask, h)
 
     def cross_packed(
@@ -237,14 +241,15 @@ class WanAttention(nn.Module):
         v: Tensor,
         rope_video: tuple[Tensor, Tensor] | None,
         rope_text: tuple[Tensor, Tensor] | None,
+        fused: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Projected ``q``, ``k``, ``v`` ``(B, S, inner)`` as RMS-normalised, rotated queries
         and keys, and values, ``(B, S, H, D)`` each: the norms and the rope in the fused kernel
-        where ``triton_kernels`` is on and it runs, else the norms and :meth:`_rope` (the same
-        values)."""
+        where ``triton_kernels`` is on, ``fused`` and it runs, else the norms and :meth:`_rope`
+        (the same values)."""
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))
         norms = (self.norm_q, self.norm_k)
-        if self.triton_kernels and kernels.takes_norm_rope(q, k):
+        if fused and self.triton_kernels and kernels.takes_norm_rope(q, k):
             q, k = kernels.qk_norm_rope(
                 q, k, *(n.weight for n in norms), self.norm_q.eps, rope_video, rope_text
             )
