@@ -688,11 +688,16 @@ def main(argv: list[str] | None = None) -> None:
             # process failed on the GPU (a reshape of the first shape's sizes inside the
             # compiled code), and each loop starts from a cold allocator and compile cache
             with spawn.Pool(1) as pool:
-                rows.append(
-                    pool.apply(
-                        run_one, (case, name, preset["steps"], preset["timed_from"], a.profile)
+                try:
+                    rows.append(
+                        pool.apply(
+                            run_one, (case, name, preset["steps"], preset["timed_from"], a.profile)
+                        )
                     )
-                )
+                except Exception as exn:  # the process's CUDA context died (a fault): its row
+                    row = dict(size=case.size, world=case.world, batch=case.batch, loop=name)
+                    row.update(model=case.model, phase=case.phase, error=failure(exn))
+                    rows.append(dict(row, caption_objective=case.caption_objective))
             path = report(rows, preset, a)  # after every loop: a run cut short keeps its rows
     if a.side_by_side:
         rows += run_side_by_side(preset, a.side_by_side)
