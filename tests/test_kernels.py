@@ -44,8 +44,20 @@ def _reference(q, k, norms, rope_video, rope_text):
 
 
 @interpreted
-@pytest.mark.parametrize("parts", ["joint", "joint mixed", "video", "caption"])
-def test_qk_norm_rope_matches_the_torch_path(parts):
+@pytest.mark.parametrize(
+    "parts, tuning",
+    [
+        ("joint", {}),
+        ("joint mixed", {}),
+        ("video", {}),
+        ("caption", {}),
+        # blocks of 2 tokens, 3 backward programs: each loops over video and caption blocks
+        ("joint", dict(rows=2, backward_rows=2, backward_programs=3)),
+    ],
+)
+def test_qk_norm_rope_matches_the_torch_path(parts, tuning, monkeypatch):
+    for key, value in tuning.items():
+        monkeypatch.setitem(kernels.ROPE_TUNING, key, value)
     torch.manual_seed(0)
     rope_video, rope_text = _ropes(mixed=parts == "joint mixed")
     if parts == "video":
