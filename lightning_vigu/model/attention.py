@@ -174,12 +174,8 @@ class WanAttention(nn.Module):
         queries, keys and values of every token in one projection each; the attention per
         stream. Returns each stream's output, ``(B, Lv, dim)`` and ``(Bt, Lt, dim)``."""
         video, text = zip(*(packed.split(t) for t in self._project(h)))
-        # the fused norm + rope kernel stays off here until it has run in this graph on the
-        # GPU: compiled, its earlier form faulted in this graph (torch.compile took it to write
-        # its inputs, views of the packed projections, and wrote them back; ablation.md,
-        # part 27); the form that fixes that is tested on the CPU only
-        video = self._qkv_rotated(*video, rope_video, None, fused=False)
-        text = self._qkv_rotated(*text, None, rope_text, fused=False)
+        video = self._qkv_rotated(*video, rope_video, None)
+        text = self._qkv_rotated(*text, None, rope_text)
         return self._attend_rows(video, text, rows, text_mask, h)
 
     def cross_packed(
