@@ -237,15 +237,14 @@ class WanAttention(nn.Module):
         v: Tensor,
         rope_video: tuple[Tensor, Tensor] | None,
         rope_text: tuple[Tensor, Tensor] | None,
-        fused: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Projected ``q``, ``k``, ``v`` ``(B, S, inner)`` as RMS-normalised, rotated queries
         and keys, and values, ``(B, S, H, D)`` each: the norms and the rope in the fused kernel
-        where ``triton_kernels`` is on, ``fused`` and it runs, else the norms and :meth:`_rope`
-        (the same values)."""
+        where ``triton_kernels`` is on and it runs, else the norms and :meth:`_rope` (the same
+        values)."""
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))
         norms = (self.norm_q, self.norm_k)
-        if fused and self.triton_kernels and kernels.takes_norm_rope(q, k):
+        if self.triton_kernels and kernels.takes_norm_rope(q, k):
             q, k = kernels.qk_norm_rope(
                 q, k, *(n.weight for n in norms), self.norm_q.eps, rope_video, rope_text
             )
