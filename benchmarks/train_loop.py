@@ -165,6 +165,19 @@ class Case:
     caption_objective: str = "flow"  # or "autoregressive" (the next-token caption stream)
 
 
+def case_row(case: Case, loop: str) -> dict:
+    """The columns that name a case's loop in its results row."""
+    return dict(
+        size=case.size,
+        world=case.world,
+        batch=case.batch,
+        model=case.model,
+        phase=case.phase,
+        caption_objective=case.caption_objective,
+        loop=loop,
+    )
+
+
 def twin_and_recall_causal(twin: tuple[str, ...], recall: tuple[str, ...]) -> list[Case]:
     """The quality suite's wave-3 steps, at its world, batch (256 clips) and model: the twin
     (generator phase) with the loops ``twin`` and recall_causal (next-token captions) with
@@ -471,8 +484,7 @@ def run_loop(
     loop = LOOPS[name]
     videos, records = data
     videos = host_batches(videos, loop["video"])
-    row = {"size": case.size, "world": case.world, "batch": case.batch, "model": case.model}
-    row.update(phase=case.phase, caption_objective=case.caption_objective, loop=name, **loop)
+    row = dict(case_row(case, name), **loop)
     try:
         torch._inductor.config.cpp_wrapper = loop.get("cpp_wrapper", False)  # a process a loop
         torch._inductor.config.combo_kernels = loop.get("combo_kernels", False)
@@ -695,9 +707,7 @@ def main(argv: list[str] | None = None) -> None:
                         )
                     )
                 except Exception as exn:  # the process's CUDA context died (a fault): its row
-                    row = dict(size=case.size, world=case.world, batch=case.batch, loop=name)
-                    row.update(model=case.model, phase=case.phase, error=failure(exn))
-                    rows.append(dict(row, caption_objective=case.caption_objective))
+                    rows.append(dict(case_row(case, name), error=failure(exn)))
             path = report(rows, preset, a)  # after every loop: a run cut short keeps its rows
     if a.side_by_side:
         rows += run_side_by_side(preset, a.side_by_side)
